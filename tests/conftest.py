@@ -1,0 +1,52 @@
+"""Shared test fixtures: locating the golden reference set."""
+
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def golden_path() -> pathlib.Path | None:
+  env = os.environ.get("VAR_JAX_GOLDEN")
+  cand = pathlib.Path(env) if env else _ROOT.parent / "shared" / "golden"
+  return cand if (cand / "README.md").exists() else None
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> pathlib.Path:
+  """The golden directory; skips without it, but fails under CI=true."""
+  path = golden_path()
+  if path is None:
+    msg = ("golden reference set not found: set VAR_JAX_GOLDEN or place it at "
+           "../shared/golden")
+    if os.environ.get("CI", "").lower() == "true":
+      pytest.fail(msg)
+    pytest.skip(msg)
+  return path
+
+
+@pytest.fixture(scope="session")
+def golden(golden_dir):
+  """Loads a golden .npz by stem, cached for the session."""
+  cache = {}
+
+  def load(stem: str):
+    if stem not in cache:
+      cache[stem] = dict(np.load(golden_dir / f"{stem}.npz"))
+    return cache[stem]
+
+  return load
+
+
+def assert_close_rel(actual, expected, rel=1e-4, name="array"):
+  """Max abs error at most `rel` times the reference's max magnitude."""
+  actual = np.asarray(actual, np.float64)
+  expected = np.asarray(expected, np.float64)
+  assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
+  err = np.max(np.abs(actual - expected))
+  bound = rel * max(np.max(np.abs(expected)), 1e-30)
+  assert err <= bound, f"{name}: max abs err {err:.3e} > {bound:.3e}"
+  return err

@@ -1,0 +1,138 @@
+"""Frozen configuration dataclasses for the VQVAE tokenizer and the VAR transformer.
+
+Presets (values of these classes) live in `configs/` at the repository root and
+are installed as `var_jax.configs`; `get_preset(name)` looks them up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+from typing import Any
+
+PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+
+
+@dataclasses.dataclass(frozen=True)
+class VQVAEConfig:
+  """Multi-scale residual VQVAE (official `VQVAE`)."""
+
+  vocab_size: int = 4096
+  z_channels: int = 32  # Cvae: width of the quantised latent.
+  ch: int = 160
+  ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+  num_res_blocks: int = 2
+  in_channels: int = 3
+  beta: float = 0.25  # Commitment loss weight.
+  using_znorm: bool = False
+  quant_conv_ks: int = 3
+  quant_resi: float = 0.5  # Phi(x) = (1 - r) x + r conv(x).
+  share_quant_resi: int = 4  # Number of shared Phi convolutions.
+  v_patch_nums: tuple[int, ...] = PATCH_NUMS_256
+
+  @property
+  def downsample(self) -> int:
+    return 2 ** (len(self.ch_mult) - 1)
+
+  @property
+  def resolution(self) -> int:
+    return self.v_patch_nums[-1] * self.downsample
+
+
+@dataclasses.dataclass(frozen=True)
+class VARConfig:
+  """VAR transformer (official `VAR`); width = depth * 64 in the released models."""
+
+  depth: int = 16
+  embed_dim: int = 1024
+  num_heads: int = 16
+  num_classes: int = 1000
+  vocab_size: int = 4096
+  cvae: int = 32
+  patch_nums: tuple[int, ...] = PATCH_NUMS_256
+  mlp_ratio: float = 4.0
+  norm_eps: float = 1e-6
+  shared_aln: bool = False
+  attn_l2_norm: bool = True
+  cond_drop_rate: float = 0.1
+  drop_path_rate: float = 0.0
+
+  @property
+  def seq_len(self) -> int:
+    return sum(pn * pn for pn in self.patch_nums)
+
+  @property
+  def first_l(self) -> int:
+    return self.patch_nums[0] ** 2
+
+  @property
+  def head_dim(self) -> int:
+    return self.embed_dim // self.num_heads
+
+  @property
+  def mlp_dim(self) -> int:
+    return round(self.embed_dim * self.mlp_ratio)
+
+  def begin_ends(self) -> list[tuple[int, int]]:
+    out, cur = [], 0
+    for pn in self.patch_nums:
+      out.append((cur, cur + pn * pn))
+      cur += pn * pn
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A tokenizer and (optionally) a transformer that share a scale list."""
+
+  name: str
+  vae: VQVAEConfig
+  var: VARConfig | None = None
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=1)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    vae = _build(VQVAEConfig, d["vae"])
+    var = _build(VARConfig, d["var"]) if d.get("var") else None
+    return cls(name=d.get("name", "custom"), vae=vae, var=var)
+
+  @classmethod
+  def from_json(cls, text: str) -> "ModelConfig":
+    return cls.from_dict(json.loads(text))
+
+
+def _build(klass, d: dict[str, Any]):
+  names = {f.name for f in dataclasses.fields(klass)}
+  unknown = set(d) - names
+  if unknown:
+    raise ValueError(f"unknown {klass.__name__} fields: {sorted(unknown)}")
+  kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+  return klass(**kw)
+
+
+def var_for_depth(depth: int, *, vae: VQVAEConfig, shared_aln: bool = False,
+                  num_classes: int = 1000, **overrides) -> VARConfig:
+  """The released family's scaling rule: width 64 * depth, heads = depth."""
+  kw = dict(depth=depth, embed_dim=64 * depth, num_heads=depth,
+            num_classes=num_classes, vocab_size=vae.vocab_size,
+            cvae=vae.z_channels, patch_nums=vae.v_patch_nums,
+            shared_aln=shared_aln, drop_path_rate=0.1 * depth / 24)
+  kw.update(overrides)
+  return VARConfig(**kw)
+
+
+PRESET_NAMES = ("vqvae", "d16", "d20", "d24", "d30", "d36",
+                "tiny", "tiny_saln512", "digits")
+
+
+def get_preset(name: str) -> ModelConfig:
+  """Returns a preset ModelConfig by name (see `configs/models.py`)."""
+  mod = importlib.import_module("var_jax.configs.models")
+  presets = mod.PRESETS
+  if name not in presets:
+    raise ValueError(f"unknown preset {name!r}; choose from {sorted(presets)}")
+  return presets[name]
