@@ -1,0 +1,232 @@
+"""Applying the mapping table: official state dicts into NNX models and back.
+
+Every problem in a file (unknown, missing or misshaped keys, wrong derived
+buffers) is collected first and reported together in one `ConvertError`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from flax import nnx
+
+from var_jax.config import PATCH_NUMS_256, PATCH_NUMS_512, VARConfig, VQVAEConfig
+from var_jax.convert.mapping import Rule, to_official, var_rules, vqvae_rules
+from var_jax.models.transformer import level_ids
+
+
+class ConvertError(ValueError):
+  """A checkpoint that does not fit the model; the message lists every key."""
+
+
+_WRAPPERS = ("module.", "_orig_mod.")
+
+
+def strip_prefixes(sd: dict) -> dict:
+  """Removes DDP/FSDP (`module.`) and torch.compile (`_orig_mod.`) prefixes."""
+  out = {}
+  for k, v in sd.items():
+    changed = True
+    while changed:
+      changed = False
+      for p in _WRAPPERS:
+        if k.startswith(p):
+          k, changed = k[len(p):], True
+    k = k.replace("._orig_mod.", ".").replace("._fsdp_wrapped_module.", ".")
+    out[k] = v
+  return out
+
+
+def _fmt(shape):
+  return "(" + ",".join(str(s) for s in shape) + ")"
+
+
+def check_keys(rules: list[Rule], sd: dict, what: str) -> None:
+  """Raises one ConvertError naming every unknown, missing or misshaped key."""
+  by_name = {r.official: r for r in rules}
+  problems = []
+  # Derived buffers are optional: some files leave the large mask out.
+  missing = [n for n, r in by_name.items() if n not in sd and not r.derived]
+  unknown = [k for k in sd if k not in by_name]
+  for name, arr in sd.items():
+    r = by_name.get(name)
+    if r is not None and tuple(arr.shape) != tuple(r.official_shape):
+      problems.append(f"{name}: expected {_fmt(r.official_shape)}, "
+                      f"found {_fmt(arr.shape)}")
+  if missing:
+    problems.append("missing keys: " + ", ".join(missing))
+  if unknown:
+    problems.append("unknown keys: " + ", ".join(unknown))
+  if problems:
+    raise ConvertError(f"{what} checkpoint does not match the model: "
+                       + "; ".join(problems))
+
+
+def _check_derived(rules, sd, patch_nums, what):
+  bad = []
+  for r in rules:
+    if not r.derived or r.official not in sd:
+      continue
+    a = np.asarray(sd[r.official])
+    if r.official == "lvl_1L":
+      ok = np.array_equal(a.reshape(-1), level_ids(patch_nums))
+    elif r.official == "attn_bias_for_masking":
+      lvl = level_ids(patch_nums)
+      want_open = lvl[:, None] >= lvl[None, :]
+      ok = np.array_equal(a.reshape(len(lvl), len(lvl)) == 0, want_open)
+    else:  # zero_k_bias
+      ok = not np.any(a)
+    if not ok:
+      bad.append(r.official)
+  if bad:
+    raise ConvertError(f"{what} checkpoint's derived buffers disagree with "
+                       f"scale list {tuple(patch_nums)}: " + ", ".join(bad))
+
+
+def load_official(model: nnx.Module, rules: list[Rule], sd: dict, what: str,
+                  patch_nums=None) -> None:
+  """Writes an official state dict into `model` in place (after full checks)."""
+  sd = strip_prefixes(sd)
+  check_keys(rules, sd, what)
+  if patch_nums is not None:
+    _check_derived(rules, sd, patch_nums, what)
+  flat = {p: v for p, v in nnx.to_flat_state(nnx.state(model))}
+  values = {}
+  for r in rules:
+    if r.derived:
+      continue
+    if r.path not in flat:
+      raise ConvertError(f"internal: no parameter {r.path} in the model")
+    arr = r.transform(np.asarray(sd[r.official], np.float32))
+    if r.layer is None:
+      values[r.path] = arr
+    else:
+      if r.path not in values:
+        values[r.path] = np.array(flat[r.path][...], np.float32)
+      values[r.path][r.layer] = arr
+  for path, arr in values.items():
+    want = tuple(flat[path][...].shape)
+    if arr.shape != want:
+      raise ConvertError(f"internal: {path} is {arr.shape}, model has {want}")
+  new = nnx.from_flat_state([(p, flat[p].replace(value=jnp_array(a)))
+                             for p, a in values.items()])
+  nnx.update(model, new)
+
+
+def jnp_array(a):
+  import jax.numpy as jnp  # Local: keeps this module importable cheaply.
+  return jnp.asarray(a)
+
+
+def export_official(model: nnx.Module, rules: list[Rule]) -> dict:
+  """Our parameters (or gradients with the same tree) in official names."""
+  flat = {p: v for p, v in nnx.to_flat_state(nnx.state(model))}
+  return export_flat({p: np.asarray(v[...]) for p, v in flat.items()}, rules)
+
+
+def export_flat(flat: dict, rules: list[Rule]) -> dict:
+  """Like export_official, for a {path: array} dict (e.g. a gradient tree)."""
+  out = {}
+  for r in rules:
+    if r.derived or r.path not in flat:
+      continue
+    a = np.asarray(flat[r.path])
+    out[r.official] = to_official(r, a if r.layer is None else a[r.layer])
+  return out
+
+
+# ------------------------------------------------------------ config inference
+def infer_vqvae_config(sd: dict, patch_nums=None) -> VQVAEConfig:
+  """Reads widths and codebook size off the tensors (the layout is fixed)."""
+  sd = strip_prefixes(sd)
+  try:
+    vocab, z = sd["quantize.embedding.weight"].shape
+    ch = sd["encoder.conv_in.weight"].shape[0]
+    levels = sorted({int(m.group(1)) for k in sd
+                     if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
+    mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch
+                 for i in levels)
+    nres = len({int(m.group(1)) for k in sd
+                if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))})
+    n_scales = sd["quantize.ema_vocab_hit_SV"].shape[0]
+    ks = sd["quant_conv.weight"].shape[-1]
+  except KeyError as e:
+    raise ConvertError(f"not a VQVAE state dict: no key {e.args[0]}") from None
+  phis = [k for k in sd if k.startswith("quantize.quant_resi.")
+          and k.endswith(".weight")]
+  if any(".qresi_ls." in k for k in phis):
+    share = len(phis)
+  elif any(".qresi." in k for k in phis):
+    share = 1
+  else:
+    share = 0 if phis else 4
+  # The weights do not depend on the scale list; the VAR file decides it.
+  patch_nums = tuple(patch_nums or PATCH_NUMS_256)
+  if len(patch_nums) != n_scales:
+    raise ConvertError(f"the VQVAE usage buffer has {n_scales} scales but the "
+                       f"scale list {patch_nums} has {len(patch_nums)}")
+  return VQVAEConfig(vocab_size=vocab, z_channels=z, ch=ch, ch_mult=mult,
+                     num_res_blocks=nres, quant_conv_ks=ks,
+                     share_quant_resi=share,
+                     quant_resi=0.5 if phis else 0.0,
+                     v_patch_nums=patch_nums)
+
+
+def infer_var_config(sd: dict) -> VARConfig:
+  """Reads depth, width, heads, vocabulary, classes and scales off the tensors."""
+  sd = strip_prefixes(sd)
+  try:
+    c, cvae = sd["word_embed.weight"].shape
+    n_cls = sd["class_emb.weight"].shape[0] - 1
+    n_lvl = sd["lvl_embed.weight"].shape[0]
+    seq = sd["pos_1LC"].shape[1]
+    first = sd["pos_start"].shape[1]
+    vocab = sd["head.weight"].shape[0]
+    heads = sd["blocks.0.attn.scale_mul_1H11"].shape[1]
+    mlp = sd["blocks.0.ffn.fc1.weight"].shape[0]
+  except KeyError as e:
+    raise ConvertError(f"not a VAR state dict: no key {e.args[0]}") from None
+  depth = 1 + max(int(m.group(1)) for k in sd
+                  if (m := re.match(r"blocks\.(\d+)\.", k)))
+  patch_nums = _infer_patch_nums(sd, seq, first, n_lvl)
+  return VARConfig(depth=depth, embed_dim=c, num_heads=heads,
+                   num_classes=n_cls, vocab_size=vocab, cvae=cvae,
+                   patch_nums=patch_nums, mlp_ratio=mlp / c,
+                   shared_aln="shared_ada_lin.1.weight" in sd,
+                   attn_l2_norm=True, drop_path_rate=0.1 * depth / 24)
+
+
+ARCH_FIELDS = {
+    "VQVAEConfig": ("vocab_size", "z_channels", "ch", "ch_mult",
+                    "num_res_blocks", "in_channels", "quant_conv_ks",
+                    "share_quant_resi"),
+    "VARConfig": ("depth", "embed_dim", "num_heads", "num_classes",
+                  "vocab_size", "cvae", "patch_nums", "mlp_ratio",
+                  "shared_aln"),
+}
+
+
+def check_preset(preset, inferred, what: str) -> None:
+  """A preset must agree with the file on every shape-determining field."""
+  fields = ARCH_FIELDS[type(preset).__name__]
+  bad = [f"{f}: preset {getattr(preset, f)}, file {getattr(inferred, f)}"
+         for f in fields if getattr(preset, f) != getattr(inferred, f)]
+  if bad:
+    raise ConvertError(f"{what} preset disagrees with the checkpoint: "
+                       + "; ".join(bad))
+
+
+def _infer_patch_nums(sd, seq, first, n_lvl):
+  if "lvl_1L" in sd:
+    counts = np.bincount(np.asarray(sd["lvl_1L"]).reshape(-1).astype(np.int64),
+                         minlength=n_lvl)
+    pns = tuple(int(round(np.sqrt(x))) for x in counts)
+    if all(p * p == x for p, x in zip(pns, counts)):
+      return pns
+  for cand in (PATCH_NUMS_256, PATCH_NUMS_512):
+    if len(cand) == n_lvl and sum(p * p for p in cand) == seq and \
+        cand[0] ** 2 == first:
+      return cand
+  raise ConvertError(f"cannot infer the scale list: {n_lvl} scales, {seq} "
+                     "tokens and no lvl_1L buffer; pass --preset")

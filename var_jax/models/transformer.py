@@ -1,0 +1,316 @@
+"""The VAR transformer: AdaLN GPT-2 blocks over the multi-scale token pyramid.
+
+Block parameters are stacked along a leading `depth` axis and applied with one
+`lax.scan`, which keeps compile time flat in depth. Every parameter declares
+its sharding (`out_sharding`, mesh axis names) right where it is created.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from var_jax.config import VARConfig
+
+FSDP = "fsdp"
+_NEG = -1e30  # Finite "-inf" for masks: keeps fully masked rows NaN-free.
+
+
+def _normal(key, shape, std):
+  return std * jax.random.normal(key, shape, jnp.float32)
+
+
+def _param(value, sharding):
+  return nnx.Param(value, out_sharding=sharding)
+
+
+def layer_norm(x, eps):
+  """LayerNorm without affine parameters, computed in float32."""
+  x = x.astype(jnp.float32)
+  mu = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True)
+  return (x - mu) * jax.lax.rsqrt(var + eps)
+
+
+def _l2norm(x, eps=1e-12):
+  n = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+  return x / jnp.maximum(n, eps)
+
+
+def _mm(x, w, dtype):
+  """Matmul in the compute dtype with float32 accumulation and result."""
+  return jnp.matmul(x.astype(dtype), w.astype(dtype),
+                    preferred_element_type=jnp.float32)
+
+
+class Linear(nnx.Module):
+  """y = x W + b with W stored (in, out); shards the input axis over fsdp."""
+
+  def __init__(self, din, dout, *, key, std, sharding=(FSDP, None)):
+    self.kernel = _param(_normal(key, (din, dout), std), sharding)
+    self.bias = _param(jnp.zeros((dout,), jnp.float32), (None,))
+
+  def __call__(self, x, dtype=jnp.float32):
+    return _mm(x, self.kernel[...], dtype) + self.bias[...]
+
+
+class Embed(nnx.Module):
+
+  def __init__(self, n, d, *, key, std):
+    self.embedding = _param(_normal(key, (n, d), std), (None, FSDP))
+
+  def __call__(self, idx):
+    return jnp.take(self.embedding[...], idx, axis=0)
+
+
+class KVCache(NamedTuple):
+  """Keys and values of every layer for all L positions: (depth, B, L, H, c)."""
+  k: jax.Array
+  v: jax.Array
+
+  @classmethod
+  def zeros(cls, cfg: VARConfig, batch: int, dtype=jnp.float32):
+    shape = (cfg.depth, batch, cfg.seq_len, cfg.num_heads, cfg.head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+class Blocks(nnx.Module):
+  """`depth` AdaLN self-attention blocks, parameters stacked on axis 0."""
+
+  def __init__(self, cfg: VARConfig, *, key):
+    d, c, f, h = cfg.depth, cfg.embed_dim, cfg.mlp_dim, cfg.num_heads
+    self.cfg = cfg
+    std = math.sqrt(1 / c / 3)
+    ks = jax.random.split(key, 6)
+    out_div = math.sqrt(2 * d)
+    self.mat_qkv = _param(_normal(ks[0], (d, c, 3 * c), std), (None, FSDP, None))
+    self.q_bias = _param(jnp.zeros((d, c)), (None, None))
+    self.v_bias = _param(jnp.zeros((d, c)), (None, None))
+    self.scale_mul = _param(jnp.full((d, h), math.log(4.0)), (None, None))
+    self.proj_w = _param(_normal(ks[1], (d, c, c), std / out_div),
+                         (None, None, FSDP))
+    self.proj_b = _param(jnp.zeros((d, c)), (None, None))
+    self.fc1_w = _param(_normal(ks[2], (d, c, f), std), (None, FSDP, None))
+    self.fc1_b = _param(jnp.zeros((d, f)), (None, None))
+    self.fc2_w = _param(_normal(ks[3], (d, f, c), std / out_div),
+                        (None, None, FSDP))
+    self.fc2_b = _param(jnp.zeros((d, c)), (None, None))
+    # AdaLN gains: gamma (first 2C outputs) start near 0, scale/shift at 0.5x.
+    gain = jnp.concatenate([jnp.full((2 * c,), 1e-5), jnp.full((4 * c,), 0.5)])
+    if cfg.shared_aln:
+      gss = jax.random.normal(ks[4], (d, 6, c)) / math.sqrt(c)
+      self.ada_gss = _param(gss * gain.reshape(6, c), (None, None, FSDP))
+    else:
+      self.ada_w = _param(_normal(ks[4], (d, c, 6 * c), std) * gain,
+                          (None, FSDP, None))
+      self.ada_b = _param(jnp.zeros((d, 6 * c)), (None, None))
+
+  def stacked(self) -> dict[str, jax.Array]:
+    """The per-layer parameter arrays, each with leading axis `depth`."""
+    names = ["mat_qkv", "q_bias", "v_bias", "scale_mul", "proj_w", "proj_b",
+             "fc1_w", "fc1_b", "fc2_w", "fc2_b"]
+    names += ["ada_gss"] if self.cfg.shared_aln else ["ada_w", "ada_b"]
+    return {n: getattr(self, n)[...] for n in names}
+
+
+def _adaln_terms(cfg, p, cond):
+  """Six (B, 1, C) modulation terms: gamma1, gamma2, scale1, scale2, shift1, shift2."""
+  c = cfg.embed_dim
+  if cfg.shared_aln:
+    g = cond + p["ada_gss"][None]  # cond: (B, 6, C) from the shared linear.
+  else:
+    g = (_mm(nnx.silu(cond), p["ada_w"], jnp.float32) + p["ada_b"]).reshape(
+        -1, 6, c)
+  return [g[:, i:i + 1, :] for i in range(6)]
+
+
+def _qkv(cfg, p, x_BLC, dtype):
+  b, l, c = x_BLC.shape
+  bias = jnp.concatenate([p["q_bias"], jnp.zeros_like(p["q_bias"]),
+                          p["v_bias"]])
+  qkv = (_mm(x_BLC, p["mat_qkv"], dtype) + bias).reshape(
+      b, l, 3, cfg.num_heads, cfg.head_dim)
+  q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, L, H, c)
+  if cfg.attn_l2_norm:
+    mul = jnp.exp(jnp.minimum(p["scale_mul"], math.log(100.0)))
+    q = _l2norm(q) * mul[None, None, :, None]
+    k = _l2norm(k)
+  return q, k, v
+
+
+def _attend(cfg, q, k, v, bias_LS, dtype):
+  """softmax(q k^T * scale + bias) v; q (B,L,H,c), k/v (B,S,H,c)."""
+  scale = 1.0 if cfg.attn_l2_norm else 0.25 / math.sqrt(cfg.head_dim)
+  s = jnp.einsum("blhc,bshc->bhls", q.astype(dtype), k.astype(dtype),
+                 preferred_element_type=jnp.float32) * scale
+  if bias_LS is not None:
+    s = s + bias_LS
+  w = jax.nn.softmax(s, axis=-1)
+  o = jnp.einsum("bhls,bshc->blhc", w.astype(dtype), v.astype(dtype),
+                 preferred_element_type=jnp.float32)
+  return o.reshape(o.shape[0], o.shape[1], -1)
+
+
+def _block(cfg, p, x_BLC, cond, attn_fn, dtype, keep_B=None):
+  """One AdaLN block; `attn_fn(q, k, v)` supplies masking or the KV cache."""
+  g1, g2, s1, s2, b1, b2 = _adaln_terms(cfg, p, cond)
+  h = layer_norm(x_BLC, cfg.norm_eps) * (s1 + 1) + b1
+  q, k, v = _qkv(cfg, p, h, dtype)
+  o, extra = attn_fn(q, k, v)
+  a = (_mm(o, p["proj_w"], dtype) + p["proj_b"]) * g1
+  x_BLC = x_BLC + (a if keep_B is None else a * keep_B)
+  h = layer_norm(x_BLC, cfg.norm_eps) * (s2 + 1) + b2
+  h = jax.nn.gelu(_mm(h, p["fc1_w"], dtype) + p["fc1_b"], approximate=True)
+  m = (_mm(h, p["fc2_w"], dtype) + p["fc2_b"]) * g2
+  x_BLC = x_BLC + (m if keep_B is None else m * keep_B)
+  return x_BLC, extra
+
+
+def block_causal_bias(patch_nums) -> np.ndarray:
+  """(L, L) additive mask: a token sees its own scale and all coarser ones."""
+  lvl = np.concatenate([np.full(pn * pn, i) for i, pn in enumerate(patch_nums)])
+  return np.where(lvl[:, None] >= lvl[None, :], 0.0, _NEG).astype(np.float32)
+
+
+def level_ids(patch_nums) -> np.ndarray:
+  """(L,) scale index of each position (the official `lvl_1L`, computed)."""
+  return np.concatenate([np.full(pn * pn, i) for i, pn in enumerate(patch_nums)])
+
+
+class VAR(nnx.Module):
+  """Class-conditional next-scale predictor."""
+
+  def __init__(self, cfg: VARConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    c, key = cfg.embed_dim, rngs.params()
+    ks = jax.random.split(key, 9)
+    std = math.sqrt(1 / c / 3)
+    self.word_embed = Linear(cfg.cvae, c, key=ks[0], std=std,
+                             sharding=(None, FSDP))
+    self.class_emb = Embed(cfg.num_classes + 1, c, key=ks[1], std=std)
+    self.pos_start = _param(_normal(ks[2], (1, cfg.first_l, c), std),
+                            (None, None, FSDP))
+    self.pos_1LC = _param(_normal(ks[3], (1, cfg.seq_len, c), std),
+                          (None, None, FSDP))
+    self.lvl_embed = Embed(len(cfg.patch_nums), c, key=ks[4], std=std)
+    self.shared_ada_lin = (Linear(c, 6 * c, key=ks[5], std=std)
+                           if cfg.shared_aln else None)
+    self.blocks = Blocks(cfg, key=ks[6])
+    self.head_nm = Linear(c, 2 * c, key=ks[7], std=std * 0.5)
+    self.head = Linear(c, cfg.vocab_size, key=ks[8], std=std * 0.02)
+
+  # ------------------------------------------------------------ embeddings
+  def lvl_pos(self) -> jax.Array:
+    """(1, L, C): level embedding + absolute position, added to every input."""
+    lvl = jnp.asarray(level_ids(self.cfg.patch_nums))
+    return self.lvl_embed(lvl)[None] + self.pos_1LC[...]
+
+  def block_cond(self, cond_BD):
+    """What the blocks are conditioned on: the class vector or shared gains."""
+    if self.shared_ada_lin is None:
+      return cond_BD
+    g = self.shared_ada_lin(nnx.silu(cond_BD))
+    return g.reshape(cond_BD.shape[0], 6, self.cfg.embed_dim)
+
+  def sos(self, cond_BD) -> jax.Array:
+    """First-scale input tokens (B, first_l, C), level/position included."""
+    first = self.cfg.first_l
+    return cond_BD[:, None, :] + self.pos_start[...] + self.lvl_pos()[:, :first]
+
+  def logits(self, h_BLC, cond_BD) -> jax.Array:
+    """AdaLN before the head, then the vocabulary projection, in float32."""
+    c = self.cfg.embed_dim
+    ss = self.head_nm(nnx.silu(cond_BD)).reshape(-1, 1, 2, c)
+    h = layer_norm(h_BLC, self.cfg.norm_eps) * (ss[:, :, 0] + 1) + ss[:, :, 1]
+    return self.head(h)
+
+  # ------------------------------------------------------------ teacher forcing
+  def __call__(self, labels_B, x_BLCvae, *, dropout_key=None,
+               dtype=jnp.float32) -> jax.Array:
+    """Teacher-forced logits (B, L, V).
+
+    Args:
+      labels_B: class ids; `num_classes` is the null (unconditional) class.
+      x_BLCvae: `idx_to_var_input` of the ground truth, (B, L - first_l, Cvae).
+      dropout_key: enables training-time class dropout and drop-path.
+      dtype: matmul compute dtype (params and residual stream stay float32).
+    """
+    cfg = self.cfg
+    b = labels_B.shape[0]
+    if dropout_key is not None:
+      k_cls, k_path = jax.random.split(dropout_key)
+      drop = jax.random.uniform(k_cls, (b,)) < cfg.cond_drop_rate
+      labels_B = jnp.where(drop, cfg.num_classes, labels_B)
+    cond_BD = self.class_emb(labels_B)
+    x = jnp.concatenate([
+        jnp.broadcast_to(cond_BD[:, None] + self.pos_start[...],
+                         (b, cfg.first_l, cfg.embed_dim)),
+        self.word_embed(x_BLCvae.astype(jnp.float32)),
+    ], axis=1) + self.lvl_pos()
+    bias = jnp.asarray(block_causal_bias(cfg.patch_nums))
+
+    def attn(q, k, v):
+      return _attend(cfg, q, k, v, bias, dtype), None
+
+    keep = None
+    if dropout_key is not None and cfg.drop_path_rate > 0:
+      rates = jnp.linspace(0.0, cfg.drop_path_rate, cfg.depth)
+      keys = jax.random.split(k_path, cfg.depth)
+      keep = jax.vmap(lambda k_, r: jax.random.bernoulli(
+          k_, 1 - r, (b, 1, 1)).astype(jnp.float32) / (1 - r))(keys, rates)
+
+    x = self._run_blocks(x, self.block_cond(cond_BD), attn, dtype, keep)
+    return self.logits(x, cond_BD)
+
+  def _run_blocks(self, x, cond, attn, dtype, keep=None):
+    cfg = self.cfg
+
+    def body(x, xs):
+      p, keep_B = xs
+      x, _ = _block(cfg, p, x, cond, attn, dtype, keep_B)
+      return x, None
+
+    x, _ = jax.lax.scan(body, x, (self.blocks.stacked(), keep))
+    return x
+
+  # ------------------------------------------------------------ cached decoding
+  def decode(self, x_BlC, cond_BD, cache: KVCache, start, kv_len: int,
+             dtype=jnp.float32, key_limit=None):
+    """Runs all blocks on new tokens at positions [start, start + l).
+
+    Keys/values of the new tokens are written into `cache`; queries attend to
+    cache positions [0, kv_len) (static), of which only those below
+    `key_limit` (default start + l) are valid: padded scans pass a larger
+    static kv_len and a dynamic limit.
+
+    Returns the final hidden states (B, l, C) and the updated cache.
+    """
+    cfg = self.cfg
+    l = x_BlC.shape[1]
+    limit = start + l if key_limit is None else key_limit
+    pos = jnp.arange(kv_len)
+    bias = jnp.where(pos < limit, 0.0, _NEG)[None, None, None, :]
+    cond = self.block_cond(cond_BD)
+
+    def body(x, xs):
+      p, ck, cv = xs
+
+      def attn(q, k, v):
+        zero = jnp.zeros((), jnp.int32)
+        idx = (zero, jnp.asarray(start, jnp.int32), zero, zero)
+        ck2 = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), idx)
+        cv2 = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), idx)
+        o = _attend(cfg, q, ck2[:, :kv_len], cv2[:, :kv_len], bias, dtype)
+        return o, (ck2, cv2)
+
+      x, (ck, cv) = _block(cfg, p, x, cond, attn, dtype)
+      return x, (ck, cv)
+
+    x, (k, v) = jax.lax.scan(body, x_BlC, (self.blocks.stacked(), cache.k,
+                                           cache.v))
+    return x, KVCache(k, v)
