@@ -56,15 +56,19 @@ def atomic_dir(out_dir, overwrite: bool = False):
       shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _save_tree(path: pathlib.Path, model: nnx.Module) -> None:
+def _save_tree(path: pathlib.Path, model) -> None:
+  tree = model if isinstance(model, dict) else nnx.state(model).to_pure_dict()
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(path, nnx.state(model).to_pure_dict())
+    ckptr.save(path, tree)
     ckptr.wait_until_finished()
 
 
-def save_model(out_dir, cfg: ModelConfig, vae: VQVAE | None = None,
-               var: VAR | None = None, overwrite: bool = False) -> pathlib.Path:
-  """Writes a model directory atomically; returns its path."""
+def save_model(out_dir, cfg: ModelConfig, vae=None, var=None,
+               overwrite: bool = False) -> pathlib.Path:
+  """Writes a model directory atomically; returns its path.
+
+  `vae` / `var` are NNX modules or their nested pure-dict states.
+  """
   with atomic_dir(out_dir, overwrite) as tmp:
     (tmp / "config.json").write_text(cfg.to_json())
     if vae is not None:
@@ -105,8 +109,8 @@ def load_model(ckpt_dir=None, need_var: bool = True):
   """Returns (ModelConfig, VQVAE, VAR or None); None loads the bundled model."""
   d = pathlib.Path(ckpt_dir) if ckpt_dir is not None else DEFAULT_MODEL
   cfg = load_config(d)
-  if not (d / "vae").exists():
-    raise CheckpointError(f"{d} has no vae/ weights")
+  if cfg.vae is None or not (d / "vae").exists():
+    raise CheckpointError(f"{d} has no VQVAE weights; convert it with --vae")
   vae = _restore(d / "vae", VQVAE, cfg.vae)
   var = None
   if cfg.var is not None and (d / "var").exists():

@@ -88,7 +88,7 @@ class ModelConfig:
   """A tokenizer and (optionally) a transformer that share a scale list."""
 
   name: str
-  vae: VQVAEConfig
+  vae: VQVAEConfig | None
   var: VARConfig | None = None
 
   def to_json(self) -> str:
@@ -96,7 +96,7 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-    vae = _build(VQVAEConfig, d["vae"])
+    vae = _build(VQVAEConfig, d["vae"]) if d.get("vae") else None
     var = _build(VARConfig, d["var"]) if d.get("var") else None
     return cls(name=d.get("name", "custom"), vae=vae, var=var)
 

@@ -84,39 +84,62 @@ def _check_derived(rules, sd, patch_nums, what):
                        f"scale list {tuple(patch_nums)}: " + ", ".join(bad))
 
 
-def load_official(model: nnx.Module, rules: list[Rule], sd: dict, what: str,
-                  patch_nums=None) -> None:
-  """Writes an official state dict into `model` in place (after full checks)."""
+def official_to_flat(abstract_state, rules: list[Rule], sd: dict, what: str,
+                     patch_nums=None) -> dict:
+  """Checks an official state dict and lays it out as {our path: np.ndarray}.
+
+  `abstract_state` only supplies paths and shapes (e.g. from nnx.eval_shape),
+  so conversion never materialises a randomly initialised model.
+  """
   sd = strip_prefixes(sd)
   check_keys(rules, sd, what)
   if patch_nums is not None:
     _check_derived(rules, sd, patch_nums, what)
-  flat = {p: v for p, v in nnx.to_flat_state(nnx.state(model))}
+  shapes = {p: tuple(v.shape) for p, v in nnx.to_flat_state(abstract_state)}
   values = {}
   for r in rules:
     if r.derived:
       continue
-    if r.path not in flat:
+    if r.path not in shapes:
       raise ConvertError(f"internal: no parameter {r.path} in the model")
     arr = r.transform(np.asarray(sd[r.official], np.float32))
     if r.layer is None:
-      values[r.path] = arr
+      values[r.path] = np.ascontiguousarray(arr)
     else:
       if r.path not in values:
-        values[r.path] = np.array(flat[r.path][...], np.float32)
+        values[r.path] = np.zeros(shapes[r.path], np.float32)
       values[r.path][r.layer] = arr
+  unfilled = sorted(set(shapes) - set(values))
+  if unfilled:
+    raise ConvertError(f"internal: {what} parameters without a source: "
+                       f"{unfilled}")
   for path, arr in values.items():
-    want = tuple(flat[path][...].shape)
-    if arr.shape != want:
-      raise ConvertError(f"internal: {path} is {arr.shape}, model has {want}")
-  new = nnx.from_flat_state([(p, flat[p].replace(value=jnp_array(a)))
-                             for p, a in values.items()])
-  nnx.update(model, new)
+    if arr.shape != shapes[path]:
+      raise ConvertError(f"internal: {path} is {arr.shape}, model has "
+                         f"{shapes[path]}")
+  return values
 
 
-def jnp_array(a):
-  import jax.numpy as jnp  # Local: keeps this module importable cheaply.
-  return jnp.asarray(a)
+def flat_to_pure(values: dict) -> dict:
+  """{path tuple: array} -> the nested pure dict Orbax and nnx use."""
+  out = {}
+  for path, arr in values.items():
+    node = out
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = arr
+  return out
+
+
+def load_official(model: nnx.Module, rules: list[Rule], sd: dict, what: str,
+                  patch_nums=None) -> None:
+  """Writes an official state dict into `model` in place (after full checks)."""
+  import jax.numpy as jnp  # Local: keeps the table importable cheaply.
+  state = nnx.state(model)
+  values = official_to_flat(state, rules, sd, what, patch_nums)
+  nnx.replace_by_pure_dict(
+      state, flat_to_pure({p: jnp.asarray(a) for p, a in values.items()}))
+  nnx.update(model, state)
 
 
 def export_official(model: nnx.Module, rules: list[Rule]) -> dict:

@@ -43,7 +43,8 @@ def decode_image(data: bytes | str | np.ndarray) -> Image.Image:
       img = Image.open(data)
     # convert() forces the full decode, so truncated files fail here, not later.
     return img.convert("RGB")
-  except (OSError, ValueError, SyntaxError, TypeError, Image.DecompressionBombError) as e:
+  except (OSError, ValueError, SyntaxError, TypeError,
+          Image.DecompressionBombError) as e:
     raise CorruptImageError(f"{type(e).__name__}: {e}") from e
 
 

@@ -1,0 +1,83 @@
+"""VQVAE + residual quantizer parity with the official outputs (vae_tiny_io)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_close_rel
+from golden_models import golden_vae
+
+from var_jax.models import quantizer as q
+
+K = 10
+
+
+@pytest.fixture(scope="module")
+def setup(golden_dir, golden):
+  g = golden("vae_tiny_io")
+  vae = golden_vae(golden_dir)
+  x = jnp.asarray(g["img_u8"].transpose(0, 2, 3, 1).astype(np.float32)
+                  / 127.5 - 1)
+  return g, vae, x, vae.encode(x)
+
+
+def _nchw(a):
+  return np.asarray(a).transpose(0, 3, 1, 2)
+
+
+def test_encoder_features(setup):
+  g, _, _, f = setup
+  assert_close_rel(_nchw(f), g["f"], name="f")
+
+
+def test_tokens_per_scale_identical(setup):
+  g, vae, _, f = setup
+  idx = q.f_to_idx(vae.quantize, f, vae.cfg.v_patch_nums)
+  assert len(idx) == K
+  for si in range(K):
+    np.testing.assert_array_equal(np.asarray(idx[si]), g[f"idx_{si}"],
+                                  err_msg=f"scale {si}")
+
+
+def test_fhat_per_scale(setup):
+  g, vae, _, f = setup
+  for si, fh in enumerate(q.f_to_fhats(vae.quantize, f, vae.cfg.v_patch_nums)):
+    assert_close_rel(_nchw(fh), g[f"fhat_{si}"], name=f"fhat_{si}")
+
+
+def test_var_input(setup):
+  g, vae, _, _ = setup
+  idx = [jnp.asarray(g[f"idx_{si}"]) for si in range(K)]
+  vi = q.idx_to_var_input(vae.quantize, idx, vae.cfg.v_patch_nums)
+  assert_close_rel(vi, g["var_input"], name="var_input")
+
+
+def test_reconstructions(setup):
+  g, vae, x, _ = setup
+  fh = q.f_to_fhats(vae.quantize, vae.encode(x), vae.cfg.v_patch_nums)[-1]
+  for name, out in [
+      ("recon_last", vae.decode(fh)),
+      ("idx_to_img_last",
+       vae.idx_to_img([jnp.asarray(g[f"idx_{si}"]) for si in range(K)])),
+      ("fhat_to_img", vae.decode(jnp.asarray(g["fhat_9"].transpose(0, 2, 3, 1)))),
+  ]:
+    assert_close_rel(_nchw(out), g[name], name=name)
+
+
+def test_training_path(setup):
+  g, vae, x, _ = setup
+  rec, out = vae(x)
+  assert_close_rel(_nchw(out.f_hat), g["train_fhat"], name="train_fhat")
+  assert_close_rel(out.vq_loss, g["train_vq_loss"], name="train_vq_loss")
+  assert_close_rel(_nchw(rec), g["train_rec"], name="train_rec")
+  assert out.hits_SV.shape == (K, vae.cfg.vocab_size)
+  np.testing.assert_array_equal(np.asarray(out.hits_SV.sum(1)),
+                                [2 * pn * pn for pn in vae.cfg.v_patch_nums])
+
+
+def test_straight_through_gradient(setup):
+  # d f_hat_st / d f is the identity: the decoder's gradient reaches the encoder.
+  _, vae, _, f = setup
+  import jax
+  g = jax.grad(lambda f_: q.quantize_train(vae.quantize, f_, vae.cfg.v_patch_nums,
+                                           0.25).f_hat.sum())(f)
+  np.testing.assert_allclose(np.asarray(g), 1.0)

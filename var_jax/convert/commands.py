@@ -1,0 +1,135 @@
+"""CLI: `convert`, `encode` and `verify`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import tempfile
+
+import numpy as np
+
+
+def _user_error(msg):
+  from var_jax.cli import UserError
+  return UserError(msg)
+
+
+def register(sub) -> None:
+  p = sub.add_parser(
+      "convert", help="official .pth checkpoints -> a var-jax model directory",
+      description="Reads official VQVAE/VAR .pth files without torch and "
+                  "writes an Orbax model directory plus config.json.")
+  p.add_argument("--vae", help="official VQVAE .pth (vae_ch160v4096z32.pth)")
+  p.add_argument("--var", help="official VAR .pth (var_d16.pth, ...)")
+  p.add_argument("--out", required=True, help="output model directory")
+  p.add_argument("--preset", help="check the files against a preset "
+                 "(d16, d20, d24, d30, d36, tiny, ...)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing output directory")
+  p.set_defaults(func=cmd_convert)
+
+  p = sub.add_parser("encode", help="images -> multi-scale token ids",
+                     description="Tokenizes uint8 images (B, H, W, 3).")
+  p.add_argument("--ckpt", help="model directory (default: bundled model)")
+  p.add_argument("--images", required=True, help="uint8 .npy (B, H, W, 3)")
+  p.add_argument("--out", required=True, help="output .npz with idx_0..")
+  p.add_argument("--batch", type=int, default=16, help="images per call")
+  p.set_defaults(func=cmd_encode)
+
+  p = sub.add_parser(
+      "verify", help="compare with the official PyTorch code side by side",
+      description="Needs torch and a checkout of FoundationVision/VAR.")
+  p.add_argument("--torch-repo", required=True, help="official VAR checkout")
+  p.add_argument("--vae", required=True, help="official VQVAE .pth")
+  p.add_argument("--var", help="official VAR .pth")
+  p.add_argument("--batch", type=int, default=2)
+  p.add_argument("--seed", type=int, default=0)
+  p.set_defaults(func=cmd_verify)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+  from var_jax.convert.convert import convert_files
+  for flag in ("vae", "var"):
+    path = getattr(args, flag)
+    if path and not pathlib.Path(path).is_file():
+      raise _user_error(f"--{flag} {path}: no such file")
+  cfg = convert_files(args.vae, args.var, args.out, preset=args.preset,
+                      overwrite=args.overwrite)
+  what = " + ".join(n for n, c in (("VQVAE", cfg.vae), ("VAR", cfg.var)) if c)
+  extra = ""
+  if cfg.var is not None:
+    extra = (f" depth={cfg.var.depth} width={cfg.var.embed_dim} "
+             f"scales={list(cfg.var.patch_nums)}")
+  print(f"wrote {what} to {args.out}{extra}")
+  return 0
+
+
+def save_npz_atomic(path, **arrays) -> None:
+  """np.savez to a temporary name in the same directory, then rename."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz",
+                             dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as fh:
+      np.savez(fh, **arrays)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+
+
+def load_images_u8(path, resolution: int) -> np.ndarray:
+  """A uint8 (B, H, W, 3) .npy at the model's resolution, or a clear error."""
+  p = pathlib.Path(path)
+  if not p.is_file():
+    raise _user_error(f"--images {path}: no such file")
+  try:
+    imgs = np.load(p, allow_pickle=False)
+  except (ValueError, OSError) as e:
+    raise _user_error(f"--images {path}: not a .npy array ({e})") from None
+  if imgs.dtype != np.uint8 or imgs.ndim != 4 or imgs.shape[-1] != 3:
+    raise _user_error(f"--images must be uint8 (B, H, W, 3); got "
+                      f"{imgs.dtype} {imgs.shape}")
+  if imgs.shape[1:3] != (resolution, resolution):
+    raise _user_error(f"images are {imgs.shape[1]}x{imgs.shape[2]} but the "
+                      f"model takes {resolution}x{resolution}")
+  return imgs
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from var_jax.checkpoint import load_model
+  if args.batch < 1:
+    raise _user_error("--batch must be at least 1")
+  cfg, vae, _ = load_model(args.ckpt, need_var=False)
+  imgs = load_images_u8(args.images, cfg.vae.resolution)
+  graphdef, state = nnx.split(vae)
+
+  @jax.jit
+  def encode(state, x_u8):
+    model = nnx.merge(graphdef, state)
+    x = x_u8.astype(jnp.float32) / 127.5 - 1.0
+    return model.img_to_idx(x)
+
+  outs = [[] for _ in cfg.vae.v_patch_nums]
+  for i in range(0, len(imgs), args.batch):
+    for k, idx in enumerate(encode(state, jnp.asarray(imgs[i:i + args.batch]))):
+      outs[k].append(np.asarray(idx, np.int32))
+  save_npz_atomic(args.out, **{f"idx_{k}": np.concatenate(o)
+                               for k, o in enumerate(outs)})
+  print(f"wrote {len(imgs)} x {len(outs)} token maps to {args.out}")
+  return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+  from var_jax.convert.verify import VerifyError, print_report, run_verify
+  try:
+    report = run_verify(args.torch_repo, args.vae, args.var, args.batch,
+                        args.seed)
+  except VerifyError as e:
+    raise _user_error(str(e)) from None
+  return print_report(report)

@@ -1,0 +1,115 @@
+"""Official `.pth` checkpoints -> var-jax model directories, without torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import numpy as np
+from flax import nnx
+
+from var_jax import checkpoint
+from var_jax.config import ModelConfig, get_preset
+from var_jax.convert import load
+from var_jax.convert.mapping import var_rules, vqvae_rules
+from var_jax.convert.pth import read_pth
+from var_jax.models.transformer import VAR
+from var_jax.models.vqvae import VQVAE
+
+# Where nested training checkpoints keep each model (official `trainer`).
+_NESTED = {"vae": ("vae_local", "vae"), "var": ("var_wo_ddp", "var", "model")}
+
+
+def _is_tensor_dict(obj) -> bool:
+  return isinstance(obj, dict) and bool(obj) and all(
+      isinstance(v, np.ndarray) for v in obj.values())
+
+
+def extract_state_dict(obj, kind: str, path) -> dict:
+  """Finds the `kind` ('vae'/'var') state dict in a plain or nested checkpoint."""
+  if _is_tensor_dict(obj):
+    return obj
+  if isinstance(obj, dict):
+    for outer in ("trainer", "state_dict", "model", None):
+      node = obj.get(outer) if outer else obj
+      if _is_tensor_dict(node):
+        return node
+      if isinstance(node, dict):
+        for name in _NESTED[kind]:
+          if _is_tensor_dict(node.get(name)):
+            return node[name]
+  raise load.ConvertError(
+      f"{path}: no {kind.upper()} state dict found (expected a plain state "
+      f"dict or a training checkpoint with trainer.{_NESTED[kind][0]})")
+
+
+def read_official(path, kind: str) -> dict:
+  path = pathlib.Path(path)
+  return load.strip_prefixes(extract_state_dict(read_pth(path), kind, path))
+
+
+def infer_configs(vae_sd, var_sd, preset: str | None):
+  """Configs read off the tensors, checked against `preset` when given."""
+  var_cfg = load.infer_var_config(var_sd) if var_sd is not None else None
+  patch_nums = var_cfg.patch_nums if var_cfg else None
+  vae_cfg = (load.infer_vqvae_config(vae_sd, patch_nums)
+             if vae_sd is not None else None)
+  if preset is not None:
+    want = get_preset(preset)
+    if vae_cfg is not None:
+      load.check_preset(want.vae, vae_cfg, "VQVAE")
+      vae_cfg = dataclasses.replace(want.vae, v_patch_nums=vae_cfg.v_patch_nums)
+    if var_cfg is not None:
+      if want.var is None:
+        raise load.ConvertError(f"preset {preset!r} has no VAR transformer")
+      load.check_preset(want.var, var_cfg, "VAR")
+      var_cfg = want.var
+  if var_cfg is not None and vae_cfg is not None and (
+      var_cfg.vocab_size, var_cfg.cvae) != (vae_cfg.vocab_size,
+                                            vae_cfg.z_channels):
+    raise load.ConvertError(
+        f"the VAR expects vocab {var_cfg.vocab_size} / Cvae {var_cfg.cvae} "
+        f"but the VQVAE has {vae_cfg.vocab_size} / {vae_cfg.z_channels}")
+  return vae_cfg, var_cfg
+
+
+def official_states(vae_sd, var_sd, vae_cfg, var_cfg):
+  """Pure-dict states (numpy) for each given model, via the mapping table."""
+  vae_state = var_state = None
+  if vae_sd is not None:
+    abstract = nnx.state(nnx.eval_shape(lambda: VQVAE(vae_cfg,
+                                                      rngs=nnx.Rngs(0))))
+    vae_state = load.flat_to_pure(load.official_to_flat(
+        abstract, vqvae_rules(vae_cfg), vae_sd, "VQVAE"))
+  if var_sd is not None:
+    abstract = nnx.state(nnx.eval_shape(lambda: VAR(var_cfg,
+                                                    rngs=nnx.Rngs(0))))
+    var_state = load.flat_to_pure(load.official_to_flat(
+        abstract, var_rules(var_cfg), var_sd, "VAR", var_cfg.patch_nums))
+  return vae_state, var_state
+
+
+def convert_files(vae_path=None, var_path=None, out_dir=None,
+                  preset: str | None = None, overwrite: bool = False,
+                  log=print) -> ModelConfig:
+  """Converts official checkpoints into a model directory, atomically."""
+  if vae_path is None and var_path is None:
+    raise load.ConvertError("nothing to convert: give --vae and/or --var")
+  if out_dir is not None and pathlib.Path(out_dir).exists() and not overwrite:
+    raise checkpoint.CheckpointError(
+        f"{out_dir} already exists; pass --overwrite to replace it")
+  vae_sd = var_sd = None
+  if vae_path:
+    log(f"reading {vae_path}")
+    vae_sd = read_official(vae_path, "vae")
+  if var_path:
+    log(f"reading {var_path}")
+    var_sd = read_official(var_path, "var")
+  vae_cfg, var_cfg = infer_configs(vae_sd, var_sd, preset)
+  vae_state, var_state = official_states(vae_sd, var_sd, vae_cfg, var_cfg)
+  cfg = ModelConfig(name=preset or "converted", vae=vae_cfg, var=var_cfg)
+  if out_dir is not None:
+    log(f"writing {out_dir}")
+    checkpoint.save_model(out_dir, cfg, vae_state, var_state,
+                          overwrite=overwrite)
+  return cfg

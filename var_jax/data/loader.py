@@ -1,0 +1,216 @@
+"""Deterministic, resumable, process-sharded training batches.
+
+Order: epoch e visits a permutation of the dataset drawn from (seed, e); step s
+of the infinite stream is the s-th `global_batch` slice of those epochs
+(remainders dropped, so steps_per_epoch = N // global_batch). Process p takes
+the p-th contiguous `local_batch` slice of each global batch. Augmentation is
+seeded by (seed, global example position), so the stream is a pure function of
+(seed, step): threads, process count and restarts cannot change it.
+
+Prefetching uses grain: a MapDataset over local positions, read ahead by a
+thread pool (PIL releases the GIL while decoding/resizing), batched, then
+stacked one batch ahead by a background thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import grain
+import numpy as np
+
+from var_jax.data.sources import AugConfig, CorruptImageError, DataError
+from var_jax.data.sources import open_source
+
+log = logging.getLogger(__name__)
+
+_PERM_SALT, _AUG_SALT = 0, 1
+# Consecutive undecodable examples tolerated before assuming a broken dataset.
+_MAX_CONSECUTIVE_CORRUPT = 64
+
+
+class Loader:
+  """Iterator of {'images': f32 (B, H, W, 3) in [-1, 1], 'labels': i32 (B,)}.
+
+  Attributes:
+    num_classes: number of labels of the source.
+    num_examples: examples in the split (before sharding).
+    steps_per_epoch: N // global_batch.
+    global_batch, local_batch, start_step: as configured.
+    step: the global step of the next batch to be returned.
+  """
+
+  def __init__(self, source, *, seed: int, global_batch: int, local_batch: int,
+               process_index: int, start_step: int, num_epochs: int | None,
+               shuffle: bool, num_workers: int, log_every: int):
+    self.source = source
+    self.num_classes = int(source.num_classes)
+    self.num_examples = len(source)
+    self.global_batch, self.local_batch = global_batch, local_batch
+    self.steps_per_epoch = self.num_examples // global_batch
+    self.start_step = self.step = start_step
+    self._seed, self._shuffle = seed, shuffle
+    self._process_index = process_index
+    self._log_every = log_every
+    self._lock = threading.Lock()
+    self._corrupt = 0
+    self._corrupt_indices: set[int] = set()
+    self._perm_cache: dict[int, np.ndarray] = {}
+
+    if num_epochs is None:
+      # "Infinite": grain needs a finite length below sys.maxsize.
+      n_local = 2**62 // local_batch * local_batch
+    else:
+      stop_step = num_epochs * self.steps_per_epoch
+      n_local = max(0, stop_step - start_step) * local_batch
+    ds = grain.MapDataset.range(n_local).map(self._load)
+    threads = max(0, num_workers)
+    opts = grain.ReadOptions(
+        num_threads=threads,
+        prefetch_buffer_size=2 * local_batch if threads else 0)
+    ds = ds.to_iter_dataset(opts).batch(
+        local_batch, drop_remainder=True, batch_fn=_stack)
+    if threads:
+      # Stack the next batch while the caller is busy with this one.
+      ds = grain.experimental.ThreadPrefetchIterDataset(
+          ds, prefetch_buffer_size=2)
+    self._it = iter(ds)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._it)
+    self.step += 1
+    return batch
+
+  def stats(self) -> dict[str, int]:
+    """Corrupt-image counters (include examples prefetched but not yet used)."""
+    with self._lock:
+      return {"corrupt_skipped": self._corrupt,
+              "corrupt_unique": len(self._corrupt_indices)}
+
+  def close(self) -> None:
+    close = getattr(self._it, "close", None)
+    if close is not None:
+      close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def global_indices(self, step: int) -> np.ndarray:
+    """Dataset indices of the whole global batch at `step` (before skips)."""
+    epoch, within = divmod(step, self.steps_per_epoch)
+    start = within * self.global_batch
+    return self._perm(epoch)[start:start + self.global_batch]
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    with self._lock:
+      perm = self._perm_cache.get(epoch)
+      if perm is None:
+        if self._shuffle:
+          rng = np.random.default_rng([self._seed, _PERM_SALT, epoch])
+          perm = rng.permutation(self.num_examples)
+        else:
+          perm = np.arange(self.num_examples)
+        # Threads straddle at most an epoch boundary: keep two epochs.
+        self._perm_cache = {k: v for k, v in self._perm_cache.items()
+                            if k >= epoch - 1}
+        self._perm_cache[epoch] = perm
+      return perm
+
+  def _load(self, k: int):
+    """The k-th example of this process's stream (k counts from start_step)."""
+    step, j = divmod(k, self.local_batch)
+    step += self.start_step
+    offset = self._process_index * self.local_batch + j
+    pos = step * self.global_batch + offset
+    index = int(self.global_indices(step)[offset])
+    rng = np.random.default_rng([self._seed, _AUG_SALT, pos])
+    for _ in range(_MAX_CONSECUTIVE_CORRUPT):
+      try:
+        return self.source.example(index, rng)
+      except CorruptImageError as e:
+        self._count_corrupt(index, e)
+        # Deterministic stand-in keeps batch shapes and resume/shard identity.
+        index = (index + 1) % self.num_examples
+    raise DataError(f"{_MAX_CONSECUTIVE_CORRUPT} consecutive corrupt images "
+                    f"ending at {self.source.describe(index)}")
+
+  def _count_corrupt(self, index: int, e: Exception) -> None:
+    with self._lock:
+      self._corrupt += 1
+      self._corrupt_indices.add(index)
+      n = self._corrupt
+    if n == 1 or n % self._log_every == 0:
+      log.warning("skipped corrupt image %s (%s); %d skipped so far",
+                  self.source.describe(index), e, n)
+
+
+def _stack(examples) -> dict[str, np.ndarray]:
+  images_BHWC = np.stack([img for img, _ in examples])
+  labels_B = np.asarray([label for _, label in examples], np.int32)
+  return {"images": images_BHWC, "labels": labels_B}
+
+
+def make_loader(spec: str, *, split: str, resolution: int, global_batch: int,
+                seed: int, hflip: bool = False, process_index: int = 0,
+                process_count: int = 1, start_step: int = 0,
+                num_workers: int | None = None, data_dir: str | None = None,
+                manual_dir: str | None = None, shuffle: bool = True,
+                num_epochs: int | None = None, mid_reso: float = 1.125,
+                max_shift: int = 0, log_every: int = 100) -> Loader:
+  """Builds the batch iterator for `spec` ('folder:PATH', 'tfds:NAME', 'digits').
+
+  Args:
+    spec: data source, see `sources.open_source`.
+    split: 'train' uses random crop (+ hflip); any other split center-crops.
+    resolution: output side length.
+    global_batch: batch over all processes; must divide by process_count.
+    seed: non-negative; fixes order and augmentation.
+    hflip: random horizontal flip for train splits.
+    process_index, process_count: this process's slice of each global batch.
+    start_step: first global step to yield (resume).
+    num_workers: decode threads; 0 reads synchronously; None = min(32, cpus).
+    data_dir, manual_dir: TFDS data and manual-download directories.
+    shuffle: epoch-wise permutation; False keeps dataset order.
+    num_epochs: stop after this many epochs; None repeats forever.
+    mid_reso: shorter side before cropping is round(mid_reso * resolution).
+    max_shift: digits only, random translation in pixels for train.
+    log_every: log corrupt-image skips once per this many.
+
+  Returns:
+    A `Loader`.
+
+  Raises:
+    DataError: on any configuration or data-layout problem.
+  """
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise DataError(f"bad process_index={process_index} for "
+                    f"process_count={process_count}")
+  if global_batch < 1 or global_batch % process_count:
+    raise DataError(f"global_batch={global_batch} is not divisible by "
+                    f"process_count={process_count}")
+  if seed < 0 or start_step < 0:
+    raise DataError(f"seed ({seed}) and start_step ({start_step}) must be >= 0")
+  if num_workers is None:
+    num_workers = min(32, os.cpu_count() or 1)
+  aug = AugConfig(resolution=resolution, train=split.startswith("train"),
+                  hflip=hflip, mid_reso=mid_reso, max_shift=max_shift)
+  source = open_source(spec, split=split, aug=aug, data_dir=data_dir,
+                       manual_dir=manual_dir)
+  if len(source) == 0:
+    raise DataError(f"no images in {spec!r} split {split!r}")
+  if len(source) < global_batch:
+    raise DataError(f"{spec!r} split {split!r} has {len(source)} examples, "
+                    f"fewer than global_batch={global_batch}")
+  return Loader(source, seed=seed, global_batch=global_batch,
+                local_batch=global_batch // process_count,
+                process_index=process_index, start_step=start_step,
+                num_epochs=num_epochs, shuffle=shuffle,
+                num_workers=num_workers, log_every=max(1, log_every))
