@@ -16,6 +16,7 @@ _COMMAND_MODULES = (
     "var_jax.convert.commands",
     "var_jax.sampling.commands",
     "var_jax.training.commands",
+    "var_jax.training.vae_commands",
 )
 
 
