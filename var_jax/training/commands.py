@@ -1,0 +1,86 @@
+"""`var-jax train` and `var-jax bench train`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+
+def register(subparsers) -> None:
+  p = subparsers.add_parser(
+      "train", help="train a VAR transformer (sharded, multi-host, resumable)",
+      description="Trains VAR with the official recipe. Re-running the same "
+                  "command resumes from the newest checkpoint in --workdir.")
+  p.add_argument("--config", required=True,
+                 help="a config file (configs/train_d16.py) or a bundled name "
+                      "(train_d16, d16, train_tiny)")
+  p.add_argument("--data", help="folder:PATH | tfds:NAME | digits "
+                 "(default: the config's)")
+  p.add_argument("--workdir", required=True,
+                 help="checkpoints, metrics.jsonl, tb/ and the final model/")
+  p.add_argument("--steps", type=int, help="run length in optimizer steps "
+                 "(schedule horizon; default: the config's epochs)")
+  p.add_argument("--global-batch", type=int, help="examples per step, over "
+                 "all processes")
+  p.add_argument("--mesh", help="data=D,fsdp=F over all devices (default: "
+                 "data parallel on every device)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"))
+  p.add_argument("--seed", type=int)
+  p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
+  w = p.add_mutually_exclusive_group()
+  w.add_argument("--vae-ckpt", help="model directory holding the tokenizer")
+  w.add_argument("--init-ckpt", help="model directory (tokenizer + VAR) to "
+                 "start from")
+  g = p.add_argument_group("multi-process (all three, or none)")
+  g.add_argument("--coordinator-address", help="HOST:PORT of process 0")
+  g.add_argument("--num-processes", type=int)
+  g.add_argument("--process-id", type=int)
+  p.set_defaults(func=_train)
+  _register_bench(subparsers)
+
+
+def _register_bench(subparsers) -> None:
+  """Adds `bench train`, creating `bench` only if no one else has."""
+  from var_jax.training import bench
+  parser = subparsers.choices.get("bench")
+  if parser is None:
+    parser = subparsers.add_parser(
+        "bench", help="benchmarks (one JSON line each)")
+    sub = parser.add_subparsers(dest="bench_command", metavar="WHAT")
+    parser.set_defaults(func=lambda _: parser.print_help() or 2)
+  else:
+    sub = next((a for a in parser._actions  # pylint: disable=protected-access
+                if isinstance(a, argparse._SubParsersAction)), None)  # noqa
+    if sub is None or "train" in sub.choices:
+      return
+  bench.add_parser(sub)
+
+
+_OVERRIDES = {"data": "data", "steps": "steps", "global_batch": "global_batch",
+              "dtype": "dtype", "seed": "seed", "ckpt_every": "ckpt_every",
+              "vae_ckpt": "vae_ckpt", "init_ckpt": "init_ckpt"}
+
+
+def _train(args) -> int:
+  # Joining the job must happen before anything initialises the backend.
+  from var_jax.training import mesh as mesh_lib
+  mesh_lib.init_distributed(args.coordinator_address, args.num_processes,
+                            args.process_id)
+  from var_jax.training.config import load_config
+  from var_jax.training.metrics import TrainingDiverged
+  from var_jax.training.trainer import train
+  cfg = load_config(args.config)
+  kw = {field: getattr(args, flag) for flag, field in _OVERRIDES.items()
+        if getattr(args, flag) is not None}
+  if kw.get("vae_ckpt"):
+    kw["init_ckpt"] = None
+  if kw.get("init_ckpt"):
+    kw["vae_ckpt"] = None
+  cfg = dataclasses.replace(cfg, **kw)
+  try:
+    train(cfg, args.workdir, mesh_spec=args.mesh)
+  except TrainingDiverged as e:
+    print(f"var-jax train: error: {e}", file=sys.stderr)
+    return 1
+  return 0
