@@ -1,0 +1,133 @@
+"""Zero-shot inpainting, outpainting and class-conditional editing.
+
+The official demo notebook samples as usual but, at every scale, replaces the
+drawn code vectors by the given image's where an edit mask says "keep". The
+mask lives on the last scale's grid and reaches each scale by bilinear
+resizing thresholded at 0.5; the 1x1 scale always keeps the given token.
+Because keeping happens per token before Phi and upsampling, our sampler
+takes the whole thing as one (B, L) boolean `keep` array.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from var_jax.models import quantizer
+
+
+def box_mask(size: int, box: Sequence[float], inpaint: bool) -> np.ndarray:
+  """(size, size) float32 mask, 1 where the given image's tokens are kept.
+
+  Args:
+    size: the last scale's side.
+    box: (y0, x0, y1, x1) as fractions of the side in [0, 1].
+    inpaint: True regenerates inside the box (keeps outside), False keeps
+      the inside and regenerates around it (outpainting).
+  """
+  y0, x0, y1, x1 = (float(v) for v in box)
+  if not (0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1):
+    raise ValueError(f"box must satisfy 0 <= y0 < y1 <= 1 and 0 <= x0 < x1 "
+                     f"<= 1, got {tuple(box)}")
+  m = np.zeros((size, size), np.float32)
+  # Python's round (half to even), as the notebook's.
+  m[round(y0 * size):round(y1 * size), round(x0 * size):round(x1 * size)] = 1
+  return 1 - m if inpaint else m
+
+
+def _bilinear_axis(n_in: int, n_out: int):
+  """Taps and weights of PyTorch's bilinear resize along one axis, in float32."""
+  scale = np.float64(np.float32(n_in) / np.float32(n_out))
+  # PyTorch's kernel rounds scale * (dst + 0.5) - 0.5 once (a fused
+  # multiply-add), which float64 followed by one cast reproduces.
+  src = (scale * (np.arange(n_out) + 0.5) - 0.5).astype(np.float32)
+  src = np.maximum(src, np.float32(0))
+  i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+  i1 = np.minimum(i0 + 1, n_in - 1)
+  w1 = (src - i0.astype(np.float32)).astype(np.float32)
+  return i0, i1, (np.float32(1) - w1).astype(np.float32), w1
+
+
+def scale_mask(mask_hw: np.ndarray, pn: int) -> np.ndarray:
+  """(pn, pn) bool: the mask bilinearly resized to one scale, then > 0.5.
+
+  Evaluated in float32 in PyTorch's order so that values landing near 0.5
+  threshold the same way.
+  """
+  mask_hw = np.asarray(mask_hw, np.float32)
+  if pn * pn <= 3:
+    return np.ones((pn, pn), bool)
+  h, w = mask_hw.shape
+  hi0, hi1, hw0, hw1 = _bilinear_axis(h, pn)
+  wi0, wi1, ww0, ww1 = _bilinear_axis(w, pn)
+  row = lambda i: (ww0[None] * mask_hw[i][:, wi0] +
+                   ww1[None] * mask_hw[i][:, wi1])
+  out = hw0[:, None] * row(hi0) + hw1[:, None] * row(hi1)
+  return out > 0.5
+
+
+def keep_tokens(mask_hw: np.ndarray, patch_nums: Sequence[int]) -> np.ndarray:
+  """(L,) bool over all scales' tokens in raster order, True = keep given."""
+  return np.concatenate([scale_mask(mask_hw, pn).reshape(-1)
+                         for pn in patch_nums])
+
+
+class EditOut(NamedTuple):
+  drawn: list  # Ids the sampler drew per scale (B, pn*pn), as the notebook.
+  idx: list  # The edited image's ids: given where kept, drawn elsewhere.
+  images_BHWC: jax.Array  # float32 in [0, 1].
+  mask_hw: np.ndarray  # The last-scale keep mask used.
+
+
+def zero_shot_edit(sampler, vae, images_BHWC, mask_hw, labels, *,
+                   seed=0) -> EditOut:
+  """Edits images: keeps their tokens where `mask_hw` is 1, samples the rest.
+
+  Args:
+    sampler: a `Sampler` over (vae, var); its options (cfg, top-k, ...) apply.
+    vae: the tokenizer that encodes `images_BHWC`.
+    images_BHWC: float images in [-1, 1] at the model's resolution.
+    mask_hw: (pn_K, pn_K) mask on the last scale's grid (see `box_mask`).
+    labels: class per image; the null class `num_classes` means
+      unconditional (plain in/outpainting).
+    seed: the sampling seed.
+  """
+  patch_nums = sampler.patch_nums
+  mask_hw = np.asarray(mask_hw, np.float32)
+  if mask_hw.shape != (patch_nums[-1],) * 2:
+    raise ValueError(f"mask must be {(patch_nums[-1],) * 2} (the last scale),"
+                     f" got {mask_hw.shape}")
+  images_BHWC = jnp.asarray(images_BHWC, jnp.float32)
+  side = vae.cfg.downsample * patch_nums[-1]
+  if images_BHWC.ndim != 4 or images_BHWC.shape[1:] != (side, side, 3):
+    raise ValueError(f"images must be (B, {side}, {side}, 3), got "
+                     f"{tuple(images_BHWC.shape)}")
+  given = _encode(vae, images_BHWC, patch_nums)
+  b = images_BHWC.shape[0]
+  keep_L = keep_tokens(mask_hw, patch_nums)
+  keep_BL = np.broadcast_to(keep_L, (b, keep_L.size))
+  labels = np.broadcast_to(np.asarray(labels, np.int32).reshape(-1), (b,))
+  out = sampler(labels, seed=seed, given=given, keep_BL=keep_BL)
+  idx, start = [], 0
+  for g, d in zip(given, out.idx):
+    k = keep_L[start:start + d.shape[1]]
+    idx.append(jnp.where(k[None], g, d))
+    start += d.shape[1]
+  return EditOut(out.idx, idx, out.images_BHWC, mask_hw)
+
+
+@functools.partial(jax.jit, static_argnames=("vae_def", "patch_nums"))
+def _encode_jit(vae_state, images_BHWC, *, vae_def, patch_nums):
+  vae = nnx.merge(vae_def, vae_state)
+  return quantizer.f_to_idx(vae.quantize, vae.encode(images_BHWC), patch_nums)
+
+
+def _encode(vae, images_BHWC, patch_nums):
+  graph, state = nnx.split(vae)
+  return _encode_jit(state, images_BHWC, vae_def=graph,
+                     patch_nums=tuple(patch_nums))
