@@ -24,6 +24,19 @@ class UserError(Exception):
   """An error caused by the user's input: printed as one line, exit code 2."""
 
 
+def bench_parsers(subparsers):
+  """The sub-parsers of `var-jax bench`, created by whichever area asks first."""
+  parser = subparsers.choices.get("bench")
+  if parser is None:
+    parser = subparsers.add_parser(
+        "bench", help="benchmarks (one JSON line each)",
+        description="Benchmarks that print one JSON line of figures.")
+    sub = parser.add_subparsers(dest="bench_command", metavar="WHAT")
+    parser.set_defaults(func=lambda _: parser.print_help() or 2)
+    parser.var_jax_sub = sub
+  return parser.var_jax_sub
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="var-jax",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 
@@ -41,20 +40,9 @@ def register(subparsers) -> None:
 
 
 def _register_bench(subparsers) -> None:
-  """Adds `bench train`, creating `bench` only if no one else has."""
+  from var_jax.cli import bench_parsers
   from var_jax.training import bench
-  parser = subparsers.choices.get("bench")
-  if parser is None:
-    parser = subparsers.add_parser(
-        "bench", help="benchmarks (one JSON line each)")
-    sub = parser.add_subparsers(dest="bench_command", metavar="WHAT")
-    parser.set_defaults(func=lambda _: parser.print_help() or 2)
-  else:
-    sub = next((a for a in parser._actions  # pylint: disable=protected-access
-                if isinstance(a, argparse._SubParsersAction)), None)  # noqa
-    if sub is None or "train" in sub.choices:
-      return
-  bench.add_parser(sub)
+  bench.add_parser(bench_parsers(subparsers))
 
 
 _OVERRIDES = {"data": "data", "steps": "steps", "global_batch": "global_batch",

@@ -1,0 +1,184 @@
+"""`var-jax sample`, `edit`, `sample-many` and the sampler's invariances."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from golden_models import golden_vae, golden_var
+from PIL import Image
+
+from var_jax import cli
+from var_jax.sampling import many
+from var_jax.sampling.sampler import SampleOptions, Sampler
+
+
+@pytest.fixture(scope="module")
+def model_dir(golden_dir, tmp_path_factory):
+  out = tmp_path_factory.mktemp("m") / "tiny"
+  assert cli.main(["convert", "--vae", str(golden_dir / "vae_tiny.pth"),
+                   "--var", str(golden_dir / "var_tiny.pth"),
+                   "--out", str(out)]) == 0
+  return out
+
+
+def test_sample_cli_greedy_matches_official(model_dir, golden, tmp_path):
+  g = golden("var_tiny_io")
+  png, npz = tmp_path / "grid.png", tmp_path / "s.npz"
+  assert cli.main(["sample", "--ckpt", str(model_dir), "--labels", "3,7",
+                   "--cfg", "1.5", "--top-k", "1", "--top-p", "0",
+                   "--batch", "1", "--out", str(png),
+                   "--save-npz", str(npz)]) == 0
+  out = np.load(npz)
+  for si in range(10):
+    assert out[f"idx_{si}"].dtype == np.int32
+    np.testing.assert_array_equal(out[f"idx_{si}"],
+                                  g[f"greedy_cfg1.5_idx_{si}"])
+  ref = g["greedy_cfg1.5_img"].transpose(0, 2, 3, 1)
+  assert out["images"].dtype == np.float32
+  assert np.abs(out["images"] - ref).max() <= 1e-3
+  assert Image.open(png).size == (2 * 256 + 6, 256 + 4)
+
+
+def test_edit_cli_matches_official_inpaint(model_dir, golden, tmp_path):
+  g = golden("var_tiny_io")
+  src = tmp_path / "in.png"
+  Image.fromarray(g["img_u8"][0].transpose(1, 2, 0)).save(src)
+  npz = tmp_path / "e.npz"
+  assert cli.main(["edit", "--ckpt", str(model_dir), "--image", str(src),
+                   "--box", "0.1,0.1,0.8,0.8", "--mode", "inpaint",
+                   "--cfg", "3", "--top-k", "1", "--top-p", "0",
+                   "--out", str(tmp_path / "e.png"),
+                   "--save-npz", str(npz)]) == 0
+  out = np.load(npz)
+  ref = g["edit_inpaint_img"][0].transpose(1, 2, 0)
+  assert np.abs(out["images"][0] - ref).max() <= 1e-3
+  assert Image.open(tmp_path / "e.png").size == (256, 256)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["sample", "--labels", "3,x"], "comma-separated integers"),
+    (["sample", "--labels", "11"], "class ids in [0, 10]"),
+    (["sample", "--top-p", "1.5"], "--top-p in [0, 1]"),
+    (["sample", "--batch", "0"], "--batch must be >= 1"),
+    (["edit", "--image", "missing.png", "--box", "0,0,0.5,0.5"],
+     "no such image file"),
+    (["edit", "--image", "IMG", "--box", "0.5,0,0.4,1"], "box must satisfy"),
+    (["sample-many", "--out", "x.txt"], "must end in .npz"),
+])
+def test_bad_flags_are_one_line_errors(model_dir, tmp_path, capsys, argv,
+                                       needle):
+  src = tmp_path / "img.png"
+  Image.new("RGB", (300, 200)).save(src)
+  argv = [str(src) if a == "IMG" else a for a in argv]
+  rc = cli.main(argv[:1] + ["--ckpt", str(model_dir)] + argv[1:]
+                + ([] if "--out" in argv else ["--out",
+                                               str(tmp_path / "o.png")]))
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and needle in err and len(err.splitlines()) == 1, err
+  assert not (tmp_path / "o.png").exists()
+
+
+def test_missing_checkpoint_is_one_line(tmp_path, capsys):
+  rc = cli.main(["sample", "--ckpt", str(tmp_path / "nope"),
+                 "--out", str(tmp_path / "o.png")])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and "not a var-jax model directory" in err
+
+
+def test_stochastic_forms_splits_and_dtypes_agree(golden_dir):
+  vae, var = golden_vae(golden_dir), golden_var(golden_dir)
+  labels = [1, 4, 10]
+  ref = Sampler(vae, var, SampleOptions(form="unrolled"))(labels, seed=5)
+  scan = Sampler(vae, var, SampleOptions(form="scan"))(labels, seed=5)
+  split = Sampler(vae, var, SampleOptions(form="unrolled"))
+  parts = [split(labels[:1], seed=5), split(labels[1:], seed=5, offset=1)]
+  for si in range(10):
+    np.testing.assert_array_equal(scan.idx[si], ref.idx[si])
+    np.testing.assert_array_equal(
+        np.concatenate([p.idx[si] for p in parts]), ref.idx[si])
+  other = Sampler(vae, var, SampleOptions(form="unrolled"))(labels, seed=6)
+  assert not np.array_equal(other.idx[-1], ref.idx[-1])
+  # bfloat16 compute and Gumbel smoothing: valid images, float32 out.
+  for opts in (SampleOptions(dtype="bfloat16"),
+               SampleOptions(more_smooth=True, form="scan")):
+    out = Sampler(vae, var, opts)(labels[:1], seed=5)
+    img = np.asarray(out.images_BHWC)
+    assert img.dtype == np.float32 and np.isfinite(img).all()
+    assert 0 <= img.min() and img.max() <= 1
+  # Random labels when none are given: deterministic per seed.
+  a = split(None, batch=2, seed=3)
+  np.testing.assert_array_equal(a.labels_B, split(None, batch=2,
+                                                  seed=3).labels_B)
+
+
+class _Interrupt(Exception):
+  pass
+
+
+class _StopAfter:
+  """Wraps a sampler so the job dies after `n` chunks, like a Ctrl-C."""
+
+  def __init__(self, sampler, n):
+    self.s, self.n = sampler, n
+
+  def __getattr__(self, name):
+    return getattr(self.s, name)
+
+  def __setattr__(self, name, value):
+    if name in ("s", "n"):
+      object.__setattr__(self, name, value)
+    else:
+      setattr(self.s, name, value)
+
+  def run_arrays(self, *a):
+    if self.n == 0:
+      raise _Interrupt
+    self.n -= 1
+    return self.s.run_arrays(*a)
+
+
+def test_sample_many_resumes_and_is_batch_invariant(golden_dir, tmp_path):
+  vae, var = golden_vae(golden_dir), golden_var(golden_dir)
+  meta = {"test": 1}
+  full = tmp_path / "full.npz"
+  classes = [0, 3, 10]
+  n = many.sample_many(Sampler(vae, var), classes, 2, 4, 0, full, meta)
+  assert n == 6
+  ref = np.load(full)["arr_0"]
+  assert ref.shape == (6, 256, 256, 3) and ref.dtype == np.uint8
+  assert not (tmp_path / "full.npz.parts").exists()
+
+  out = tmp_path / "resumed.npz"
+  with pytest.raises(_Interrupt):
+    many.sample_many(_StopAfter(Sampler(vae, var), 1), classes, 2, 4, 0, out,
+                       meta)
+  assert len(list((tmp_path / "resumed.npz.parts").glob("chunk_*"))) == 1
+  assert not out.exists()
+  with pytest.raises(cli.UserError, match="other settings"):
+    many.sample_many(Sampler(vae, var), classes, 2, 4, 1, out, {"test": 2})
+  many.sample_many(Sampler(vae, var), classes, 2, 4, 0, out, meta)
+  np.testing.assert_array_equal(np.load(out)["arr_0"], ref)
+
+
+def test_sample_many_on_four_devices_matches(model_dir, tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  outs = []
+  for n_dev, batch in ((1, 3), (4, 4)):  # 5 samples: 2 chunks either way
+    out = tmp_path / f"d{n_dev}.npz"
+    e = env if n_dev == 4 else dict(os.environ, JAX_PLATFORMS="cpu")
+    r = subprocess.run(
+        [sys.executable, "-m", "var_jax.cli", "sample-many", "--ckpt",
+         str(model_dir), "--per-class", "1", "--classes", "0,2,4,6,8",
+         "--batch", str(batch),
+         "--out", str(out)], env=e, capture_output=True, text=True,
+        timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    outs.append(np.load(out)["arr_0"])
+  assert outs[0].shape == (5, 256, 256, 3)
+  # Same tokens; the decoder's convolutions round differently per shape, so
+  # a few pixels may land one level apart (a changed token moves many).
+  diff = np.abs(outs[0].astype(int) - outs[1].astype(int))
+  assert diff.max() <= 1 and (diff > 0).mean() < 1e-3

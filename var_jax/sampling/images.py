@@ -1,0 +1,78 @@
+"""Image files in and out of the sampling commands: grids, PNGs, npz."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images_BHWC) -> np.ndarray:
+  """Floats in [0, 1] -> uint8, rounding as torchvision's save_image does."""
+  x = np.asarray(images_BHWC, np.float32)
+  return np.clip(x * 255 + 0.5, 0, 255).astype(np.uint8)
+
+
+def grid(images_BHWC, ncol: int, pad: int = 2) -> np.ndarray:
+  """uint8 (rows*H, ncol*W, 3) grid, row-major, padded with white."""
+  imgs = to_uint8(images_BHWC)
+  b, h, w, c = imgs.shape
+  ncol = max(1, min(ncol, b))
+  nrow = -(-b // ncol)
+  out = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255,
+                np.uint8)
+  for i in range(b):
+    r, q = divmod(i, ncol)
+    y, x = pad + r * (h + pad), pad + q * (w + pad)
+    out[y:y + h, x:x + w] = imgs[i]
+  return out
+
+
+def _atomic(path, write) -> pathlib.Path:
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as fh:
+      write(fh)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+  return path
+
+
+def save_png(path, image_HWC_u8: np.ndarray) -> pathlib.Path:
+  """Writes a PNG through a temporary name, so a crash leaves no half file."""
+  img = Image.fromarray(np.asarray(image_HWC_u8, np.uint8))
+  return _atomic(path, lambda fh: img.save(fh, format="PNG"))
+
+
+def save_npz(path, **arrays) -> pathlib.Path:
+  """np.savez through a temporary name in the same directory."""
+  return _atomic(path, lambda fh: np.savez(fh, **arrays))
+
+
+def load_image(path, resolution: int) -> np.ndarray:
+  """An image file -> float32 (res, res, 3) in [-1, 1].
+
+  Resizes the shorter side to `resolution` (Lanczos) and center-crops, the
+  official evaluation transform without the 1.125 margin, so that a box given
+  in fractions refers to the whole visible picture.
+  """
+  from var_jax.data import augment
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: no such image file")
+  try:
+    img = augment.decode_image(str(path))
+  except augment.CorruptImageError as e:
+    raise ValueError(f"{path}: not a readable image ({e})") from None
+  img = augment.resize_shorter(img, resolution)
+  w, h = img.size
+  top, left = augment.center_crop_box(w, h, resolution)
+  crop = np.asarray(img)[top:top + resolution, left:left + resolution]
+  return augment.to_pm1(crop)
