@@ -224,3 +224,32 @@ def test_bench_train_prints_one_json_line():
   assert rec["bench"] == "train" and rec["batch"] == 2
   assert rec["img_per_s"] > 0 and rec["mfu"] == "n/a"
   assert rec["var_tflop_per_step"] > 0
+
+
+def test_token_cache_run_matches_images(tmp_path, vae_dir, reference):
+  """`tokenize` then `train --data tokens:` repeats the image run exactly."""
+  from var_jax import cli
+  cache = tmp_path / "tok.npz"
+  assert cli.main(["tokenize", "--ckpt", str(vae_dir), "--data", "digits",
+                   "--out", str(cache), "--batch", "500"]) == 0
+  z = np.load(cache)
+  assert z["tokens"].shape == (1617, 30) and z["tokens"].dtype == np.int32
+  _train(tmp_path / "w", vae_dir, "--data", f"tokens:{cache}")
+  ref, got = _losses(reference), _losses(tmp_path / "w")
+  assert sorted(got) == sorted(ref)
+  for s in ref:
+    assert abs(got[s] - ref[s]) <= 1e-5 * abs(ref[s]), (s, got[s], ref[s])
+
+
+def test_token_cache_errors(tmp_path, vae_dir, capsys):
+  from var_jax import cli
+  bad = tmp_path / "bad.npz"
+  np.savez(bad, tokens=np.zeros((4, 7), np.int32), labels=np.zeros(4),
+           patch_nums=np.asarray([1, 2, 3, 4]), num_classes=10)
+  for data, needle in ((f"tokens:{tmp_path}/none.npz", "not found"),
+                       (f"tokens:{bad}", "do not fit scales")):
+    rc = cli.main(["train", "--config", "train_tiny", "--vae-ckpt",
+                   str(vae_dir), "--workdir", str(tmp_path / "w"),
+                   "--data", data])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and needle in err[0], err

@@ -34,6 +34,8 @@ _MAX_CONSECUTIVE_CORRUPT = 64
 class Loader:
   """Iterator of {'images': f32 (B, H, W, 3) in [-1, 1], 'labels': i32 (B,)}.
 
+  A token cache yields 'tokens' i32 (B, L) in place of 'images'.
+
   Attributes:
     num_classes: number of labels of the source.
     num_examples: examples in the split (before sharding).
@@ -48,6 +50,8 @@ class Loader:
     self.source = source
     self.num_classes = int(source.num_classes)
     self.num_examples = len(source)
+    self.yields_tokens = isinstance(getattr(source, "tokens_NL", None),
+                                    np.ndarray)
     self.global_batch, self.local_batch = global_batch, local_batch
     self.steps_per_epoch = self.num_examples // global_batch
     self.start_step = self.step = start_step
@@ -153,9 +157,10 @@ class Loader:
 
 
 def _stack(examples) -> dict[str, np.ndarray]:
-  images_BHWC = np.stack([img for img, _ in examples])
+  x = np.stack([x for x, _ in examples])
   labels_B = np.asarray([label for _, label in examples], np.int32)
-  return {"images": images_BHWC, "labels": labels_B}
+  # Token caches yield (L,) ids per example, image sources (H, W, 3).
+  return {"tokens" if x.ndim == 2 else "images": x, "labels": labels_B}
 
 
 def make_loader(spec: str, *, split: str, resolution: int, global_batch: int,

@@ -215,10 +215,51 @@ def _first_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
+class TokenSource:
+  """A pre-tokenized cache (`var-jax tokenize`): token ids instead of images.
+
+  The file holds `tokens` int32 (N, L), `labels` int32 (N,), `patch_nums`
+  and `num_classes`. Splits are whatever was tokenized, so `split` is
+  ignored; augmentation was fixed when the cache was written.
+  """
+
+  def __init__(self, path: str):
+    if not os.path.isfile(path):
+      raise DataError(f"token cache {path} not found (write one with "
+                      "`var-jax tokenize`)")
+    try:
+      with np.load(path) as z:
+        self.tokens_NL = np.asarray(z["tokens"], np.int32)
+        self.labels = np.asarray(z["labels"], np.int32)
+        self.patch_nums = tuple(int(v) for v in z["patch_nums"])
+        self.num_classes = int(z["num_classes"])
+    except (OSError, ValueError, KeyError) as e:
+      raise DataError(f"{path} is not a token cache: {_first_line(e)}"
+                      ) from None
+    if (self.tokens_NL.ndim != 2 or len(self.labels) != len(self.tokens_NL)
+        or self.tokens_NL.shape[1] != sum(p * p for p in self.patch_nums)):
+      raise DataError(f"{path}: tokens {self.tokens_NL.shape} and labels "
+                      f"{self.labels.shape} do not fit scales "
+                      f"{self.patch_nums}")
+    self.path = path
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def example(self, index: int, rng: np.random.Generator):
+    del rng
+    return self.tokens_NL[index], int(self.labels[index])
+
+  def describe(self, index: int) -> str:
+    return f"{self.path}[{index}]"
+
+
 def open_source(spec: str, *, split: str, aug: AugConfig,
                 data_dir: str | None = None, manual_dir: str | None = None):
-  """Parses `folder:PATH`, `tfds:NAME` or `digits` into a source."""
+  """Parses `folder:PATH`, `tfds:NAME`, `tokens:PATH.npz` or `digits`."""
   scheme, sep, rest = spec.partition(":")
+  if scheme == "tokens" and sep and rest:
+    return TokenSource(os.path.expanduser(rest))
   if scheme == "digits" and not rest:
     return DigitsSource(split, aug)
   if scheme == "folder" and sep and rest:
@@ -227,4 +268,5 @@ def open_source(spec: str, *, split: str, aug: AugConfig,
     return TfdsSource(rest, split, aug, data_dir=data_dir,
                       manual_dir=manual_dir)
   raise DataError(
-      f"unknown data spec {spec!r}: expected folder:PATH, tfds:NAME or digits")
+      f"unknown data spec {spec!r}: expected folder:PATH, tfds:NAME, "
+      "tokens:PATH.npz or digits")

@@ -241,3 +241,15 @@ class VQVAE(nnx.Module):
                            self.cfg.beta)
     rec = self.decoder(self.post_quant_conv(out.f_hat))
     return rec, out
+
+
+def jit_tokenizer(vae: VQVAE, patch_nums=None):
+  """A jitted `images (B, H, W, 3) in [-1, 1] -> token ids per scale`."""
+  graphdef, state = nnx.split(vae)
+  pn = tuple(patch_nums or vae.cfg.v_patch_nums)
+
+  @jax.jit
+  def encode(state, x_BHWC):
+    return nnx.merge(graphdef, state).img_to_idx(x_BHWC, pn)
+
+  return lambda x_BHWC: encode(state, jnp.asarray(x_BHWC, jnp.float32))

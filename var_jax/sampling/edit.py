@@ -10,15 +10,13 @@ takes the whole thing as one (B, L) boolean `keep` array.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from var_jax.models import quantizer
+from var_jax.models import vqvae
 
 
 def box_mask(size: int, box: Sequence[float], inpaint: bool) -> np.ndarray:
@@ -107,7 +105,7 @@ def zero_shot_edit(sampler, vae, images_BHWC, mask_hw, labels, *,
   if images_BHWC.ndim != 4 or images_BHWC.shape[1:] != (side, side, 3):
     raise ValueError(f"images must be (B, {side}, {side}, 3), got "
                      f"{tuple(images_BHWC.shape)}")
-  given = _encode(vae, images_BHWC, patch_nums)
+  given = vqvae.jit_tokenizer(vae, patch_nums)(images_BHWC)
   b = images_BHWC.shape[0]
   keep_L = keep_tokens(mask_hw, patch_nums)
   keep_BL = np.broadcast_to(keep_L, (b, keep_L.size))
@@ -119,15 +117,3 @@ def zero_shot_edit(sampler, vae, images_BHWC, mask_hw, labels, *,
     idx.append(jnp.where(k[None], g, d))
     start += d.shape[1]
   return EditOut(out.idx, idx, out.images_BHWC, mask_hw)
-
-
-@functools.partial(jax.jit, static_argnames=("vae_def", "patch_nums"))
-def _encode_jit(vae_state, images_BHWC, *, vae_def, patch_nums):
-  vae = nnx.merge(vae_def, vae_state)
-  return quantizer.f_to_idx(vae.quantize, vae.encode(images_BHWC), patch_nums)
-
-
-def _encode(vae, images_BHWC, patch_nums):
-  graph, state = nnx.split(vae)
-  return _encode_jit(state, images_BHWC, vae_def=graph,
-                     patch_nums=tuple(patch_nums))

@@ -36,7 +36,44 @@ def register(subparsers) -> None:
   g.add_argument("--num-processes", type=int)
   g.add_argument("--process-id", type=int)
   p.set_defaults(func=_train)
+  _register_tokenize(subparsers)
   _register_bench(subparsers)
+
+
+def _register_tokenize(subparsers) -> None:
+  p = subparsers.add_parser(
+      "tokenize", help="images -> a token cache for `train --data tokens:`",
+      description="Encodes a dataset once (center crop, no augmentation) so "
+                  "that VAR training skips the tokenizer: `var-jax train "
+                  "--data tokens:OUT.npz`.")
+  p.add_argument("--ckpt", required=True, help="model directory with the "
+                 "tokenizer")
+  p.add_argument("--data", required=True, help="folder:PATH | tfds:NAME | "
+                 "digits")
+  p.add_argument("--split", default="train")
+  p.add_argument("--out", required=True, help="output .npz")
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--scales", help="comma-separated scale list (default: "
+                 "the tokenizer's)")
+  p.set_defaults(func=_tokenize)
+
+
+def _tokenize(args) -> int:
+  from var_jax.cli import UserError
+  from var_jax.training.tokenize import tokenize_dataset
+  if args.batch < 1 or not args.out.endswith(".npz"):
+    raise UserError("--batch must be >= 1 and --out must end in .npz")
+  scales = None
+  if args.scales:
+    try:
+      scales = tuple(int(v) for v in args.scales.split(","))
+    except ValueError:
+      raise UserError(f"--scales must be integers, got {args.scales!r}"
+                      ) from None
+  n = tokenize_dataset(args.ckpt, args.data, args.split, args.out,
+                       batch=args.batch, patch_nums=scales)
+  print(f"wrote {n} token sequences to {args.out}")
+  return 0
 
 
 def _register_bench(subparsers) -> None:

@@ -115,6 +115,11 @@ class Trainer:
     if self.loader.num_classes > var_cfg.num_classes:
       raise UserError(f"{cfg.data} has {self.loader.num_classes} classes but "
                       f"the model has {var_cfg.num_classes}")
+    if self.loader.yields_tokens and tuple(
+        self.loader.source.patch_nums) != tuple(var_cfg.patch_nums):
+      raise UserError(f"{cfg.data} was tokenized at scales "
+                      f"{self.loader.source.patch_nums}, the model uses "
+                      f"{var_cfg.patch_nums}")
     self.total = cfg.total_steps(self.loader.steps_per_epoch)
     if self.start > self.total:
       raise UserError(f"{self.ckpts.dir} is at step {self.start}, past the "
@@ -138,6 +143,7 @@ class Trainer:
     self.step_fn = step_lib.make_train_step(
         self.model_cfg, self.spec, self.vae_gd, vae_sh, self.tx, self.mesh,
         step_lib.StepOptions(label_smooth=cfg.label_smooth, dtype=cfg.dtype,
+                             tokens=self.loader.yields_tokens,
                              grad_accum=cfg.grad_accum))
     self.key = np.asarray(jax.random.key_data(jax.random.key(cfg.seed)))
     self._peak = flops_lib.device_peak(jax.devices()[0], cfg.dtype)
@@ -159,8 +165,8 @@ class Trainer:
     return lr, wd, w_L, prog_si
 
   def _step_flops(self) -> float:
-    tok = flops_lib.tokenizer_flops(self.vae_gd, self.vae_state,
-                                    self.model_cfg.vae.resolution) or 0.0
+    tok = 0.0 if self.loader.yields_tokens else (flops_lib.tokenizer_flops(
+        self.vae_gd, self.vae_state, self.model_cfg.vae.resolution) or 0.0)
     return (flops_lib.var_train_flops(self.model_cfg.var, self.cfg.global_batch)
             + tok * self.cfg.global_batch)
 
