@@ -50,3 +50,18 @@ def assert_close_rel(actual, expected, rel=1e-4, name="array"):
   bound = rel * max(np.max(np.abs(expected)), 1e-30)
   assert err <= bound, f"{name}: max abs err {err:.3e} > {bound:.3e}"
   return err
+
+
+@pytest.fixture(scope="session")
+def random_digits_vae_dir(tmp_path_factory):
+  """A model directory holding a randomly initialised digits tokenizer."""
+  from flax import nnx
+
+  from var_jax import checkpoint
+  from var_jax.config import ModelConfig
+  from var_jax.configs.models import DIGITS_VAE
+  from var_jax.models.vqvae import VQVAE
+  d = tmp_path_factory.mktemp("vae") / "digits_vae"
+  checkpoint.save_model(d, ModelConfig("digits_vae", DIGITS_VAE),
+                        vae=VQVAE(DIGITS_VAE, rngs=nnx.Rngs(0)))
+  return d

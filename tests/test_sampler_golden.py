@@ -27,6 +27,14 @@ def assert_tokens_equal(ours, ref, logits=None, name="idx"):
     assert gap < 1e-4, f"{name}: token differs at {tuple(pos)} (gap {gap})"
 
 
+def _check_greedy(out, g, pre):
+  for si in range(len(out.idx)):
+    assert_tokens_equal(out.idx[si], g[f"{pre}_idx_{si}"], name=f"idx_{si}")
+  err = np.abs(np.asarray(out.images_BHWC)
+               - _nchw_to_nhwc(g[f"{pre}_img"])).max()
+  assert err <= 1e-3, err
+
+
 @pytest.mark.parametrize("k,p", [(5, 0.0), (0, 0.9), (10, 0.8), (1, 0.0),
                                  (0, 0.5)])
 def test_top_k_top_p_keep_masks(golden, k, p):
@@ -55,12 +63,7 @@ def test_greedy_cfg4_tokens_and_images(golden_dir, golden):
   g = golden("var_tiny_io")
   vae, var = golden_vae(golden_dir), golden_var(golden_dir)
   out = Sampler(vae, var, SampleOptions(cfg=4.0, **GREEDY))(g["label"])
-  for si in range(len(var.cfg.patch_nums)):
-    assert_tokens_equal(out.idx[si], g[f"greedy_cfg4.0_idx_{si}"],
-                        name=f"idx_{si}")
-  err = np.abs(np.asarray(out.images_BHWC)
-               - _nchw_to_nhwc(g["greedy_cfg4.0_img"])).max()
-  assert err <= 1e-3, err
+  _check_greedy(out, g, "greedy_cfg4.0")
 
 
 def test_greedy_512px_shared_adaln(golden_dir, golden):
@@ -69,12 +72,7 @@ def test_greedy_512px_shared_adaln(golden_dir, golden):
   var = golden_var(golden_dir, "tiny_saln512")
   out = Sampler(vae, var, SampleOptions(cfg=1.5, form="scan", **GREEDY))(
       g["label"])
-  for si in range(len(var.cfg.patch_nums)):
-    assert_tokens_equal(out.idx[si], g[f"greedy_cfg1.5_idx_{si}"],
-                        name=f"idx_{si}")
-  err = np.abs(np.asarray(out.images_BHWC)
-               - _nchw_to_nhwc(g["greedy_cfg1.5_img"])).max()
-  assert err <= 1e-3, err
+  _check_greedy(out, g, "greedy_cfg1.5")
 
 
 @pytest.mark.parametrize("mode", ["inpaint", "outpaint", "classedit"])

@@ -21,15 +21,8 @@ STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-  from var_jax import checkpoint
-  from var_jax.config import ModelConfig
-  from var_jax.configs.models import DIGITS_VAE
-  from var_jax.models.vqvae import VQVAE
-  d = tmp_path_factory.mktemp("vae") / "digits_vae"
-  checkpoint.save_model(d, ModelConfig("digits_vae", DIGITS_VAE),
-                        vae=VQVAE(DIGITS_VAE, rngs=nnx.Rngs(0)))
-  return d
+def vae_dir(random_digits_vae_dir):
+  return random_digits_vae_dir
 
 
 @pytest.fixture(scope="module", autouse=True)
