@@ -29,6 +29,18 @@ def register(sub) -> None:
                  help="replace an existing output directory")
   p.set_defaults(func=cmd_convert)
 
+  p = sub.add_parser(
+      "download", help="fetch a released model from Hugging Face, convert it",
+      description="Downloads vae_ch160v4096z32.pth and var_<model>.pth from "
+                  "huggingface.co/FoundationVision/var and converts them "
+                  "into a model directory.")
+  p.add_argument("--model", required=True, choices=("d16", "d20", "d24",
+                                                    "d30", "d36"))
+  p.add_argument("--out", required=True, help="output model directory")
+  p.add_argument("--cache-dir", help="huggingface_hub cache directory")
+  p.add_argument("--overwrite", action="store_true")
+  p.set_defaults(func=cmd_download)
+
   p = sub.add_parser("encode", help="images -> multi-scale token ids",
                      description="Tokenizes uint8 images (B, H, W, 3).")
   p.add_argument("--ckpt", help="model directory (default: bundled model)")
@@ -62,6 +74,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     extra = (f" depth={cfg.var.depth} width={cfg.var.embed_dim} "
              f"scales={list(cfg.var.patch_nums)}")
   print(f"wrote {what} to {args.out}{extra}")
+  return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+  from var_jax.convert.download import DownloadError, download
+  try:
+    cfg = download(args.model, args.out, cache_dir=args.cache_dir,
+                   overwrite=args.overwrite)
+  except DownloadError as e:
+    raise _user_error(str(e)) from None
+  print(f"wrote {args.model} (VQVAE + VAR, scales "
+        f"{list(cfg.var.patch_nums)}) to {args.out}")
   return 0
 
 
