@@ -1,31 +1,85 @@
-"""`var-jax download`: everything after the fetch, on local files."""
+"""`var-jax download`: everything after the fetch, on local files.
+
+The real fetch needs huggingface.co; here `huggingface_hub.hf_hub_download`
+(or the whole fetch) is replaced by one that returns the golden tiny .pth
+files or raises the exceptions the hub and HTTP clients really raise.
+"""
+
+import importlib
+import logging
+import sys
 
 import pytest
 from huggingface_hub import errors
 
 from var_jax import checkpoint, cli
+from var_jax.config import get_preset
 from var_jax.convert import download as dl
 from var_jax.convert.load import ConvertError
+
+
+def run(capsys, *argv):
+  code = cli.main(list(argv))
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+@pytest.fixture
+def fake_hub(golden_dir, monkeypatch):
+  """hf_hub_download serving the golden files; records each call."""
+  import huggingface_hub
+  calls = []
+  local = {dl.VAE_FILE: golden_dir / "vae_tiny.pth",
+           "var_d16.pth": golden_dir / "var_tiny.pth"}
+
+  def hf_hub_download(repo_id, filename, **kwargs):
+    calls.append((repo_id, filename, kwargs))
+    return str(local[filename])
+
+  monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+  return calls
 
 
 def test_download_converts_fetched_files(golden_dir, tmp_path):
   calls = []
 
-  def fetch(model, cache_dir):
-    calls.append((model, cache_dir))
+  def fetch(model, cache_dir, pth_dir):
+    calls.append((model, cache_dir, pth_dir))
     return golden_dir / "vae_tiny.pth", golden_dir / "var_tiny.pth"
 
   out = tmp_path / "m"
   cfg = dl.download("d16", out, cache_dir="C", preset="tiny", fetch=fetch,
                     log=lambda _: None)
-  assert calls == [("d16", "C")]
-  assert cfg.var.depth == 2 and (out / "vae").exists() and (out / "var").exists()
-  _, _, var = checkpoint.load_model(out)
-  assert var.cfg.num_classes == 10
+  assert calls == [("d16", "C", None)]
+  tiny = get_preset("tiny")
+  assert cfg.var == tiny.var and cfg.vae == tiny.vae
+  loaded, _, var = checkpoint.load_model(out)
+  assert loaded.var == tiny.var and var.cfg.num_classes == 10
+
+
+def test_cli_download_through_fake_hub(fake_hub, tmp_path, capsys):
+  out = tmp_path / "m"
+  code, stdout, err = run(capsys, "download", "--model", "d16", "--out",
+                          str(out), "--cache-dir", str(tmp_path / "hf"),
+                          "--pth-dir", str(tmp_path / "pth"),
+                          "--preset", "tiny")
+  assert code == 0, err
+  assert "wrote d16 (VQVAE + VAR, scales" in stdout and str(out) in stdout
+  assert [(r, f) for r, f, _ in fake_hub] == [
+      ("FoundationVision/var", "vae_ch160v4096z32.pth"),
+      ("FoundationVision/var", "var_d16.pth")]
+  assert fake_hub[0][2] == {"cache_dir": str(tmp_path / "hf"),
+                            "local_dir": str(tmp_path / "pth")}
+  assert checkpoint.load_model(out)[0].var == get_preset("tiny").var
+  # A second run keeps the directory unless told otherwise.
+  code, _, err = run(capsys, "download", "--model", "d16", "--out", str(out),
+                     "--preset", "tiny")
+  assert code == 2 and "already exists; pass --overwrite" in err
+  assert len(fake_hub) == 2  # Refused before any download.
 
 
 def test_files_must_match_the_model_preset(golden_dir, tmp_path):
-  fetch = lambda m, c: (golden_dir / "vae_tiny.pth", golden_dir / "var_tiny.pth")
+  fetch = lambda *a: (golden_dir / "vae_tiny.pth", golden_dir / "var_tiny.pth")
   with pytest.raises(ConvertError, match="preset disagrees.*vocab_size"):
     dl.download("d16", tmp_path / "m", fetch=fetch, log=lambda _: None)
   assert not (tmp_path / "m").exists()
@@ -38,28 +92,108 @@ def test_release_file_names():
     dl.checkpoint_files("d17")
 
 
-@pytest.mark.parametrize("exc", [
-    errors.LocalEntryNotFoundError("offline"),
-    OSError("[Errno -2] Name or service not known"),
-])
+def _http_client():
+  """The HTTP client module behind huggingface_hub (httpx*, or requests)."""
+  base = getattr(errors, "HTTPError", None)
+  return importlib.import_module(base.__module__.split(".")[0] if base
+                                 else "requests")
+
+
+def _net_errors():
+  """(name, exception, cause) as a dropped connection really raises them."""
+  import requests
+  client = _http_client()
+  dns = OSError(-2, "Name or service not known")
+  cases = [
+      ("hub", errors.LocalEntryNotFoundError(
+          "An error happened while trying to locate the file on the Hub"),
+       client.ConnectError("[Errno -2] Name or service not known")
+       if hasattr(client, "ConnectError") else dns),
+      ("requests", requests.ConnectionError("Max retries exceeded"), dns),
+      ("timeout", TimeoutError("timed out"), None),
+  ]
+  if hasattr(client, "ConnectTimeout"):
+    cases.append(("client", client.ConnectTimeout("timed out"), None))
+  return cases
+
+
+@pytest.mark.parametrize("layer", ["hf_hub_download", "fetch_files"])
+@pytest.mark.parametrize("case", _net_errors(), ids=lambda c: c[0])
 def test_no_network_is_one_line_and_writes_nothing(monkeypatch, tmp_path,
-                                                   capsys, exc):
+                                                   capsys, caplog, layer, case):
   import huggingface_hub
+  _, exc, cause = case
 
   def fail(*a, **k):
-    raise exc
+    # The hub warns on every retry before it gives up.
+    logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 8s")
+    raise exc from cause
 
-  monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
+  # Either the hub call inside fetch_files fails, or a whole other fetcher.
+  monkeypatch.setattr(huggingface_hub if layer == "hf_hub_download" else dl,
+                      layer, fail)
   out = tmp_path / "m"
-  rc = cli.main(["download", "--model", "d16", "--out", str(out)])
-  err = capsys.readouterr().err.strip().splitlines()
-  assert rc == 2 and len(err) == 1, err
-  assert err[0].startswith("var-jax download: error:")
-  assert "huggingface.co" in err[0] or "failed" in err[0]
+  code, _, err = run(capsys, "download", "--model", "d16", "--out", str(out))
+  lines = err.strip().splitlines()
+  assert code == 2 and len(lines) == 1, err
+  assert lines[0].startswith("var-jax download: error: cannot reach "
+                             "huggingface.co to fetch FoundationVision/var")
+  assert "not in the local cache" in lines[0]
+  assert not out.exists()
+  retries = [r for r in caplog.records if "Retrying" in r.getMessage()]
+  assert len(retries) == (layer == "fetch_files")
+
+
+def test_offline_mode_is_named(monkeypatch, tmp_path, capsys):
+  # The real hf_hub_download under HF_HUB_OFFLINE: no network is touched.
+  from huggingface_hub import constants
+  monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+  out = tmp_path / "m"
+  code, _, err = run(capsys, "download", "--model", "d20", "--out", str(out),
+                     "--cache-dir", str(tmp_path / "empty-cache"))
+  lines = err.strip().splitlines()
+  assert code == 2 and len(lines) == 1, err
+  assert lines[0].startswith("var-jax download: error: HF_HUB_OFFLINE is set "
+                             "and FoundationVision/var/vae_ch160v4096z32.pth")
   assert not out.exists()
 
 
-def test_existing_output_is_kept(tmp_path, capsys):
+def test_other_fetch_failures_say_what_failed(monkeypatch, tmp_path, capsys):
+  import huggingface_hub
+
+  def fail(*a, **k):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
+  code, _, err = run(capsys, "download", "--model", "d16", "--out",
+                     str(tmp_path / "m"))
+  assert code == 2 and err.count("\n") == 1
+  assert ("fetching FoundationVision/var/vae_ch160v4096z32.pth failed: "
+          "OSError: [Errno 28] No space left on device") in err
+
+
+def test_missing_package_says_how_to_install(monkeypatch, tmp_path, capsys):
+  monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+  code, _, err = run(capsys, "download", "--model", "d16", "--out",
+                     str(tmp_path / "m"))
+  assert code == 2 and err.count("\n") == 1
+  assert "pip install huggingface_hub" in err
+  assert not (tmp_path / "m").exists()
+
+
+def test_checks_before_fetching(tmp_path, capsys, monkeypatch):
+  def fetch(*a):
+    raise AssertionError("fetched")
+
+  monkeypatch.setattr(dl, "fetch_files", fetch)
   (tmp_path / "m").mkdir()
-  rc = cli.main(["download", "--model", "d16", "--out", str(tmp_path / "m")])
-  assert rc == 2 and "already exists" in capsys.readouterr().err
+  code, _, err = run(capsys, "download", "--model", "d16", "--out",
+                     str(tmp_path / "m"))
+  assert code == 2 and "already exists" in err
+  code, _, err = run(capsys, "download", "--model", "d16", "--out",
+                     str(tmp_path / "n"), "--preset", "nope")
+  assert code == 2 and "unknown preset 'nope'" in err
+  code, _, err = run(capsys, "download", "--model", "d16", "--out",
+                     str(tmp_path / "n"), "--pth-dir", str(tmp_path / "n"))
+  assert code == 2 and "--pth-dir must differ from --out" in err
+  assert not (tmp_path / "n").exists()

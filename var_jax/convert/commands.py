@@ -37,8 +37,14 @@ def register(sub) -> None:
   p.add_argument("--model", required=True, choices=("d16", "d20", "d24",
                                                     "d30", "d36"))
   p.add_argument("--out", required=True, help="output model directory")
-  p.add_argument("--cache-dir", help="huggingface_hub cache directory")
-  p.add_argument("--overwrite", action="store_true")
+  p.add_argument("--cache-dir", help="huggingface_hub cache directory "
+                 "(default: its own, e.g. ~/.cache/huggingface/hub)")
+  p.add_argument("--pth-dir", help="keep the .pth files as plain files in "
+                 "this directory instead of the huggingface_hub cache")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing output directory")
+  # Tests check small local files against another preset (e.g. tiny).
+  p.add_argument("--preset", help=argparse.SUPPRESS)
   p.set_defaults(func=cmd_download)
 
   p = sub.add_parser("encode", help="images -> multi-scale token ids",
@@ -81,7 +87,8 @@ def cmd_download(args: argparse.Namespace) -> int:
   from var_jax.convert.download import DownloadError, download
   try:
     cfg = download(args.model, args.out, cache_dir=args.cache_dir,
-                   overwrite=args.overwrite)
+                   pth_dir=args.pth_dir, overwrite=args.overwrite,
+                   preset=args.preset)
   except DownloadError as e:
     raise _user_error(str(e)) from None
   print(f"wrote {args.model} (VQVAE + VAR, scales "

@@ -7,7 +7,10 @@ paths, so `download(..., fetch=...)` takes any function that returns them.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import pathlib
+import sys
 from typing import Callable
 
 REPO = "FoundationVision/var"
@@ -27,54 +30,159 @@ def checkpoint_files(model: str) -> tuple[str, str]:
   return VAE_FILE, f"var_{model}.pth"
 
 
-def fetch_files(model: str, cache_dir=None) -> tuple[pathlib.Path, ...]:
-  """Downloads (or finds in the hub cache) the model's two .pth files."""
+def _loaded_types(spec) -> tuple[type, ...]:
+  """Classes `module:Name` from modules already imported, others skipped.
+
+  Only modules already in sys.modules can have raised their exceptions, so
+  nothing is imported here (requests/httpx may well be absent).
+  """
+  out = []
+  for item in spec:
+    mod, name = item.split(":")
+    cls = getattr(sys.modules.get(mod), name, None)
+    if isinstance(cls, type):
+      out.append(cls)
+  return tuple(out)
+
+
+def _network_types() -> tuple[type, ...]:
+  """Exceptions that mean huggingface.co could not be reached."""
+  return (ConnectionError, TimeoutError) + _loaded_types((
+      "huggingface_hub.errors:LocalEntryNotFoundError",
+      "httpx:TransportError", "httpx2:TransportError",  # Hub >= 1.0.
+      "requests:ConnectionError", "requests:Timeout",  # Hub < 1.0.
+      "urllib3.exceptions:HTTPError", "socket:gaierror"))
+
+
+def fetch_error_types() -> tuple[type, ...]:
+  """What a failed fetch may raise (hub, HTTP client or file system)."""
+  return (OSError,) + _network_types() + _loaded_types((
+      "huggingface_hub.errors:HfHubHTTPError", "huggingface_hub.errors:"
+      "XetDownloadError", "httpx:HTTPError", "httpx2:HTTPError",
+      "requests:RequestException"))
+
+
+def _chain(e: BaseException):
+  """e and its causes, outermost first (bounded: chains can be cyclic)."""
+  for _ in range(8):
+    if e is None:
+      return
+    yield e
+    e = e.__cause__ or e.__context__
+
+
+def _one_line(e: BaseException) -> str:
+  text = str(e).strip()
+  first = text.splitlines()[0] if text else ""
+  return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def describe_fetch_error(e: BaseException, what: str) -> str:
+  """One line saying why fetching `what` failed and what to do about it."""
+  chain = list(_chain(e))
+  offline = _loaded_types(("huggingface_hub.errors:OfflineModeIsEnabled",))
+  if offline and any(isinstance(x, offline) for x in chain):
+    return (f"HF_HUB_OFFLINE is set and {what} is not in the local "
+            "huggingface_hub cache; unset HF_HUB_OFFLINE to download it from "
+            "huggingface.co (or pass --cache-dir where it is cached)")
+  net = _network_types()
+  if any(isinstance(x, net) for x in chain):
+    # The innermost error names the real cause (DNS, refused, timeout).
+    return (f"cannot reach huggingface.co to fetch {what} "
+            f"({_one_line(chain[-1])}) and it is not in the local cache; "
+            "check the network or proxy, or fetch the .pth files elsewhere "
+            "and use `var-jax convert`")
+  return f"fetching {what} failed: {_one_line(e)}"
+
+
+@contextlib.contextmanager
+def _quiet_hub_retries():
+  """Drops the hub's per-retry warnings (two lines each, five retries).
+
+  Without a network they bury the one-line error that follows; its message
+  keeps the innermost cause (DNS, refused, proxy) instead.
+  """
+  logger = logging.getLogger("huggingface_hub.utils._http")
+  drop = lambda record: record.levelno >= logging.ERROR
+  logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    logger.removeFilter(drop)
+
+
+def fetch_files(model: str, cache_dir=None,
+                pth_dir=None) -> tuple[pathlib.Path, pathlib.Path]:
+  """Downloads (or finds in the hub cache) the model's two .pth files.
+
+  Args:
+    model: d16, d20, d24, d30 or d36.
+    cache_dir: huggingface_hub cache directory (default: its own).
+    pth_dir: if given, the files are written here as plain files instead.
+
+  Returns:
+    (VQVAE path, VAR path).
+  """
   try:
     import huggingface_hub
-    from huggingface_hub import errors
   except ImportError:
-    raise DownloadError("downloading needs huggingface_hub: pip install "
-                        "huggingface_hub") from None
+    raise DownloadError("downloading needs the huggingface_hub package: "
+                        "pip install huggingface_hub") from None
   paths = []
   for name in checkpoint_files(model):
+    kwargs = {"cache_dir": cache_dir}
+    if pth_dir is not None:
+      kwargs["local_dir"] = str(pth_dir)
     try:
-      paths.append(pathlib.Path(huggingface_hub.hf_hub_download(
-          REPO, name, cache_dir=cache_dir)))
-    except errors.LocalEntryNotFoundError:
-      raise DownloadError(
-          f"cannot reach huggingface.co to fetch {REPO}/{name} and it is not "
-          "in the local cache; check the network (or HF_HUB_OFFLINE)") from None
-    except (errors.HfHubHTTPError, OSError) as e:
-      first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-      raise DownloadError(f"fetching {REPO}/{name} failed: "
-                          f"{type(e).__name__}: {first}") from None
-  return tuple(paths)
+      with _quiet_hub_retries():
+        paths.append(pathlib.Path(huggingface_hub.hf_hub_download(
+            REPO, name, **kwargs)))
+    except fetch_error_types() as e:
+      raise DownloadError(describe_fetch_error(e, f"{REPO}/{name}")) from None
+  return paths[0], paths[1]
 
 
-def download(model: str, out, *, cache_dir=None, overwrite: bool = False,
-             preset: str | None = None,
-             fetch: Callable = fetch_files, log=print):
+def download(model: str, out, *, cache_dir=None, pth_dir=None,
+             overwrite: bool = False, preset: str | None = None,
+             fetch: Callable | None = None, log=print):
   """Fetches and converts one released model into the model directory `out`.
 
   Args:
     model: d16, d20, d24, d30 or d36.
     out: output model directory (refused if it exists, unless overwrite).
     cache_dir: huggingface_hub cache directory (default: its own).
+    pth_dir: keep the .pth files as plain files in this directory.
     overwrite: replace an existing `out`.
-    preset: the preset the files must match (default: `model`).
-    fetch: `(model, cache_dir) -> (vae_path, var_path)`.
+    preset: the preset the files must match (default: `model`; tests pass
+      `tiny` with small local files).
+    fetch: `(model, cache_dir, pth_dir) -> (vae_path, var_path)`;
+      default `fetch_files`.
     log: progress lines.
 
   Returns:
     The written ModelConfig.
   """
   from var_jax import checkpoint
+  from var_jax.config import get_preset
   from var_jax.convert.convert import convert_files
-  checkpoint_files(model)  # Validates the name before any network access.
+  # Every check that needs no network comes before the (large) download.
+  checkpoint_files(model)
+  preset = preset or model
+  try:
+    get_preset(preset)
+  except ValueError as e:
+    raise DownloadError(str(e)) from None
   if pathlib.Path(out).exists() and not overwrite:
     raise checkpoint.CheckpointError(
         f"{out} already exists; pass --overwrite to replace it")
+  if pth_dir is not None and pathlib.Path(pth_dir).resolve() == \
+      pathlib.Path(out).resolve():
+    raise DownloadError("--pth-dir must differ from --out")
   log(f"fetching {model} from huggingface.co/{REPO}")
-  vae_path, var_path = fetch(model, cache_dir)
-  return convert_files(vae_path, var_path, out, preset=preset or model,
+  try:
+    vae_path, var_path = (fetch or fetch_files)(model, cache_dir, pth_dir)
+  except fetch_error_types() as e:
+    # fetch_files already explains its errors; this covers other fetchers.
+    raise DownloadError(describe_fetch_error(e, f"{REPO} ({model})")) from None
+  return convert_files(vae_path, var_path, out, preset=preset,
                        overwrite=overwrite, log=log)
