@@ -69,13 +69,16 @@ class Embed(nnx.Module):
 
 
 class KVCache(NamedTuple):
-  """Keys and values of every layer for all L positions: (depth, B, L, H, c)."""
+  """Keys and values of every layer for all L positions: (depth, B, H, L, c).
+
+  Head-major, so each (row, head) attention reads contiguous keys.
+  """
   k: jax.Array
   v: jax.Array
 
   @classmethod
   def zeros(cls, cfg: VARConfig, batch: int, dtype=jnp.float32):
-    shape = (cfg.depth, batch, cfg.seq_len, cfg.num_heads, cfg.head_dim)
+    shape = (cfg.depth, batch, cfg.num_heads, cfg.seq_len, cfg.head_dim)
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
@@ -118,15 +121,13 @@ class Blocks(nnx.Module):
     return {n: getattr(self, n)[...] for n in names}
 
 
-def _adaln_terms(cfg, p, cond):
-  """Six (B, 1, C) modulation terms: gamma1, gamma2, scale1, scale2, shift1, shift2."""
+def _adaln(cfg, p, cond):
+  """(B, 6, C) modulation: gamma1, gamma2, scale1, scale2, shift1, shift2."""
   c = cfg.embed_dim
   if cfg.shared_aln:
-    g = cond + p["ada_gss"][None]  # cond: (B, 6, C) from the shared linear.
-  else:
-    g = (_mm(nnx.silu(cond), p["ada_w"], jnp.float32) + p["ada_b"]).reshape(
-        -1, 6, c)
-  return [g[:, i:i + 1, :] for i in range(6)]
+    return cond + p["ada_gss"][None]  # cond: (B, 6, C) from the shared linear.
+  return (_mm(nnx.silu(cond), p["ada_w"], jnp.float32) + p["ada_b"]).reshape(
+      -1, 6, c)
 
 
 def _qkv(cfg, p, x_BLC, dtype):
@@ -156,9 +157,42 @@ def _attend(cfg, q, k, v, bias_LS, dtype):
   return o.reshape(o.shape[0], o.shape[1], -1)
 
 
-def _block(cfg, p, x_BLC, cond, attn_fn, dtype, keep_B=None):
+# Largest score block (bytes) one step of chunked attention materialises.
+_ATTN_BLOCK_BYTES = 4 << 20
+
+
+def _attend_chunked(cfg, q_NlC, k_NSc, v_NSc, bias_lS, dtype):
+  """softmax(q k^T * scale + bias) v over independent (row, head) pairs.
+
+  q (N, l, c), k/v (N, S, c), bias broadcastable to (l, S). One batched
+  softmax over all N pairs writes and re-reads an (N, l, S) score tensor far
+  bigger than the CPU caches; mapping over groups of pairs whose scores fit
+  in a few MiB runs the same math several times faster on CPU.
+  """
+  n, l, _ = q_NlC.shape
+  s = k_NSc.shape[1]
+  scale = 1.0 if cfg.attn_l2_norm else 0.25 / math.sqrt(cfg.head_dim)
+  g = max([d for d in range(1, n + 1)
+           if n % d == 0 and d * l * s * 4 <= _ATTN_BLOCK_BYTES] or [1])
+
+  def one(qkv):
+    q, k, v = qkv
+    sc = jnp.einsum("nlc,nsc->nls", q.astype(dtype), k.astype(dtype),
+                    preferred_element_type=jnp.float32) * scale
+    w = jax.nn.softmax(sc + bias_lS, axis=-1)
+    return jnp.einsum("nls,nsc->nlc", w.astype(dtype), v.astype(dtype),
+                      preferred_element_type=jnp.float32)
+
+  if g == n:
+    return one((q_NlC, k_NSc, v_NSc))
+  grp = lambda a: a.reshape((n // g, g) + a.shape[1:])
+  o = jax.lax.map(one, (grp(q_NlC), grp(k_NSc), grp(v_NSc)))
+  return o.reshape(n, l, -1)
+
+
+def _block(cfg, p, x_BLC, ada_B6C, attn_fn, dtype, keep_B=None):
   """One AdaLN block; `attn_fn(q, k, v)` supplies masking or the KV cache."""
-  g1, g2, s1, s2, b1, b2 = _adaln_terms(cfg, p, cond)
+  g1, g2, s1, s2, b1, b2 = [ada_B6C[:, i:i + 1, :] for i in range(6)]
   h = layer_norm(x_BLC, cfg.norm_eps) * (s1 + 1) + b1
   q, k, v = _qkv(cfg, p, h, dtype)
   o, extra = attn_fn(q, k, v)
@@ -272,45 +306,75 @@ class VAR(nnx.Module):
 
     def body(x, xs):
       p, keep_B = xs
-      x, _ = _block(cfg, p, x, cond, attn, dtype, keep_B)
+      x, _ = _block(cfg, p, x, _adaln(cfg, p, cond), attn, dtype, keep_B)
       return x, None
 
     x, _ = jax.lax.scan(body, x, (self.blocks.stacked(), keep))
     return x
 
   # ------------------------------------------------------------ cached decoding
+  def adaln_all(self, cond_BD) -> jax.Array:
+    """(depth, B, 6, C) AdaLN modulation of every block.
+
+    It depends only on the class, so cached decoding computes it once per
+    sample instead of once per scale (which would re-read depth * 6C^2
+    weights each time) and passes it to `decode`.
+    """
+    cond = self.block_cond(cond_BD)
+    return jax.vmap(lambda p: _adaln(self.cfg, p, cond))(self.blocks.stacked())
+
   def decode(self, x_BlC, cond_BD, cache: KVCache, start, kv_len: int,
-             dtype=jnp.float32, key_limit=None):
+             dtype=jnp.float32, key_limit=None, ada=None):
     """Runs all blocks on new tokens at positions [start, start + l).
 
     Keys/values of the new tokens are written into `cache`; queries attend to
     cache positions [0, kv_len) (static), of which only those below
     `key_limit` (default start + l) are valid: padded scans pass a larger
-    static kv_len and a dynamic limit.
+    static kv_len and a dynamic limit. `ada` is `adaln_all(cond_BD)` when
+    the caller has it (computed here otherwise).
 
     Returns the final hidden states (B, l, C) and the updated cache.
     """
     cfg = self.cfg
-    l = x_BlC.shape[1]
+    b, l, _ = x_BlC.shape
+    h, c = cfg.num_heads, cfg.head_dim
     limit = start + l if key_limit is None else key_limit
-    pos = jnp.arange(kv_len)
-    bias = jnp.where(pos < limit, 0.0, _NEG)[None, None, None, :]
-    cond = self.block_cond(cond_BD)
+    bias = jnp.where(jnp.arange(kv_len) < limit, 0.0, _NEG)[None, :]
+    if ada is None:
+      ada = self.adaln_all(cond_BD)
+    zero = jnp.zeros((), jnp.int32)
+    start = jnp.asarray(start, jnp.int32)
+    kv_shape = (1, b, h, kv_len, c)
+    heads_first = lambda a: jnp.transpose(a, (0, 2, 1, 3))  # BlHc -> BHlc
 
+    # The cache is a loop constant of the layer scan: each layer copies out
+    # only its first kv_len positions, adds the new keys there and attends;
+    # the new keys leave the scan as small outputs written back once. (Carrying
+    # the whole cache made XLA copy all of it at every layer.)
     def body(x, xs):
-      p, ck, cv = xs
+      p, ada_B6C, i = xs
 
       def attn(q, k, v):
-        zero = jnp.zeros((), jnp.int32)
-        idx = (zero, jnp.asarray(start, jnp.int32), zero, zero)
-        ck2 = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), idx)
-        cv2 = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), idx)
-        o = _attend(cfg, q, ck2[:, :kv_len], cv2[:, :kv_len], bias, dtype)
-        return o, (ck2, cv2)
+        first = (i, zero, zero, zero, zero)
+        at = (zero, zero, start, zero)
+        k_new, v_new = heads_first(k), heads_first(v)
+        k_all = jax.lax.dynamic_update_slice(
+            jax.lax.dynamic_slice(cache.k, first, kv_shape)[0],
+            k_new.astype(cache.k.dtype), at)
+        v_all = jax.lax.dynamic_update_slice(
+            jax.lax.dynamic_slice(cache.v, first, kv_shape)[0],
+            v_new.astype(cache.v.dtype), at)
+        o = _attend_chunked(cfg, heads_first(q).reshape(b * h, l, c),
+                            k_all.reshape(b * h, kv_len, c),
+                            v_all.reshape(b * h, kv_len, c), bias, dtype)
+        o = heads_first(o.reshape(b, h, l, c)).reshape(b, l, h * c)
+        return o, (k_new, v_new)
 
-      x, (ck, cv) = _block(cfg, p, x, cond, attn, dtype)
-      return x, (ck, cv)
+      return _block(cfg, p, x, ada_B6C, attn, dtype)
 
-    x, (k, v) = jax.lax.scan(body, x_BlC, (self.blocks.stacked(), cache.k,
-                                           cache.v))
-    return x, KVCache(k, v)
+    xs = (self.blocks.stacked(), ada, jnp.arange(cfg.depth, dtype=jnp.int32))
+    x, (k_new, v_new) = jax.lax.scan(body, x_BlC, xs)
+    at = (zero, zero, zero, start, zero)
+    return x, KVCache(
+        jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), at),
+        jax.lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), at))

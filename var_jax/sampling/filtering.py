@@ -3,7 +3,8 @@
 The keep-mask follows the official `sample_with_top_k_top_p_`: top-k keeps
 every logit not below the k-th largest (ties survive), then top-p sorts the
 survivors ascending and drops the prefix whose softmax mass is at most
-1 - top_p, never the largest. Everything here works on float32 logits with any
+1 - top_p, never the largest. Both are computed without sorting (bisection
+on the float bit patterns), which is several times faster on CPU. Everything here works on float32 logits with any
 leading shape; the vocabulary is the last axis.
 """
 
@@ -13,9 +14,40 @@ import jax
 import jax.numpy as jnp
 
 
+def _sortable_key(x):
+  """Order-preserving uint32 key of float32 values: x < y iff key(x) < key(y).
+
+  (-0.0 sorts just below +0.0; NaN is not expected.)
+  """
+  b = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  return jnp.where(b >> 31 == 1, ~b, b | jnp.uint32(0x80000000))
+
+
+def _bisect_key(pred):
+  """Largest uint32 `t` (per row) with `pred(t)` true, for monotone `pred`.
+
+  `pred` maps (...,) candidate keys to (...,) bools, true on a prefix
+  [0, t*]. One bit per step from the top: 32 cheap vectorised passes over
+  the vocabulary instead of a sort, which XLA runs slowly on CPU.
+  """
+  def body(i, ans):
+    cand = ans | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+    return jnp.where(pred(cand), cand, ans)
+
+  return body
+
+
 def keep_mask(logits_NV: jax.Array, top_k: int = 0,
               top_p: float = 0.0) -> jax.Array:
   """Which logits survive top-k then top-p filtering (bool, same shape).
+
+  Both thresholds are found by bisection on the values' bit patterns: top-k
+  keeps the values not below the k-th largest; top-p drops the kept values
+  whose softmax mass, summed over all kept values up to and including them
+  in ascending order, is at most 1 - top_p, never the largest. This equals
+  the reference's sort-and-cumsum except inside exact ties at the top-p
+  boundary (the reference splits such a tie by sort position; here the tie
+  is kept or dropped as a whole).
 
   Args:
     logits_NV: float logits, vocabulary last.
@@ -24,20 +56,25 @@ def keep_mask(logits_NV: jax.Array, top_k: int = 0,
   """
   logits_NV = logits_NV.astype(jnp.float32)
   v = logits_NV.shape[-1]
+  lead = logits_NV.shape[:-1]
+  key_NV = _sortable_key(logits_NV)
   keep = jnp.ones(logits_NV.shape, bool)
+  zero = jnp.zeros(lead, jnp.uint32)
   if 0 < top_k < v:
-    kth = jax.lax.top_k(logits_NV, top_k)[0][..., -1:]
-    keep = logits_NV >= kth
+    # The k-th largest key: the largest t with at least k keys >= t.
+    kth = jax.lax.fori_loop(0, 32, _bisect_key(
+        lambda t: jnp.sum(key_NV >= t[..., None], axis=-1) >= top_k), zero)
+    keep = key_NV >= kth[..., None]
   if top_p > 0:
-    masked = jnp.where(keep, logits_NV, -jnp.inf)
-    order = jnp.argsort(masked, axis=-1)  # ascending, as the reference
-    sorted_l = jnp.take_along_axis(masked, order, axis=-1)
-    mass = jnp.cumsum(jax.nn.softmax(sorted_l, axis=-1), axis=-1)
-    drop_sorted = mass <= (1 - top_p)
-    drop_sorted = drop_sorted.at[..., -1].set(False)
-    # Scatter back to vocabulary order (the reference's `scatter`).
-    drop = jnp.put_along_axis(jnp.zeros_like(drop_sorted), order, drop_sorted,
-                              axis=-1, inplace=False)
+    top = jnp.max(logits_NV, axis=-1, keepdims=True)
+    e = jnp.where(keep, jnp.exp(logits_NV - top), 0.0)
+    probs = e / jnp.sum(e, axis=-1, keepdims=True)  # softmax over kept
+    budget = jnp.float32(1 - top_p)
+    # The largest t whose kept mass at or below it is within the budget.
+    cut = jax.lax.fori_loop(0, 32, _bisect_key(
+        lambda t: jnp.sum(jnp.where(key_NV <= t[..., None], probs, 0.0),
+                          axis=-1) <= budget), zero)
+    drop = (key_NV <= cut[..., None]) & (logits_NV < top)
     keep = keep & ~drop
   return keep
 

@@ -192,10 +192,12 @@ def _store(state, start, idx_Bl, guided_BlV):
 def _run_unrolled(var, quant, plan, opts, mix, cond_2BD, state, ids_B, edit):
   dtype = DTYPES[opts.dtype]
   lvl_pos = var.lvl_pos()
+  ada = var.adaln_all(cond_2BD)
   x = var.sos(cond_2BD)
   for si, pn in enumerate(plan.patch_nums):
     start, end = int(plan.starts[si]), int(plan.starts[si]) + pn * pn
-    h, cache = var.decode(x, cond_2BD, state.cache, start, end, dtype)
+    h, cache = var.decode(x, cond_2BD, state.cache, start, end, dtype,
+                          ada=ada)
     logits = var.logits(h, cond_2BD)
     keys = _token_keys(state.key, si, ids_B, jnp.arange(start, end))
     idx, code, guided = _draw(quant, opts, logits, mix[si], keys)
@@ -248,12 +250,13 @@ def _run_scan(var, quant, plan, opts, mix, cond_2BD, state, ids_B, edit):
   starts = jnp.asarray(plan.starts, jnp.int32)
   ends = starts + jnp.asarray([p * p for p in plan.patch_nums], jnp.int32)
   branches = _scale_branches(quant, plan)
+  ada = var.adaln_all(cond_2BD)
 
   def body(carry, si):
     state, x = carry
     start, end = starts[si], ends[si]
     h, cache = var.decode(x, cond_2BD, state.cache, start, seq, dtype,
-                          key_limit=end)
+                          key_limit=end, ada=ada)
     logits = var.logits(h, cond_2BD)
     keys = _token_keys(state.key, si, ids_B, start + jnp.arange(lmax))
     idx, code, guided = _draw(quant, opts, logits, mix[si], keys)
@@ -337,6 +340,22 @@ class Sampler:
     keep = jax.ShapeDtypeStruct((batch, seq), bool) if edit else None
     args, kw = self._args(None if random_labels else i32, 0, i32, given, keep)
     return _sample_jit.lower(*args, **kw)
+
+  def compile(self, batch: int):
+    """AOT-compiles the plain (given labels, no edit) program for `batch`.
+
+    Returns `run(labels_B, seed, ids_B)` -> the `run_arrays` outputs, which
+    calls the compiled executable directly (benchmarks time compilation and
+    execution separately this way).
+    """
+    compiled = self.lower(batch).compile()
+
+    def run(labels_B, seed, ids_B):
+      args, _ = self._args(jnp.asarray(labels_B, jnp.int32), seed,
+                           jnp.asarray(ids_B, jnp.int32), None, None)
+      return compiled(*args)
+
+    return run
 
   def run_arrays(self, labels_B, seed, ids_B, given_BL=None, keep_BL=None):
     """Raw jitted call: (tokens (B, L), images, labels, logits or None).

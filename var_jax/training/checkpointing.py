@@ -124,7 +124,8 @@ def export_model_dir(out, model_cfg, vae_state: dict, var_params: dict) -> None:
   multihost_utils.sync_global_devices("var_jax_export_begin")
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(out / "vae", vae_state, force=True)
-    ckptr.save(out / "var", var_params, force=True)
+    if var_params is not None:  # None: a tokenizer-only directory.
+      ckptr.save(out / "var", var_params, force=True)
     ckptr.wait_until_finished()
   multihost_utils.sync_global_devices("var_jax_export_end")
   if jax.process_index() == 0:

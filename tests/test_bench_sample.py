@@ -1,0 +1,63 @@
+"""`var-jax bench sample` and the shared sampling FLOP counts."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from var_jax.config import get_preset
+from var_jax.models.vqvae import VQVAE
+from var_jax.sampling import flops
+
+KEYS = {"bench", "impl", "preset", "batch", "dtype", "form", "cfg", "top_k",
+        "top_p", "device", "compile_s", "batch_s", "s_per_img", "img_per_s",
+        "transformer_tflop_per_img", "decoder_tflop_per_img",
+        "achieved_tflop_per_s", "mfu"}
+
+
+def test_bench_sample_prints_one_json_line():
+  out = subprocess.run(
+      [sys.executable, "-m", "var_jax.cli", "bench", "sample", "--preset",
+       "tiny", "--batch", "1", "--random-init", "--iters", "1", "--form", "scan",
+       "--no-matmul-peak"],
+      capture_output=True, text=True, timeout=120, check=True)
+  lines = out.stdout.strip().splitlines()
+  assert len(lines) == 1, out.stdout
+  rec = json.loads(lines[0])
+  assert KEYS <= set(rec), KEYS - set(rec)
+  assert rec["bench"] == "sample" and rec["batch"] == 1
+  assert rec["preset"] == "tiny" and rec["form"] in ("unrolled", "scan")
+  assert (rec["cfg"], rec["top_k"], rec["top_p"]) == (1.5, 900, 0.96)
+  assert rec["img_per_s"] > 0 and rec["compile_s"] > 0
+
+
+def test_d16_flops_match_hand_count():
+  cfg = get_preset("d16")
+  # 2 rows x 680 tokens x 16 layers x 2 x 12.6M weights ~ 548 GFLOP of
+  # linears, plus attention, head, AdaLN and word_embed.
+  t = flops.var_sample_flops(cfg.var)
+  assert 0.59e12 < t < 0.61e12, t
+  assert flops.var_sample_flops(get_preset("d20").var) > t
+
+
+@pytest.mark.parametrize("fn,method", [
+    (flops.decoder_flops, "decode"), (flops.tokenizer_flops, "img_to_idx")])
+def test_vae_flops_match_xla_cost_analysis(fn, method):
+  cfg = get_preset("tiny").vae
+  gd, st = nnx.split(VQVAE(cfg, rngs=nnx.Rngs(0)))
+  side = cfg.v_patch_nums[-1] if method == "decode" else cfg.resolution
+  ch = cfg.z_channels if method == "decode" else 3
+  x = jax.ShapeDtypeStruct((1, side, side, ch), jnp.float32)
+  ab = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), st)
+  cost = jax.jit(lambda s, x: getattr(nnx.merge(gd, s), method)(x)).lower(
+      ab, x).cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  if not cost or "flops" not in cost:
+    pytest.skip("no XLA cost analysis on this backend")
+  # XLA also counts elementwise work; the analytic count is matmuls/convs.
+  assert abs(fn(cfg) / cost["flops"] - 1) < 0.05, (fn(cfg), cost["flops"])

@@ -1,0 +1,137 @@
+"""`var-jax bench sample`: time class-conditional sampling, print one JSON line.
+
+Reported: AOT compile seconds, seconds per batch and per image and images/s
+(after compilation and warmup), the analytic FLOPs per image (transformer with
+CFG + VQVAE decoder, `var_jax.sampling.flops`), the achieved FLOP/s, MFU
+against the device peak table ('n/a' where unknown, e.g. CPU) and the
+fraction of a square matmul's FLOP/s measured in the same process.
+`tools/bench_official_torch.py` prints the same keys for the official code.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import numpy as np
+
+
+def add_parser(bench_subparsers) -> None:
+  """Adds `sample` to a `bench` command's sub-parsers."""
+  p = bench_subparsers.add_parser(
+      "sample", help="time class-conditional sampling (one JSON line)",
+      description="Times the jitted sampler (KV cache, CFG, top-k/top-p, "
+                  "VQVAE decoder) of a preset and prints one JSON line.")
+  p.add_argument("--preset", default="d16", help="model preset (default d16)")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--random-init", action="store_true",
+                   help="random weights for the VAR and the tokenizer")
+  src.add_argument("--ckpt", help="model directory to take the weights from")
+  p.add_argument("--batch", type=int, default=8, help="images per call")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                 default="float32", help="transformer compute dtype")
+  p.add_argument("--form", choices=("unrolled", "scan"), default=None,
+                 help="scale loop form (default: the sampler's default)")
+  p.add_argument("--cfg", type=float, default=1.5, help="guidance scale")
+  p.add_argument("--top-k", type=int, default=900)
+  p.add_argument("--top-p", type=float, default=0.96)
+  p.add_argument("--iters", type=int, default=2, help="timed calls")
+  p.add_argument("--warmup", type=int, default=1,
+                 help="untimed calls after compilation")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--time-decoder", action="store_true",
+                 help="also time the VQVAE decoder alone on the batch")
+  p.add_argument("--no-matmul-peak", action="store_true",
+                 help="skip measuring the matmul reference rate")
+  p.set_defaults(func=run)
+
+
+def _models(args):
+  from flax import nnx
+
+  from var_jax import checkpoint
+  from var_jax.config import get_preset
+  from var_jax.models.transformer import VAR
+  from var_jax.models.vqvae import VQVAE
+  if args.ckpt:
+    cfg, vae, var = checkpoint.load_model(args.ckpt, need_var=True)
+    return cfg, vae, var
+  cfg = get_preset(args.preset)
+  if cfg.var is None:
+    from var_jax.cli import UserError
+    raise UserError(f"preset {args.preset!r} has no VAR transformer")
+  return (cfg, VQVAE(cfg.vae, rngs=nnx.Rngs(0)),
+          VAR(cfg.var, rngs=nnx.Rngs(1)))
+
+
+def _time_decoder(vae, var_cfg, batch, iters):
+  """Seconds per call of the jitted decoder alone (f_hat -> image)."""
+  from flax import nnx
+  gd, st = nnx.split(vae)
+  dec = jax.jit(lambda s, f: nnx.merge(gd, s).decode(f))
+  side = var_cfg.patch_nums[-1]
+  f = jax.random.normal(jax.random.key(0), (batch, side, side, var_cfg.cvae))
+  dec(st, f).block_until_ready()
+  t0 = time.perf_counter()
+  for _ in range(iters):
+    dec(st, f).block_until_ready()
+  return (time.perf_counter() - t0) / iters
+
+
+def run(args) -> int:
+  from var_jax.sampling import flops as sflops
+  from var_jax.sampling.sampler import DEFAULT_FORM, SampleOptions, Sampler
+  from var_jax.training import flops as tflops
+
+  if args.batch < 1 or args.iters < 1:
+    from var_jax.cli import UserError
+    raise UserError("--batch and --iters must be >= 1")
+  cfg, vae, var = _models(args)
+  opts = SampleOptions(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+                       dtype=args.dtype, form=args.form or DEFAULT_FORM)
+  sampler = Sampler(vae, var, opts)
+  labels = np.random.default_rng(args.seed).integers(
+      0, var.cfg.num_classes, args.batch).astype(np.int32)
+  ids = np.arange(args.batch, dtype=np.int32)
+
+  t0 = time.perf_counter()
+  fn = sampler.compile(args.batch)
+  compile_s = time.perf_counter() - t0
+  for i in range(args.warmup):
+    jax.block_until_ready(fn(labels, args.seed + i, ids))
+  t0 = time.perf_counter()
+  for i in range(args.iters):
+    out = fn(labels, args.seed + args.warmup + i, ids)
+    jax.block_until_ready(out)
+  batch_s = (time.perf_counter() - t0) / args.iters
+  if not np.isfinite(np.asarray(out[1])).all():
+    raise RuntimeError("sampled images are not finite")
+
+  fl = sflops.sample_flops(var.cfg, vae.cfg)
+  achieved = fl["total"] * args.batch / batch_s
+  dev = jax.devices()[0]
+  peak = tflops.device_peak(dev, args.dtype)
+  rec = {
+      "bench": "sample", "impl": "var_jax", "preset": cfg.name,
+      "batch": args.batch, "dtype": args.dtype, "form": opts.form,
+      "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p,
+      "device": f"{dev.platform}:{dev.device_kind}",
+      "num_devices": jax.device_count(),
+      "compile_s": round(compile_s, 3), "batch_s": round(batch_s, 4),
+      "s_per_img": round(batch_s / args.batch, 4),
+      "img_per_s": round(args.batch / batch_s, 4),
+      "transformer_tflop_per_img": round(fl["transformer"] / 1e12, 4),
+      "decoder_tflop_per_img": round(fl["decoder"] / 1e12, 4),
+      "achieved_tflop_per_s": round(achieved / 1e12, 4),
+      "mfu": "n/a" if peak is None else round(achieved / peak, 4),
+  }
+  if args.time_decoder:
+    dec_s = _time_decoder(vae, var.cfg, args.batch, args.iters)
+    rec["decoder_s_per_img"] = round(dec_s / args.batch, 4)
+  if not args.no_matmul_peak:
+    mm = tflops.measure_matmul_peak(args.dtype)
+    rec["matmul_tflop_per_s"] = round(mm / 1e12, 4)
+    rec["frac_of_matmul_peak"] = round(achieved / mm, 4)
+  print(json.dumps(rec), flush=True)
+  return 0
