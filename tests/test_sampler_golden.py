@@ -6,7 +6,8 @@ from conftest import assert_close_rel
 from golden_models import golden_vae, golden_var
 
 from var_jax.sampling import edit, filtering
-from var_jax.sampling.sampler import FORMS, SampleOptions, Sampler
+from var_jax.sampling.sampler import (FORMS, LAYER_LOOPS, SampleOptions,
+                                      Sampler)
 
 GREEDY = dict(top_k=1, top_p=0.0)
 
@@ -44,10 +45,13 @@ def test_top_k_top_p_keep_masks(golden, k, p):
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_greedy_cfg15_tokens_logits_images(golden_dir, golden, form):
+@pytest.mark.parametrize("layer_loop", LAYER_LOOPS)
+def test_greedy_cfg15_tokens_logits_images(golden_dir, golden, form,
+                                           layer_loop):
   g = golden("var_tiny_io")
   vae, var = golden_vae(golden_dir), golden_var(golden_dir)
-  opts = SampleOptions(cfg=1.5, form=form, collect_logits=True, **GREEDY)
+  opts = SampleOptions(cfg=1.5, form=form, layer_loop=layer_loop,
+                       collect_logits=True, **GREEDY)
   out = Sampler(vae, var, opts)(g["label"], seed=0)
   for si in range(len(var.cfg.patch_nums)):
     ref_logits = g[f"greedy_cfg1.5_logits_{si}"]
@@ -66,12 +70,13 @@ def test_greedy_cfg4_tokens_and_images(golden_dir, golden):
   _check_greedy(out, g, "greedy_cfg4.0")
 
 
-def test_greedy_512px_shared_adaln(golden_dir, golden):
+@pytest.mark.parametrize("layer_loop", LAYER_LOOPS)
+def test_greedy_512px_shared_adaln(golden_dir, golden, layer_loop):
   g = golden("var_tiny_saln512_io")
   vae = golden_vae(golden_dir, "tiny_saln512")
   var = golden_var(golden_dir, "tiny_saln512")
-  out = Sampler(vae, var, SampleOptions(cfg=1.5, form="scan", **GREEDY))(
-      g["label"])
+  opts = SampleOptions(cfg=1.5, form="scan", layer_loop=layer_loop, **GREEDY)
+  out = Sampler(vae, var, opts)(g["label"])
   _check_greedy(out, g, "greedy_cfg1.5")
 
 

@@ -91,7 +91,8 @@ def test_stochastic_forms_splits_and_dtypes_agree(golden_dir):
   vae, var = golden_vae(golden_dir), golden_var(golden_dir)
   labels = [1, 4, 10]
   ref = Sampler(vae, var, SampleOptions(form="unrolled"))(labels, seed=5)
-  scan = Sampler(vae, var, SampleOptions(form="scan"))(labels, seed=5)
+  scan = Sampler(vae, var, SampleOptions(form="scan", layer_loop="scan"))(
+      labels, seed=5)
   split = Sampler(vae, var, SampleOptions(form="unrolled"))
   parts = [split(labels[:1], seed=5), split(labels[1:], seed=5, offset=1)]
   for si in range(10):

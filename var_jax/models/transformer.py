@@ -313,18 +313,20 @@ class VAR(nnx.Module):
     return x
 
   # ------------------------------------------------------------ cached decoding
-  def adaln_all(self, cond_BD) -> jax.Array:
+  def adaln_all(self, cond_BD, layers=None) -> jax.Array:
     """(depth, B, 6, C) AdaLN modulation of every block.
 
     It depends only on the class, so cached decoding computes it once per
     sample instead of once per scale (which would re-read depth * 6C^2
-    weights each time) and passes it to `decode`.
+    weights each time) and passes it to `decode`. `layers`: as in `decode`.
     """
     cond = self.block_cond(cond_BD)
+    if layers is not None:
+      return jnp.stack([_adaln(self.cfg, p, cond) for p in layers])
     return jax.vmap(lambda p: _adaln(self.cfg, p, cond))(self.blocks.stacked())
 
   def decode(self, x_BlC, cond_BD, cache: KVCache, start, kv_len: int,
-             dtype=jnp.float32, key_limit=None, ada=None):
+             dtype=jnp.float32, key_limit=None, ada=None, layers=None):
     """Runs all blocks on new tokens at positions [start, start + l).
 
     Keys/values of the new tokens are written into `cache`; queries attend to
@@ -332,6 +334,12 @@ class VAR(nnx.Module):
     `key_limit` (default start + l) are valid: padded scans pass a larger
     static kv_len and a dynamic limit. `ada` is `adaln_all(cond_BD)` when
     the caller has it (computed here otherwise).
+
+    `layers`, when given, is one dict of block parameters per layer, each
+    array its own buffer (`unstack_layers`); the blocks then run as a Python
+    loop instead of a scan. On CPU a scan over the stacked parameters copies
+    every layer's weights out of the stack before its matmuls, which doubles
+    the memory traffic of the small, bandwidth-bound scales.
 
     Returns the final hidden states (B, l, C) and the updated cache.
     """
@@ -341,7 +349,7 @@ class VAR(nnx.Module):
     limit = start + l if key_limit is None else key_limit
     bias = jnp.where(jnp.arange(kv_len) < limit, 0.0, _NEG)[None, :]
     if ada is None:
-      ada = self.adaln_all(cond_BD)
+      ada = self.adaln_all(cond_BD, layers)
     zero = jnp.zeros((), jnp.int32)
     start = jnp.asarray(start, jnp.int32)
     kv_shape = (1, b, h, kv_len, c)
@@ -372,8 +380,17 @@ class VAR(nnx.Module):
 
       return _block(cfg, p, x, ada_B6C, attn, dtype)
 
-    xs = (self.blocks.stacked(), ada, jnp.arange(cfg.depth, dtype=jnp.int32))
-    x, (k_new, v_new) = jax.lax.scan(body, x_BlC, xs)
+    if layers is None:
+      xs = (self.blocks.stacked(), ada,
+            jnp.arange(cfg.depth, dtype=jnp.int32))
+      x, (k_new, v_new) = jax.lax.scan(body, x_BlC, xs)
+    else:
+      x, new = x_BlC, []
+      for i, p in enumerate(layers):
+        x, kv = body(x, (p, ada[i], i))
+        new.append(kv)
+      k_new = jnp.stack([kv[0] for kv in new])
+      v_new = jnp.stack([kv[1] for kv in new])
     at = (zero, zero, zero, start, zero)
     return x, KVCache(
         jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), at),

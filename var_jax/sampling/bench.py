@@ -33,6 +33,8 @@ def add_parser(bench_subparsers) -> None:
                  default="float32", help="transformer compute dtype")
   p.add_argument("--form", choices=("unrolled", "scan"), default=None,
                  help="scale loop form (default: the sampler's default)")
+  p.add_argument("--layer-loop", choices=("unrolled", "scan"), default=None,
+                 help="block loop (default: the sampler's default)")
   p.add_argument("--cfg", type=float, default=1.5, help="guidance scale")
   p.add_argument("--top-k", type=int, default=900)
   p.add_argument("--top-p", type=float, default=0.96)
@@ -81,7 +83,8 @@ def _time_decoder(vae, var_cfg, batch, iters):
 
 def run(args) -> int:
   from var_jax.sampling import flops as sflops
-  from var_jax.sampling.sampler import DEFAULT_FORM, SampleOptions, Sampler
+  from var_jax.sampling.sampler import (DEFAULT_FORM, DEFAULT_LAYER_LOOP,
+                                        SampleOptions, Sampler)
   from var_jax.training import flops as tflops
 
   if args.batch < 1 or args.iters < 1:
@@ -89,7 +92,8 @@ def run(args) -> int:
     raise UserError("--batch and --iters must be >= 1")
   cfg, vae, var = _models(args)
   opts = SampleOptions(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-                       dtype=args.dtype, form=args.form or DEFAULT_FORM)
+                       dtype=args.dtype, form=args.form or DEFAULT_FORM,
+                       layer_loop=args.layer_loop or DEFAULT_LAYER_LOOP)
   sampler = Sampler(vae, var, opts)
   labels = np.random.default_rng(args.seed).integers(
       0, var.cfg.num_classes, args.batch).astype(np.int32)
@@ -115,6 +119,7 @@ def run(args) -> int:
   rec = {
       "bench": "sample", "impl": "var_jax", "preset": cfg.name,
       "batch": args.batch, "dtype": args.dtype, "form": opts.form,
+      "layer_loop": opts.layer_loop,
       "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p,
       "device": f"{dev.platform}:{dev.device_kind}",
       "num_devices": jax.device_count(),

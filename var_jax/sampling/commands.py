@@ -29,6 +29,9 @@ def _add_sampling_flags(p, *, cfg, top_k, top_p):
                  help="transformer compute dtype (sampling stays float32)")
   p.add_argument("--form", choices=("unrolled", "scan"), default=None,
                  help="scale loop form (default: the faster one)")
+  p.add_argument("--layer-loop", choices=("unrolled", "scan"), default=None,
+                 help="how the transformer blocks are applied (default: the "
+                      "faster one)")
 
 
 def register(sub) -> None:
@@ -92,12 +95,14 @@ def register(sub) -> None:
 
 # ------------------------------------------------------------------ helpers
 def _options(args):
-  from var_jax.sampling.sampler import DEFAULT_FORM, SampleOptions
+  from var_jax.sampling.sampler import (DEFAULT_FORM, DEFAULT_LAYER_LOOP,
+                                        SampleOptions)
   if args.top_k < 0 or not 0 <= args.top_p <= 1:
     raise _user_error("--top-k must be >= 0 and --top-p in [0, 1]")
   return SampleOptions(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
                        more_smooth=args.more_smooth, dtype=args.dtype,
-                       form=args.form or DEFAULT_FORM)
+                       form=args.form or DEFAULT_FORM,
+                       layer_loop=args.layer_loop or DEFAULT_LAYER_LOOP)
 
 
 def _load(args):

@@ -41,6 +41,8 @@ from var_jax.sampling import filtering
 
 FORMS = ("unrolled", "scan")
 DEFAULT_FORM = "unrolled"  # Faster on CPU (see README / bench figures).
+LAYER_LOOPS = ("scan", "unrolled")
+DEFAULT_LAYER_LOOP = "unrolled"  # Faster on CPU (see README / bench figures).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -54,11 +56,19 @@ class SampleOptions:
   more_smooth: bool = False
   dtype: str = "float32"  # Transformer matmul compute dtype.
   form: str = DEFAULT_FORM
+  # "scan": blocks applied by a scan over the stacked layer parameters (one
+  # block compiled per scale); "unrolled": a Python loop over per-layer
+  # copies of the block weights (compiles depth times more code, avoids
+  # copying each layer's weights out of the stack at every scale).
+  layer_loop: str = DEFAULT_LAYER_LOOP
   collect_logits: bool = False  # Also return the guided logits (tests).
 
   def __post_init__(self):
     if self.form not in FORMS:
       raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
+    if self.layer_loop not in LAYER_LOOPS:
+      raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, "
+                       f"got {self.layer_loop!r}")
     if self.dtype not in DTYPES:
       raise ValueError(f"dtype must be one of {tuple(DTYPES)}")
 
@@ -189,15 +199,16 @@ def _store(state, start, idx_Bl, guided_BlV):
   return tokens, logits
 
 
-def _run_unrolled(var, quant, plan, opts, mix, cond_2BD, state, ids_B, edit):
+def _run_unrolled(var, layers, quant, plan, opts, mix, cond_2BD, state, ids_B,
+                  edit):
   dtype = DTYPES[opts.dtype]
   lvl_pos = var.lvl_pos()
-  ada = var.adaln_all(cond_2BD)
+  ada = var.adaln_all(cond_2BD, layers)
   x = var.sos(cond_2BD)
   for si, pn in enumerate(plan.patch_nums):
     start, end = int(plan.starts[si]), int(plan.starts[si]) + pn * pn
     h, cache = var.decode(x, cond_2BD, state.cache, start, end, dtype,
-                          ada=ada)
+                          ada=ada, layers=layers)
     logits = var.logits(h, cond_2BD)
     keys = _token_keys(state.key, si, ids_B, jnp.arange(start, end))
     idx, code, guided = _draw(quant, opts, logits, mix[si], keys)
@@ -239,7 +250,8 @@ def _scale_branches(quant, plan):
   return [make(si) for si in range(plan.k)]
 
 
-def _run_scan(var, quant, plan, opts, mix, cond_2BD, state, ids_B, edit):
+def _run_scan(var, layers, quant, plan, opts, mix, cond_2BD, state, ids_B,
+              edit):
   dtype = DTYPES[opts.dtype]
   lmax, seq = plan.lmax, plan.seq_len
   lvl_pos = var.lvl_pos()
@@ -250,13 +262,13 @@ def _run_scan(var, quant, plan, opts, mix, cond_2BD, state, ids_B, edit):
   starts = jnp.asarray(plan.starts, jnp.int32)
   ends = starts + jnp.asarray([p * p for p in plan.patch_nums], jnp.int32)
   branches = _scale_branches(quant, plan)
-  ada = var.adaln_all(cond_2BD)
+  ada = var.adaln_all(cond_2BD, layers)
 
   def body(carry, si):
     state, x = carry
     start, end = starts[si], ends[si]
     h, cache = var.decode(x, cond_2BD, state.cache, start, seq, dtype,
-                          key_limit=end, ada=ada)
+                          key_limit=end, ada=ada, layers=layers)
     logits = var.logits(h, cond_2BD)
     keys = _token_keys(state.key, si, ids_B, start + jnp.arange(lmax))
     idx, code, guided = _draw(quant, opts, logits, mix[si], keys)
@@ -275,11 +287,38 @@ def _run_scan(var, quant, plan, opts, mix, cond_2BD, state, ids_B, edit):
   return state
 
 
+def _split_var(var, layer_loop):
+  """(graphdef, state) for `_sample_jit`.
+
+  For the unrolled layer loop the state is (rest, per-layer block states):
+  every layer's weights become separate buffers, a one-time copy of the
+  blocks (the caller's model keeps its stacked arrays).
+  """
+  if layer_loop == "scan":
+    return nnx.split(var)
+  var_def, blocks, rest = nnx.split(var, nnx.PathContains("blocks"), ...)
+  layers = [jax.tree.map(lambda a, i=i: a[i], blocks)
+            for i in range(var.cfg.depth)]
+  return var_def, (rest, layers)
+
+
+def _merge_var(var_def, var_state):
+  """Inverse of `_split_var`: (model, per-layer parameter dicts or None)."""
+  if not isinstance(var_state, tuple):
+    return nnx.merge(var_def, var_state), None
+  rest, layers = var_state
+  # The stacked blocks exist only to rebuild the module; the sampler never
+  # reads them (it gets `layers`), so XLA drops the stacking as dead code.
+  blocks = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  var = nnx.merge(var_def, blocks, rest)
+  return var, [nnx.to_pure_dict(st)["blocks"] for st in layers]
+
+
 @functools.partial(jax.jit, static_argnames=("var_def", "vae_def", "opts",
                                              "patch_nums"))
 def _sample_jit(var_state, vae_state, mix_K4, labels_B, key, ids_B, given_BL,
                 keep_BL, *, var_def, vae_def, opts, patch_nums):
-  var = nnx.merge(var_def, var_state)
+  var, layers = _merge_var(var_def, var_state)
   vae = nnx.merge(vae_def, vae_state)
   plan = _Plan(patch_nums)
   batch = ids_B.shape[0]
@@ -291,8 +330,8 @@ def _sample_jit(var_state, vae_state, mix_K4, labels_B, key, ids_B, given_BL,
   cond_2BD, state = _init(var, plan, opts, labels_B, k_tokens, batch)
   edit = None if given_BL is None else (given_BL.astype(jnp.int32), keep_BL)
   run = _run_scan if opts.form == "scan" else _run_unrolled
-  state = run(var, vae.quantize, plan, opts, mix_K4, cond_2BD, state, ids_B,
-              edit)
+  state = run(var, layers, vae.quantize, plan, opts, mix_K4, cond_2BD, state,
+              ids_B, edit)
   images = (vae.decode(state.f_hat_BHWC) + 1) * 0.5
   return state.tokens_BL, images, labels_B, state.logits_BLV
 
@@ -318,7 +357,7 @@ class Sampler:
     self.opts = opts
     self.cfg = var.cfg
     self.patch_nums = tuple(var.cfg.patch_nums)
-    self._var_def, self.var_state = nnx.split(var)
+    self._var_def, self.var_state = _split_var(var, opts.layer_loop)
     self._vae_def, self.vae_state = nnx.split(vae)
 
   def _args(self, labels_B, seed, ids_B, given_BL, keep_BL):
