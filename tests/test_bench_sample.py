@@ -13,7 +13,8 @@ from var_jax.config import get_preset
 from var_jax.models.vqvae import VQVAE
 from var_jax.sampling import flops
 
-KEYS = {"bench", "impl", "preset", "batch", "dtype", "form", "cfg", "top_k",
+KEYS = {"bench", "impl", "preset", "batch", "dtype", "form", "layer_loop",
+        "cfg", "top_k",
         "top_p", "device", "compile_s", "batch_s", "s_per_img", "img_per_s",
         "transformer_tflop_per_img", "decoder_tflop_per_img",
         "achieved_tflop_per_s", "mfu"}
@@ -23,16 +24,28 @@ def test_bench_sample_prints_one_json_line():
   out = subprocess.run(
       [sys.executable, "-m", "var_jax.cli", "bench", "sample", "--preset",
        "tiny", "--batch", "1", "--random-init", "--iters", "1", "--form", "scan",
-       "--no-matmul-peak"],
+       "--layer-loop", "scan", "--no-matmul-peak"],
       capture_output=True, text=True, timeout=120, check=True)
   lines = out.stdout.strip().splitlines()
   assert len(lines) == 1, out.stdout
   rec = json.loads(lines[0])
   assert KEYS <= set(rec), KEYS - set(rec)
   assert rec["bench"] == "sample" and rec["batch"] == 1
-  assert rec["preset"] == "tiny" and rec["form"] in ("unrolled", "scan")
+  assert rec["preset"] == "tiny" and rec["form"] == "scan"
+  assert rec["layer_loop"] == "scan"
   assert (rec["cfg"], rec["top_k"], rec["top_p"]) == (1.5, 900, 0.96)
   assert rec["img_per_s"] > 0 and rec["compile_s"] > 0
+
+
+@pytest.mark.parametrize("what,preset", [("sample", "nope"),
+                                         ("train", "vqvae")])
+def test_bench_bad_preset_is_one_line_error(what, preset):
+  out = subprocess.run(
+      [sys.executable, "-m", "var_jax.cli", "bench", what, "--preset", preset,
+       "--random-init"], capture_output=True, text=True, timeout=120)
+  err = out.stderr.strip().splitlines()
+  assert out.returncode == 2 and len(err) == 1, out.stderr
+  assert preset in err[0] and "error" in err[0]
 
 
 def test_d16_flops_match_hand_count():

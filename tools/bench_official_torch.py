@@ -30,6 +30,7 @@ import importlib
 import json
 import os
 import pathlib
+import subprocess
 import sys
 import time
 import types
@@ -180,6 +181,11 @@ class _NoLog:
 
 def bench_train(args):
   import torch
+  # The official utils/arg_util.py runs `git symbolic-ref` at import time.
+  if subprocess.run(["git", "rev-parse", "HEAD"],  # cwd: the repo
+                    capture_output=True).returncode:
+    sys.exit(f"error: --torch-repo {args.torch_repo} must be a git checkout "
+             "(`git clone`): the official trainer asks git for its branch")
   from trainer import VARTrainer
   from utils.amp_sc import AmpOptimizer
   from utils.lr_control import filter_params

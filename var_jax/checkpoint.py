@@ -119,3 +119,22 @@ def load_model(ckpt_dir=None, need_var: bool = True):
     raise CheckpointError(f"{d} holds a tokenizer only; this command needs a "
                           "VAR transformer too (convert with --var)")
   return cfg, vae, var
+
+
+def bench_models(ckpt_dir, preset: str, random_var: bool = True):
+  """(ModelConfig, VQVAE, VAR or None) for benchmarks.
+
+  From `ckpt_dir` when given, else random weights of `preset`; the VAR is
+  left out (None) of a random model unless `random_var`.
+  """
+  if ckpt_dir:
+    return load_model(ckpt_dir, need_var=True)
+  from var_jax.config import get_preset
+  try:
+    cfg = get_preset(preset)
+  except ValueError as e:
+    raise CheckpointError(str(e)) from None
+  if cfg.var is None:
+    raise CheckpointError(f"preset {preset!r} has no VAR transformer")
+  var = VAR(cfg.var, rngs=nnx.Rngs(1)) if random_var else None
+  return cfg, VQVAE(cfg.vae, rngs=nnx.Rngs(0)), var

@@ -37,6 +37,15 @@ def bench_parsers(subparsers):
   return parser.var_jax_sub
 
 
+def add_bench_model_args(p) -> None:
+  """--preset and the required choice of --random-init or --ckpt."""
+  p.add_argument("--preset", default="d16", help="model preset (default d16)")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--random-init", action="store_true",
+                   help="random weights for the VAR and the tokenizer")
+  src.add_argument("--ckpt", help="model directory to take the weights from")
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="var-jax",

@@ -395,3 +395,55 @@ class VAR(nnx.Module):
     return x, KVCache(
         jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), at),
         jax.lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), at))
+
+  def decode_chunks(self, x_BlC, cond_BD, chunks: tuple, dtype=jnp.float32,
+                    ada=None, layers=None):
+    """`decode` against a KV cache kept as one chunk per finished scale.
+
+    For loops whose every scale has static shapes (the unrolled sampler):
+    each layer attends to the concatenation of its slice of every chunk and
+    the new keys, and the new keys of all layers come back as the next chunk
+    (depth, B, H, l, c). Nothing is written into a preallocated cache, which
+    XLA on CPU copies whole at every scale rather than update in place.
+
+    Returns the final hidden states (B, l, C) and the new chunk.
+    """
+    cfg = self.cfg
+    b, l, _ = x_BlC.shape
+    h, c = cfg.num_heads, cfg.head_dim
+    if ada is None:
+      ada = self.adaln_all(cond_BD, layers)
+    heads_first = lambda a: jnp.transpose(a, (0, 2, 1, 3))  # BlHc -> BHlc
+
+    def body(x, xs):
+      p, ada_B6C, old_k, old_v = xs
+
+      def attn(q, k, v):
+        k_new, v_new = heads_first(k), heads_first(v)
+        k_all = jnp.concatenate(
+            [a.astype(dtype) for a in old_k] + [k_new.astype(dtype)], 2)
+        v_all = jnp.concatenate(
+            [a.astype(dtype) for a in old_v] + [v_new.astype(dtype)], 2)
+        s_len = k_all.shape[2]
+        o = _attend_chunked(cfg, heads_first(q).reshape(b * h, l, c),
+                            k_all.reshape(b * h, s_len, c),
+                            v_all.reshape(b * h, s_len, c), 0.0, dtype)
+        return (heads_first(o.reshape(b, h, l, c)).reshape(b, l, h * c),
+                (k_new, v_new))
+
+      return _block(cfg, p, x, ada_B6C, attn, dtype)
+
+    old_k = tuple(ch.k for ch in chunks)
+    old_v = tuple(ch.v for ch in chunks)
+    if layers is None:
+      xs = (self.blocks.stacked(), ada, old_k, old_v)
+      x, (k_new, v_new) = jax.lax.scan(body, x_BlC, xs)
+    else:
+      x, new = x_BlC, []
+      for i, p in enumerate(layers):
+        x, kv = body(x, (p, ada[i], tuple(a[i] for a in old_k),
+                         tuple(a[i] for a in old_v)))
+        new.append(kv)
+      k_new = jnp.stack([kv[0] for kv in new])
+      v_new = jnp.stack([kv[1] for kv in new])
+    return x, KVCache(k_new.astype(dtype), v_new.astype(dtype))

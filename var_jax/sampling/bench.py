@@ -19,15 +19,12 @@ import numpy as np
 
 def add_parser(bench_subparsers) -> None:
   """Adds `sample` to a `bench` command's sub-parsers."""
+  from var_jax.cli import add_bench_model_args
   p = bench_subparsers.add_parser(
       "sample", help="time class-conditional sampling (one JSON line)",
       description="Times the jitted sampler (KV cache, CFG, top-k/top-p, "
                   "VQVAE decoder) of a preset and prints one JSON line.")
-  p.add_argument("--preset", default="d16", help="model preset (default d16)")
-  src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--random-init", action="store_true",
-                   help="random weights for the VAR and the tokenizer")
-  src.add_argument("--ckpt", help="model directory to take the weights from")
+  add_bench_model_args(p)
   p.add_argument("--batch", type=int, default=8, help="images per call")
   p.add_argument("--dtype", choices=("float32", "bfloat16"),
                  default="float32", help="transformer compute dtype")
@@ -47,24 +44,6 @@ def add_parser(bench_subparsers) -> None:
   p.add_argument("--no-matmul-peak", action="store_true",
                  help="skip measuring the matmul reference rate")
   p.set_defaults(func=run)
-
-
-def _models(args):
-  from flax import nnx
-
-  from var_jax import checkpoint
-  from var_jax.config import get_preset
-  from var_jax.models.transformer import VAR
-  from var_jax.models.vqvae import VQVAE
-  if args.ckpt:
-    cfg, vae, var = checkpoint.load_model(args.ckpt, need_var=True)
-    return cfg, vae, var
-  cfg = get_preset(args.preset)
-  if cfg.var is None:
-    from var_jax.cli import UserError
-    raise UserError(f"preset {args.preset!r} has no VAR transformer")
-  return (cfg, VQVAE(cfg.vae, rngs=nnx.Rngs(0)),
-          VAR(cfg.var, rngs=nnx.Rngs(1)))
 
 
 def _time_decoder(vae, var_cfg, batch, iters):
@@ -90,7 +69,8 @@ def run(args) -> int:
   if args.batch < 1 or args.iters < 1:
     from var_jax.cli import UserError
     raise UserError("--batch and --iters must be >= 1")
-  cfg, vae, var = _models(args)
+  from var_jax import checkpoint
+  cfg, vae, var = checkpoint.bench_models(args.ckpt, args.preset)
   opts = SampleOptions(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
                        dtype=args.dtype, form=args.form or DEFAULT_FORM,
                        layer_loop=args.layer_loop or DEFAULT_LAYER_LOOP)

@@ -18,15 +18,12 @@ import numpy as np
 
 def add_parser(bench_subparsers) -> None:
   """Adds `train` to a `bench` command's sub-parsers."""
+  from var_jax.cli import add_bench_model_args
   p = bench_subparsers.add_parser(
       "train", help="time VAR training steps (one JSON line)",
       description="Times the jitted training step of a preset on random "
                   "images and prints one JSON line.")
-  p.add_argument("--preset", default="d16", help="model preset (default d16)")
-  src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--random-init", action="store_true",
-                   help="random weights for the VAR and the tokenizer")
-  src.add_argument("--ckpt", help="model directory to take the weights from")
+  add_bench_model_args(p)
   p.add_argument("--batch", type=int, default=4, help="global batch size")
   p.add_argument("--dtype", choices=("float32", "bfloat16"),
                  default="float32", help="matmul compute dtype")
@@ -42,18 +39,15 @@ def add_parser(bench_subparsers) -> None:
 
 
 def _models(args):
+  """(cfg, tokenizer, VAR parameters as numpy or None for a random init)."""
+  from flax import nnx
+
   from var_jax import checkpoint
-  from var_jax.config import get_preset
-  from var_jax.training import state as state_lib
-  if args.ckpt:
-    cfg, vae, var = checkpoint.load_model(args.ckpt, need_var=True)
-    from flax import nnx
-    return cfg, vae, jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(var)))
-  cfg = get_preset(args.preset)
-  if cfg.var is None:
-    from var_jax.cli import UserError
-    raise UserError(f"preset {args.preset!r} has no VAR transformer")
-  return cfg, state_lib.random_vae(cfg.vae), None
+  cfg, vae, var = checkpoint.bench_models(args.ckpt, args.preset,
+                                          random_var=False)
+  if var is None:
+    return cfg, vae, None
+  return cfg, vae, jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(var)))
 
 
 def run(args) -> int:

@@ -113,14 +113,21 @@ class TrainConfig:
         raise UserError(f"bad training config: {msg}")
 
 
-def load_config(ref: str) -> TrainConfig:
-  """A TrainConfig from a file path or a bundled name ('train_d16' / 'd16')."""
+def load_config_object(ref: str, prefix: str, cls: type):
+  """`get_config()` of a config file, or of a bundled `var_jax.configs` module.
+
+  Args:
+    ref: a path to a .py file, or a bundled module name with or without
+      `prefix` (e.g. 'train_d16' or 'd16' for prefix 'train_').
+    prefix: the bundled modules' name prefix.
+    cls: the class `get_config()` must return.
+  """
   path = pathlib.Path(ref)
   if ref.endswith(".py") or path.exists():
     if not path.is_file():
       raise UserError(f"config file not found: {ref}")
     spec = importlib.util.spec_from_file_location(
-        f"_var_jax_train_config_{path.stem}", path)
+        f"_var_jax_config_{prefix}{path.stem}", path)
     mod = importlib.util.module_from_spec(spec)
     try:
       spec.loader.exec_module(mod)
@@ -129,19 +136,25 @@ def load_config(ref: str) -> TrainConfig:
                       ) from None
   else:
     mod = None
-    for name in (ref, f"train_{ref}"):
+    for name in (ref, f"{prefix}{ref}"):
       try:
         mod = importlib.import_module(f"var_jax.configs.{name}")
         break
       except ModuleNotFoundError:
         continue
     if mod is None:
+      example = {"train_": "train_d16"}.get(prefix, f"{prefix}digits")
       raise UserError(f"config {ref!r} is neither a file nor a bundled config "
-                      "(e.g. train_d16)")
+                      f"(e.g. {example})")
   if not hasattr(mod, "get_config"):
     raise UserError(f"config {ref} defines no get_config()")
   cfg = mod.get_config()
-  if not isinstance(cfg, TrainConfig):
+  if not isinstance(cfg, cls):
     raise UserError(f"config {ref}: get_config() returned "
-                    f"{type(cfg).__name__}, not TrainConfig")
+                    f"{type(cfg).__name__}, not {cls.__name__}")
   return cfg
+
+
+def load_config(ref: str) -> TrainConfig:
+  """A TrainConfig from a file path or a bundled name ('train_d16' / 'd16')."""
+  return load_config_object(ref, "train_", TrainConfig)

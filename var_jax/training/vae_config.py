@@ -9,13 +9,11 @@ PatchGAN hinge loss with the adaptive weight, switched on at `disc_start`.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
-import pathlib
 
 from var_jax.cli import UserError
 from var_jax.config import ModelConfig, VQVAEConfig, get_preset
 from var_jax.training import schedule
+from var_jax.training.config import load_config_object
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,33 +156,4 @@ class VAETrainConfig:
 
 def load_vae_config(ref: str) -> VAETrainConfig:
   """A VAETrainConfig from a file or a bundled name ('train_vae_digits')."""
-  path = pathlib.Path(ref)
-  if ref.endswith(".py") or path.exists():
-    if not path.is_file():
-      raise UserError(f"config file not found: {ref}")
-    spec = importlib.util.spec_from_file_location(
-        f"_var_jax_vae_config_{path.stem}", path)
-    mod = importlib.util.module_from_spec(spec)
-    try:
-      spec.loader.exec_module(mod)
-    except Exception as e:  # The user's file: report its error in one line.
-      raise UserError(f"cannot load config {ref}: {type(e).__name__}: {e}"
-                      ) from None
-  else:
-    mod = None
-    for name in (ref, f"train_vae_{ref}"):
-      try:
-        mod = importlib.import_module(f"var_jax.configs.{name}")
-        break
-      except ModuleNotFoundError:
-        continue
-    if mod is None:
-      raise UserError(f"config {ref!r} is neither a file nor a bundled config "
-                      "(e.g. train_vae_digits)")
-  if not hasattr(mod, "get_config"):
-    raise UserError(f"config {ref} defines no get_config()")
-  cfg = mod.get_config()
-  if not isinstance(cfg, VAETrainConfig):
-    raise UserError(f"config {ref}: get_config() returned "
-                    f"{type(cfg).__name__}, not VAETrainConfig")
-  return cfg
+  return load_config_object(ref, "train_vae_", VAETrainConfig)
