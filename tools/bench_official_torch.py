@@ -25,6 +25,7 @@ uses on this path (huggingface_hub, pytz, tap) are stubbed if missing.
 from __future__ import annotations
 
 import argparse
+import builtins
 import contextlib
 import importlib
 import json
@@ -198,8 +199,15 @@ def bench_train(args):
   nowd = {"cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed",
           "pos_1LC", "pos_start", "start_pos", "lvl_embed", "gamma", "beta",
           "ada_gss", "moe_bias", "scale_mul"}  # train.py's no-decay keys
-  with contextlib.redirect_stdout(sys.stderr):
-    names, paras, groups = filter_params(var, nowd_keys=nowd)
+  # filter_params prints with force=True, a keyword the official distributed
+  # setup adds to print (not run here).
+  plain_print = builtins.print
+  builtins.print = lambda *a, force=False, **k: plain_print(*a, **k)
+  try:
+    with contextlib.redirect_stdout(sys.stderr):
+      names, paras, groups = filter_params(var, nowd_keys=nowd)
+  finally:
+    builtins.print = plain_print
   lr = 1e-4 * args.batch / 256  # train.py: tlr = tblr * batch / 256
   for g in groups:  # What train.py's lr_wd_annealing sets each step.
     g["lr"], g["weight_decay"] = lr * g["lr_sc"], 0.05 * g["wd_sc"]

@@ -19,6 +19,9 @@ Two equivalent forms of the scale loop:
     next scale before anyone can attend to it. Token ids and logits use the
     same scheme.
 
+Either form applies the blocks as a scan over the stacked layer weights or
+as a Python loop over per-layer copies (`SampleOptions.layer_loop`).
+
 Randomness is a pure function of (seed, scale, global sample index, token
 position): each token has its own key, so the same seed gives the same images
 for any batch split and either form.
