@@ -164,3 +164,22 @@ def test_wrong_preset_and_existing_output(golden_dir, converted, tmp_path,
                      "--vae", str(golden_dir / "vae_tiny.pth"), "--out", str(out),
                      "--preset", "tiny_saln512")
   assert code == 2 and "shared_aln" in err
+
+
+def test_outputs_get_umask_permissions(tmp_path):
+  """Atomic writes (mkstemp/mkdtemp: 0600/0700) end with ordinary modes."""
+  import os
+  import stat
+
+  from var_jax import checkpoint
+  old = os.umask(0o022)
+  try:
+    f = checkpoint.atomic_file(tmp_path / "a.bin", lambda fh: fh.write(b"x"))
+    with checkpoint.atomic_dir(tmp_path / "model") as d:
+      (d / "config.json").write_text("{}")
+  finally:
+    os.umask(old)
+  assert stat.S_IMODE(f.stat().st_mode) == 0o644
+  assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o755
+  assert f.read_bytes() == b"x"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "model"]

@@ -34,6 +34,33 @@ class CheckpointError(ValueError):
   """A model directory that is missing, incomplete or inconsistent."""
 
 
+def _umask_mode(full: int) -> int:
+  """`full` (0o666 files, 0o777 directories) less the process umask."""
+  mask = os.umask(0)
+  os.umask(mask)
+  return full & ~mask
+
+
+def atomic_file(path, write) -> pathlib.Path:
+  """Calls `write(binary file)` on a temporary name, then renames to `path`.
+
+  A crash leaves no half-written file; the result gets the permissions an
+  ordinary `open(path, "wb")` would give (mkstemp creates files 0600).
+  """
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as fh:
+      write(fh)
+    os.chmod(tmp, _umask_mode(0o666))
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+  return path
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir, overwrite: bool = False):
   """Yields a temporary directory that becomes `out_dir` on success."""
@@ -43,6 +70,7 @@ def atomic_dir(out_dir, overwrite: bool = False):
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
   try:
+    os.chmod(tmp, _umask_mode(0o777))  # mkdtemp makes it 0700.
     yield tmp
     if out.exists():
       old = out.with_name(f".{out.name}.old-{os.getpid()}")

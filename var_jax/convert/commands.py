@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
-import tempfile
 
 import numpy as np
 
@@ -96,21 +94,6 @@ def cmd_download(args: argparse.Namespace) -> int:
   return 0
 
 
-def save_npz_atomic(path, **arrays) -> None:
-  """np.savez to a temporary name in the same directory, then rename."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz",
-                             dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as fh:
-      np.savez(fh, **arrays)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-
-
 def load_images_u8(path, resolution: int) -> np.ndarray:
   """A uint8 (B, H, W, 3) .npy at the model's resolution, or a clear error."""
   p = pathlib.Path(path)
@@ -150,7 +133,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
   for i in range(0, len(imgs), args.batch):
     for k, idx in enumerate(encode(state, jnp.asarray(imgs[i:i + args.batch]))):
       outs[k].append(np.asarray(idx, np.int32))
-  save_npz_atomic(args.out, **{f"idx_{k}": np.concatenate(o)
+  from var_jax.sampling.images import save_npz
+  save_npz(args.out, **{f"idx_{k}": np.concatenate(o)
                                for k, o in enumerate(outs)})
   print(f"wrote {len(imgs)} x {len(outs)} token maps to {args.out}")
   return 0

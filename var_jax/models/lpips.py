@@ -134,7 +134,8 @@ def save_lpips_npz(vgg_pth, lin_pth, out) -> None:
     arrays[f"features.{i}.bias"] = b
   for k, w in enumerate(weights["lins"]):
     arrays[f"lin{k}.model.1.weight"] = w.reshape(1, -1, 1, 1)
-  np.savez(out, **arrays)
+  from var_jax.checkpoint import atomic_file
+  atomic_file(out, lambda fh: np.savez(fh, **arrays))
 
 
 def random_lpips_weights(seed: int = 0) -> dict:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
-import tempfile
 
 import numpy as np
 from PIL import Image
+
+from var_jax.checkpoint import atomic_file
 
 
 def to_uint8(images_BHWC) -> np.ndarray:
@@ -31,29 +31,15 @@ def grid(images_BHWC, ncol: int, pad: int = 2) -> np.ndarray:
   return out
 
 
-def _atomic(path, write) -> pathlib.Path:
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as fh:
-      write(fh)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-  return path
-
-
 def save_png(path, image_HWC_u8: np.ndarray) -> pathlib.Path:
   """Writes a PNG through a temporary name, so a crash leaves no half file."""
   img = Image.fromarray(np.asarray(image_HWC_u8, np.uint8))
-  return _atomic(path, lambda fh: img.save(fh, format="PNG"))
+  return atomic_file(path, lambda fh: img.save(fh, format="PNG"))
 
 
 def save_npz(path, **arrays) -> pathlib.Path:
   """np.savez through a temporary name in the same directory."""
-  return _atomic(path, lambda fh: np.savez(fh, **arrays))
+  return atomic_file(path, lambda fh: np.savez(fh, **arrays))
 
 
 def load_image(path, resolution: int) -> np.ndarray:
