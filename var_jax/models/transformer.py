@@ -190,6 +190,21 @@ def _attend_chunked(cfg, q_NlC, k_NSc, v_NSc, bias_lS, dtype):
   return o.reshape(n, l, -1)
 
 
+def _heads_first(a):
+  """(B, l, H, c) <-> (B, H, l, c)."""
+  return jnp.transpose(a, (0, 2, 1, 3))
+
+
+def _attend_heads(cfg, q_BlHc, k_BHSc, v_BHSc, bias_lS, dtype):
+  """Cached-decoding attention: head-major keys/values -> (B, l, H * c)."""
+  b, l, h, c = q_BlHc.shape
+  s = k_BHSc.shape[2]
+  o = _attend_chunked(cfg, _heads_first(q_BlHc).reshape(b * h, l, c),
+                      k_BHSc.reshape(b * h, s, c), v_BHSc.reshape(b * h, s, c),
+                      bias_lS, dtype)
+  return _heads_first(o.reshape(b, h, l, c)).reshape(b, l, h * c)
+
+
 def _block(cfg, p, x_BLC, ada_B6C, attn_fn, dtype, keep_B=None):
   """One AdaLN block; `attn_fn(q, k, v)` supplies masking or the KV cache."""
   g1, g2, s1, s2, b1, b2 = [ada_B6C[:, i:i + 1, :] for i in range(6)]
@@ -336,10 +351,11 @@ class VAR(nnx.Module):
     the caller has it (computed here otherwise).
 
     `layers`, when given, is one dict of block parameters per layer, each
-    array its own buffer (`unstack_layers`); the blocks then run as a Python
-    loop instead of a scan. On CPU a scan over the stacked parameters copies
-    every layer's weights out of the stack before its matmuls, which doubles
-    the memory traffic of the small, bandwidth-bound scales.
+    array its own buffer (as the sampler keeps them for
+    `layer_loop="unrolled"`); the blocks then run as a Python loop instead of
+    a scan. On CPU a scan over the stacked parameters copies every layer's
+    weights out of the stack before its matmuls, which doubles the memory
+    traffic of the small, bandwidth-bound scales.
 
     Returns the final hidden states (B, l, C) and the updated cache.
     """
@@ -353,11 +369,10 @@ class VAR(nnx.Module):
     zero = jnp.zeros((), jnp.int32)
     start = jnp.asarray(start, jnp.int32)
     kv_shape = (1, b, h, kv_len, c)
-    heads_first = lambda a: jnp.transpose(a, (0, 2, 1, 3))  # BlHc -> BHlc
 
-    # The cache is a loop constant of the layer scan: each layer copies out
+    # The cache is a loop constant of the layer loop: each layer copies out
     # only its first kv_len positions, adds the new keys there and attends;
-    # the new keys leave the scan as small outputs written back once. (Carrying
+    # the new keys leave the loop as small outputs written back once. (Carrying
     # the whole cache made XLA copy all of it at every layer.)
     def body(x, xs):
       p, ada_B6C, i = xs
@@ -365,32 +380,20 @@ class VAR(nnx.Module):
       def attn(q, k, v):
         first = (i, zero, zero, zero, zero)
         at = (zero, zero, start, zero)
-        k_new, v_new = heads_first(k), heads_first(v)
+        k_new, v_new = _heads_first(k), _heads_first(v)
         k_all = jax.lax.dynamic_update_slice(
             jax.lax.dynamic_slice(cache.k, first, kv_shape)[0],
             k_new.astype(cache.k.dtype), at)
         v_all = jax.lax.dynamic_update_slice(
             jax.lax.dynamic_slice(cache.v, first, kv_shape)[0],
             v_new.astype(cache.v.dtype), at)
-        o = _attend_chunked(cfg, heads_first(q).reshape(b * h, l, c),
-                            k_all.reshape(b * h, kv_len, c),
-                            v_all.reshape(b * h, kv_len, c), bias, dtype)
-        o = heads_first(o.reshape(b, h, l, c)).reshape(b, l, h * c)
+        o = _attend_heads(cfg, q, k_all, v_all, bias, dtype)
         return o, (k_new, v_new)
 
       return _block(cfg, p, x, ada_B6C, attn, dtype)
 
-    if layers is None:
-      xs = (self.blocks.stacked(), ada,
-            jnp.arange(cfg.depth, dtype=jnp.int32))
-      x, (k_new, v_new) = jax.lax.scan(body, x_BlC, xs)
-    else:
-      x, new = x_BlC, []
-      for i, p in enumerate(layers):
-        x, kv = body(x, (p, ada[i], i))
-        new.append(kv)
-      k_new = jnp.stack([kv[0] for kv in new])
-      v_new = jnp.stack([kv[1] for kv in new])
+    x, (k_new, v_new) = self._over_layers(
+        body, x_BlC, ada, layers, jnp.arange(cfg.depth, dtype=jnp.int32))
     at = (zero, zero, zero, start, zero)
     return x, KVCache(
         jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), at),
@@ -403,47 +406,43 @@ class VAR(nnx.Module):
     For loops whose every scale has static shapes (the unrolled sampler):
     each layer attends to the concatenation of its slice of every chunk and
     the new keys, and the new keys of all layers come back as the next chunk
-    (depth, B, H, l, c). Nothing is written into a preallocated cache, which
-    XLA on CPU copies whole at every scale rather than update in place.
+    (depth, B, H, l, c) in `dtype`. Nothing is written into a preallocated
+    cache, which XLA on CPU copies whole at every scale rather than update
+    in place.
 
     Returns the final hidden states (B, l, C) and the new chunk.
     """
     cfg = self.cfg
-    b, l, _ = x_BlC.shape
-    h, c = cfg.num_heads, cfg.head_dim
     if ada is None:
       ada = self.adaln_all(cond_BD, layers)
-    heads_first = lambda a: jnp.transpose(a, (0, 2, 1, 3))  # BlHc -> BHlc
 
     def body(x, xs):
-      p, ada_B6C, old_k, old_v = xs
+      p, ada_B6C, (old_k, old_v) = xs
 
       def attn(q, k, v):
-        k_new, v_new = heads_first(k), heads_first(v)
-        k_all = jnp.concatenate(
-            [a.astype(dtype) for a in old_k] + [k_new.astype(dtype)], 2)
-        v_all = jnp.concatenate(
-            [a.astype(dtype) for a in old_v] + [v_new.astype(dtype)], 2)
-        s_len = k_all.shape[2]
-        o = _attend_chunked(cfg, heads_first(q).reshape(b * h, l, c),
-                            k_all.reshape(b * h, s_len, c),
-                            v_all.reshape(b * h, s_len, c), 0.0, dtype)
-        return (heads_first(o.reshape(b, h, l, c)).reshape(b, l, h * c),
-                (k_new, v_new))
+        k_new = _heads_first(k).astype(dtype)
+        v_new = _heads_first(v).astype(dtype)
+        k_all = jnp.concatenate(old_k + (k_new,), axis=2)
+        v_all = jnp.concatenate(old_v + (v_new,), axis=2)
+        return _attend_heads(cfg, q, k_all, v_all, 0.0, dtype), (k_new, v_new)
 
       return _block(cfg, p, x, ada_B6C, attn, dtype)
 
-    old_k = tuple(ch.k for ch in chunks)
-    old_v = tuple(ch.v for ch in chunks)
+    old = (tuple(ch.k for ch in chunks), tuple(ch.v for ch in chunks))
+    x, (k_new, v_new) = self._over_layers(body, x_BlC, ada, layers, old)
+    return x, KVCache(k_new, v_new)
+
+  def _over_layers(self, body, x, ada, layers, extra):
+    """Applies `body(x, (params, ada_i, extra_i)) -> (x, y)` to every block.
+
+    `extra` is a pytree with a leading depth axis. Without `layers` this is a
+    scan over the stacked parameters; with `layers` (one parameter dict per
+    layer) a Python loop, whose outputs `y` are stacked like the scan's.
+    """
     if layers is None:
-      xs = (self.blocks.stacked(), ada, old_k, old_v)
-      x, (k_new, v_new) = jax.lax.scan(body, x_BlC, xs)
-    else:
-      x, new = x_BlC, []
-      for i, p in enumerate(layers):
-        x, kv = body(x, (p, ada[i], tuple(a[i] for a in old_k),
-                         tuple(a[i] for a in old_v)))
-        new.append(kv)
-      k_new = jnp.stack([kv[0] for kv in new])
-      v_new = jnp.stack([kv[1] for kv in new])
-    return x, KVCache(k_new.astype(dtype), v_new.astype(dtype))
+      return jax.lax.scan(body, x, (self.blocks.stacked(), ada, extra))
+    ys = []
+    for i, p in enumerate(layers):
+      x, y = body(x, (p, ada[i], jax.tree.map(lambda a, i=i: a[i], extra)))
+      ys.append(y)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *ys)

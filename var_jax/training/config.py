@@ -113,7 +113,7 @@ class TrainConfig:
         raise UserError(f"bad training config: {msg}")
 
 
-def load_config_object(ref: str, prefix: str, cls: type):
+def load_config_object(ref: str, prefix: str, cls: type, example: str):
   """`get_config()` of a config file, or of a bundled `var_jax.configs` module.
 
   Args:
@@ -121,6 +121,7 @@ def load_config_object(ref: str, prefix: str, cls: type):
       `prefix` (e.g. 'train_d16' or 'd16' for prefix 'train_').
     prefix: the bundled modules' name prefix.
     cls: the class `get_config()` must return.
+    example: a bundled name, for the error message.
   """
   path = pathlib.Path(ref)
   if ref.endswith(".py") or path.exists():
@@ -143,7 +144,6 @@ def load_config_object(ref: str, prefix: str, cls: type):
       except ModuleNotFoundError:
         continue
     if mod is None:
-      example = {"train_": "train_d16"}.get(prefix, f"{prefix}digits")
       raise UserError(f"config {ref!r} is neither a file nor a bundled config "
                       f"(e.g. {example})")
   if not hasattr(mod, "get_config"):
@@ -157,4 +157,4 @@ def load_config_object(ref: str, prefix: str, cls: type):
 
 def load_config(ref: str) -> TrainConfig:
   """A TrainConfig from a file path or a bundled name ('train_d16' / 'd16')."""
-  return load_config_object(ref, "train_", TrainConfig)
+  return load_config_object(ref, "train_", TrainConfig, "train_d16")

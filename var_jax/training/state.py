@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from var_jax.config import VARConfig, VQVAEConfig
+from var_jax.config import VARConfig
 from var_jax.models.transformer import VAR
 from var_jax.models.vqvae import VQVAE
 from var_jax.training import sharding
@@ -100,8 +100,3 @@ def vae_state(vae: VQVAE, mesh: Mesh) -> tuple[nnx.GraphDef, dict, dict]:
   pure = nnx.to_pure_dict(state)
   sh = jax.tree.map(lambda _: sharding.replicated(mesh), pure)
   return graphdef, jax.device_put(pure, sh), sh
-
-
-def random_vae(cfg: VQVAEConfig, seed: int = 0) -> VQVAE:
-  """An untrained tokenizer (benchmarks and smoke tests only)."""
-  return VQVAE(cfg, rngs=nnx.Rngs(seed))

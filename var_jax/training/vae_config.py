@@ -156,4 +156,5 @@ class VAETrainConfig:
 
 def load_vae_config(ref: str) -> VAETrainConfig:
   """A VAETrainConfig from a file or a bundled name ('train_vae_digits')."""
-  return load_config_object(ref, "train_vae_", VAETrainConfig)
+  return load_config_object(ref, "train_vae_", VAETrainConfig,
+                            "train_vae_digits")
