@@ -7,6 +7,7 @@ its sharding (`out_sharding`, mesh axis names) right where it is created.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -16,9 +17,10 @@ import numpy as np
 from flax import nnx
 
 from var_jax.config import VARConfig
+from var_jax.models import attention
 
 FSDP = "fsdp"
-_NEG = -1e30  # Finite "-inf" for masks: keeps fully masked rows NaN-free.
+_NEG = attention.NEG
 
 
 def _normal(key, shape, std):
@@ -144,21 +146,19 @@ def _qkv(cfg, p, x_BLC, dtype):
   return q, k, v
 
 
-def _attend(cfg, q, k, v, bias_LS, dtype):
-  """softmax(q k^T * scale + bias) v; q (B,L,H,c), k/v (B,S,H,c)."""
-  scale = 1.0 if cfg.attn_l2_norm else 0.25 / math.sqrt(cfg.head_dim)
-  s = jnp.einsum("blhc,bshc->bhls", q.astype(dtype), k.astype(dtype),
-                 preferred_element_type=jnp.float32) * scale
-  if bias_LS is not None:
-    s = s + bias_LS
-  w = jax.nn.softmax(s, axis=-1)
-  o = jnp.einsum("bhls,bshc->blhc", w.astype(dtype), v.astype(dtype),
-                 preferred_element_type=jnp.float32)
-  return o.reshape(o.shape[0], o.shape[1], -1)
+def _scale(cfg) -> float:
+  """Score multiplier (with L2-normalised q/k the learned scale is in q)."""
+  return 1.0 if cfg.attn_l2_norm else 0.25 / math.sqrt(cfg.head_dim)
 
 
-# Largest score block (bytes) one step of chunked attention materialises.
-_ATTN_BLOCK_BYTES = 4 << 20
+def _attend_block_causal(cfg, q_BLHc, k_BLHc, v_BLHc, dtype):
+  """Teacher-forcing attention over the whole pyramid -> (B, L, H * c)."""
+  b, l, h, c = q_BLHc.shape
+  heads = lambda a: _heads_first(a).reshape(b * h, l, c)
+  o = attention.block_causal_attention(
+      tuple(cfg.patch_nums), _scale(cfg), dtype, heads(q_BLHc),
+      heads(k_BLHc), heads(v_BLHc))
+  return _heads_first(o.reshape(b, h, l, c)).reshape(b, l, h * c)
 
 
 def _attend_chunked(cfg, q_NlC, k_NSc, v_NSc, bias_lS, dtype):
@@ -171,9 +171,8 @@ def _attend_chunked(cfg, q_NlC, k_NSc, v_NSc, bias_lS, dtype):
   """
   n, l, _ = q_NlC.shape
   s = k_NSc.shape[1]
-  scale = 1.0 if cfg.attn_l2_norm else 0.25 / math.sqrt(cfg.head_dim)
-  g = max([d for d in range(1, n + 1)
-           if n % d == 0 and d * l * s * 4 <= _ATTN_BLOCK_BYTES] or [1])
+  scale = _scale(cfg)
+  g = attention.group_size(n, l, s)
 
   def one(qkv):
     q, k, v = qkv
@@ -213,22 +212,23 @@ def _block(cfg, p, x_BLC, ada_B6C, attn_fn, dtype, keep_B=None):
   o, extra = attn_fn(q, k, v)
   a = (_mm(o, p["proj_w"], dtype) + p["proj_b"]) * g1
   x_BLC = x_BLC + (a if keep_B is None else a * keep_B)
-  h = layer_norm(x_BLC, cfg.norm_eps) * (s2 + 1) + b2
-  h = jax.nn.gelu(_mm(h, p["fc1_w"], dtype) + p["fc1_b"], approximate=True)
-  m = (_mm(h, p["fc2_w"], dtype) + p["fc2_b"]) * g2
+  m = _mlp(cfg, p, x_BLC, s2, b2, dtype) * g2
   x_BLC = x_BLC + (m if keep_B is None else m * keep_B)
   return x_BLC, extra
 
 
-def block_causal_bias(patch_nums) -> np.ndarray:
-  """(L, L) additive mask: a token sees its own scale and all coarser ones."""
-  lvl = np.concatenate([np.full(pn * pn, i) for i, pn in enumerate(patch_nums)])
-  return np.where(lvl[:, None] >= lvl[None, :], 0.0, _NEG).astype(np.float32)
+@functools.partial(jax.checkpoint, static_argnums=(0, 5),
+                   policy=jax.checkpoint_policies.dots_saveable)
+def _mlp(cfg, p, x_BLC, scale, shift, dtype):
+  """AdaLN-modulated LayerNorm, fc1, GELU, fc2.
 
-
-def level_ids(patch_nums) -> np.ndarray:
-  """(L,) scale index of each position (the official `lvl_1L`, computed)."""
-  return np.concatenate([np.full(pn * pn, i) for i, pn in enumerate(patch_nums)])
+  Under differentiation only the matmul outputs are kept for the backward
+  pass; the norm and the GELU are recomputed there. Autodiff would otherwise
+  keep several (B, L, 4C) intermediates of the tanh GELU per layer.
+  """
+  h = layer_norm(x_BLC, cfg.norm_eps) * (scale + 1) + shift
+  h = jax.nn.gelu(_mm(h, p["fc1_w"], dtype) + p["fc1_b"], approximate=True)
+  return _mm(h, p["fc2_w"], dtype) + p["fc2_b"]
 
 
 class VAR(nnx.Module):
@@ -256,7 +256,7 @@ class VAR(nnx.Module):
   # ------------------------------------------------------------ embeddings
   def lvl_pos(self) -> jax.Array:
     """(1, L, C): level embedding + absolute position, added to every input."""
-    lvl = jnp.asarray(level_ids(self.cfg.patch_nums))
+    lvl = jnp.asarray(attention.level_ids(self.cfg.patch_nums))
     return self.lvl_embed(lvl)[None] + self.pos_1LC[...]
 
   def block_cond(self, cond_BD):
@@ -301,10 +301,9 @@ class VAR(nnx.Module):
                          (b, cfg.first_l, cfg.embed_dim)),
         self.word_embed(x_BLCvae.astype(jnp.float32)),
     ], axis=1) + self.lvl_pos()
-    bias = jnp.asarray(block_causal_bias(cfg.patch_nums))
 
     def attn(q, k, v):
-      return _attend(cfg, q, k, v, bias, dtype), None
+      return _attend_block_causal(cfg, q, k, v, dtype), None
 
     keep = None
     if dropout_key is not None and cfg.drop_path_rate > 0:

@@ -1,0 +1,61 @@
+"""Block-causal training attention against a plain masked softmax."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from var_jax.models import attention
+
+PN_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+
+
+def _reference(q, k, v, bias, scale, dtype):
+  s = jnp.einsum("nlc,nsc->nls", q.astype(dtype), k.astype(dtype),
+                 preferred_element_type=jnp.float32) * scale + bias
+  p = jax.nn.softmax(s, axis=-1)
+  return jnp.einsum("nls,nsc->nlc", p.astype(dtype), v.astype(dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def test_segments_cover_rows_and_merge_small_scales():
+  segs = attention.segments(PN_256)
+  assert segs[0][0] == 0 and segs[-1][1] == 680
+  assert all(a[1] == b[0] for a, b in zip(segs, segs[1:]))
+  assert segs == ((0, 91, 0), (91, 155, 6), (155, 255, 7), (255, 424, 8),
+                  (424, 680, 9))
+  assert attention.segments((1, 2)) == ((0, 5, 0),)
+
+
+@pytest.mark.parametrize("pn,dtype,tol", [
+    (PN_256, jnp.float32, 1e-5), ((1, 2, 3, 4, 6, 9), jnp.float32, 1e-5),
+    ((1, 2, 4), jnp.float32, 1e-5), (PN_256, jnp.bfloat16, 2e-2)])
+def test_values_and_gradients_match_masked_softmax(pn, dtype, tol):
+  l = sum(p * p for p in pn)
+  n, c, scale = 6, 16, 0.3
+  ks = jax.random.split(jax.random.key(0), 4)
+  q, k, v, do = [jax.random.normal(kk, (n, l, c)) for kk in ks]
+  bias = jnp.asarray(attention.block_causal_bias(pn))
+
+  def ours(q, k, v):
+    return jnp.sum(attention.block_causal_attention(pn, scale, dtype, q, k, v)
+                   * do)
+
+  def ref(q, k, v):
+    return jnp.sum(_reference(q, k, v, bias, scale, dtype) * do)
+
+  o = attention.block_causal_attention(pn, scale, dtype, q, k, v)
+  o_ref = _reference(q, k, v, bias, scale, dtype)
+  np.testing.assert_allclose(o, o_ref, atol=tol, rtol=tol)
+  g = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(q, k, v)
+  g_ref = jax.grad(ref, argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(g, g_ref):
+    scale_ref = float(jnp.max(jnp.abs(b)))
+    assert float(jnp.max(jnp.abs(a - b))) <= tol * scale_ref, (
+        float(jnp.max(jnp.abs(a - b))), scale_ref)
+
+
+def test_group_size_respects_tile_budget():
+  g = attention.group_size(64, 256, 680)
+  assert 64 % g == 0 and g * 256 * 680 * 4 <= attention.TILE_BYTES
+  assert attention.group_size(64, 4096, 4096) == 1
