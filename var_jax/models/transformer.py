@@ -217,7 +217,7 @@ def _block(cfg, p, x_BLC, ada_B6C, attn_fn, dtype, keep_B=None):
   return x_BLC, extra
 
 
-@functools.partial(jax.checkpoint, static_argnums=(0, 5),
+@functools.partial(jax.checkpoint, static_argnums=(0, 5), prevent_cse=False,
                    policy=jax.checkpoint_policies.dots_saveable)
 def _mlp(cfg, p, x_BLC, scale, shift, dtype):
   """AdaLN-modulated LayerNorm, fc1, GELU, fc2.
@@ -225,6 +225,9 @@ def _mlp(cfg, p, x_BLC, scale, shift, dtype):
   Under differentiation only the matmul outputs are kept for the backward
   pass; the norm and the GELU are recomputed there. Autodiff would otherwise
   keep several (B, L, 4C) intermediates of the tanh GELU per layer.
+  prevent_cse is off: training differentiates it only inside the scan over
+  layers, where CSE cannot undo the recomputation, and its barriers would
+  block fusion in the (undifferentiated) sampler.
   """
   h = layer_norm(x_BLC, cfg.norm_eps) * (scale + 1) + shift
   h = jax.nn.gelu(_mm(h, p["fc1_w"], dtype) + p["fc1_b"], approximate=True)
