@@ -106,6 +106,19 @@ def _bwd_tile(q, k, v, o, lse, do, bias, scale, dtype):
   return dq, dk, dv
 
 
+def grouped_attention(q_NlC, k_NSc, v_NSc, bias_lS, scale, dtype):
+  """softmax(q k^T * scale + bias) v over independent (row, head) pairs.
+
+  q (N, l, c), k/v (N, S, c), bias broadcastable to (l, S) or None. One
+  batched softmax over all N pairs writes and re-reads an (N, l, S) score
+  tensor far bigger than the CPU caches; groups of pairs whose scores fit in
+  a few MiB run the same math several times faster on CPU.
+  """
+  n, l, _ = q_NlC.shape
+  fn = functools.partial(_fwd_tile, bias=bias_lS, scale=scale, dtype=dtype)
+  return _mapped(fn, n, l, k_NSc.shape[1], q_NlC, k_NSc, v_NSc)[0]
+
+
 def _forward(patch_nums, scale, dtype, q, k, v):
   n = q.shape[0]
   outs, lses = [], []

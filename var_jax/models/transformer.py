@@ -20,7 +20,6 @@ from var_jax.config import VARConfig
 from var_jax.models import attention
 
 FSDP = "fsdp"
-_NEG = attention.NEG
 
 
 def _normal(key, shape, std):
@@ -161,34 +160,6 @@ def _attend_block_causal(cfg, q_BLHc, k_BLHc, v_BLHc, dtype):
   return _heads_first(o.reshape(b, h, l, c)).reshape(b, l, h * c)
 
 
-def _attend_chunked(cfg, q_NlC, k_NSc, v_NSc, bias_lS, dtype):
-  """softmax(q k^T * scale + bias) v over independent (row, head) pairs.
-
-  q (N, l, c), k/v (N, S, c), bias broadcastable to (l, S). One batched
-  softmax over all N pairs writes and re-reads an (N, l, S) score tensor far
-  bigger than the CPU caches; mapping over groups of pairs whose scores fit
-  in a few MiB runs the same math several times faster on CPU.
-  """
-  n, l, _ = q_NlC.shape
-  s = k_NSc.shape[1]
-  scale = _scale(cfg)
-  g = attention.group_size(n, l, s)
-
-  def one(qkv):
-    q, k, v = qkv
-    sc = jnp.einsum("nlc,nsc->nls", q.astype(dtype), k.astype(dtype),
-                    preferred_element_type=jnp.float32) * scale
-    w = jax.nn.softmax(sc + bias_lS, axis=-1)
-    return jnp.einsum("nls,nsc->nlc", w.astype(dtype), v.astype(dtype),
-                      preferred_element_type=jnp.float32)
-
-  if g == n:
-    return one((q_NlC, k_NSc, v_NSc))
-  grp = lambda a: a.reshape((n // g, g) + a.shape[1:])
-  o = jax.lax.map(one, (grp(q_NlC), grp(k_NSc), grp(v_NSc)))
-  return o.reshape(n, l, -1)
-
-
 def _heads_first(a):
   """(B, l, H, c) <-> (B, H, l, c)."""
   return jnp.transpose(a, (0, 2, 1, 3))
@@ -198,9 +169,9 @@ def _attend_heads(cfg, q_BlHc, k_BHSc, v_BHSc, bias_lS, dtype):
   """Cached-decoding attention: head-major keys/values -> (B, l, H * c)."""
   b, l, h, c = q_BlHc.shape
   s = k_BHSc.shape[2]
-  o = _attend_chunked(cfg, _heads_first(q_BlHc).reshape(b * h, l, c),
-                      k_BHSc.reshape(b * h, s, c), v_BHSc.reshape(b * h, s, c),
-                      bias_lS, dtype)
+  o = attention.grouped_attention(
+      _heads_first(q_BlHc).reshape(b * h, l, c), k_BHSc.reshape(b * h, s, c),
+      v_BHSc.reshape(b * h, s, c), bias_lS, _scale(cfg), dtype)
   return _heads_first(o.reshape(b, h, l, c)).reshape(b, l, h * c)
 
 
@@ -365,7 +336,7 @@ class VAR(nnx.Module):
     b, l, _ = x_BlC.shape
     h, c = cfg.num_heads, cfg.head_dim
     limit = start + l if key_limit is None else key_limit
-    bias = jnp.where(jnp.arange(kv_len) < limit, 0.0, _NEG)[None, :]
+    bias = jnp.where(jnp.arange(kv_len) < limit, 0.0, attention.NEG)[None, :]
     if ada is None:
       ada = self.adaln_all(cond_BD, layers)
     zero = jnp.zeros((), jnp.int32)

@@ -243,6 +243,17 @@ class VQVAE(nnx.Module):
     return rec, out
 
 
+def one_image_at_a_time(fn, x_B):
+  """`fn` (encoder or decoder) over a batch, one image per call (`lax.map`).
+
+  On CPU the full-resolution activations of one image already exceed the
+  caches; a batch of them turns the convolutions and normalisations
+  memory-bound (d16 decoder: 2.6 s per image one by one, 3.3 s at batch 8;
+  encoder: 1.58 s against 1.89 s at batch 4). Accelerators take the batch.
+  """
+  return jax.lax.map(lambda x: fn(x[None])[0], x_B)
+
+
 def jit_tokenizer(vae: VQVAE, patch_nums=None):
   """A jitted `images (B, H, W, 3) in [-1, 1] -> token ids per scale`."""
   graphdef, state = nnx.split(vae)

@@ -41,6 +41,7 @@ from flax import nnx
 
 from var_jax.models import quantizer
 from var_jax.models.transformer import KVCache
+from var_jax.models.vqvae import one_image_at_a_time
 from var_jax.sampling import filtering
 
 FORMS = ("unrolled", "scan")
@@ -297,17 +298,11 @@ def _run_scan(var, layers, quant, plan, opts, mix, cond_2BD, state, ids_B,
 
 
 def _decode_images(vae, f_hat_BHWC):
-  """The VQVAE decoder; on CPU one image at a time.
-
-  On CPU the full-resolution activations of one image already exceed the
-  caches; a batch of them turns the decoder's normalisations and 3x3
-  convolutions memory-bound (measured on d16: 3.3 s per image at batch 8
-  against 2.6 s one by one). Accelerators decode the batch at once.
-  """
+  """The VQVAE decoder; on CPU one image at a time (see one_image_at_a_time)."""
   b = f_hat_BHWC.shape[0]
   if b == 1 or jax.default_backend() != "cpu":
     return vae.decode(f_hat_BHWC)
-  return jax.lax.map(lambda f: vae.decode(f[None])[0], f_hat_BHWC)
+  return one_image_at_a_time(vae.decode, f_hat_BHWC)
 
 
 def _split_var(var, layer_loop):
