@@ -171,11 +171,11 @@ def test_outputs_get_umask_permissions(tmp_path):
   import os
   import stat
 
-  from var_jax import checkpoint
+  from var_jax import io as var_io
   old = os.umask(0o022)
   try:
-    f = checkpoint.atomic_file(tmp_path / "a.bin", lambda fh: fh.write(b"x"))
-    with checkpoint.atomic_dir(tmp_path / "model") as d:
+    f = var_io.atomic_file(tmp_path / "a.bin", lambda fh: fh.write(b"x"))
+    with var_io.atomic_dir(tmp_path / "model") as d:
       (d / "config.json").write_text("{}")
   finally:
     os.umask(old)

@@ -13,11 +13,7 @@ crash never leaves a half-written DIR behind.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import pathlib
-import shutil
-import tempfile
 
 import jax
 import orbax.checkpoint as ocp
@@ -26,62 +22,10 @@ from flax import nnx
 from var_jax.config import ModelConfig
 from var_jax.models.transformer import VAR
 from var_jax.models.vqvae import VQVAE
+from var_jax.errors import CheckpointError
+from var_jax.io import atomic_dir, write_text
 
 DEFAULT_MODEL = pathlib.Path(__file__).parent / "assets" / "digits"
-
-
-class CheckpointError(ValueError):
-  """A model directory that is missing, incomplete or inconsistent."""
-
-
-def _umask_mode(full: int) -> int:
-  """`full` (0o666 files, 0o777 directories) less the process umask."""
-  mask = os.umask(0)
-  os.umask(mask)
-  return full & ~mask
-
-
-def atomic_file(path, write) -> pathlib.Path:
-  """Calls `write(binary file)` on a temporary name, then renames to `path`.
-
-  A crash leaves no half-written file; the result gets the permissions an
-  ordinary `open(path, "wb")` would give (mkstemp creates files 0600).
-  """
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as fh:
-      write(fh)
-    os.chmod(tmp, _umask_mode(0o666))
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-  return path
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir, overwrite: bool = False):
-  """Yields a temporary directory that becomes `out_dir` on success."""
-  out = pathlib.Path(out_dir).absolute()
-  if out.exists() and not overwrite:
-    raise CheckpointError(f"{out} already exists; pass --overwrite to replace it")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-  try:
-    os.chmod(tmp, _umask_mode(0o777))  # mkdtemp makes it 0700.
-    yield tmp
-    if out.exists():
-      old = out.with_name(f".{out.name}.old-{os.getpid()}")
-      out.rename(old)
-      tmp.rename(out)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      tmp.rename(out)
-  finally:
-    if tmp.exists():
-      shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _save_tree(path: pathlib.Path, model) -> None:
@@ -98,7 +42,7 @@ def save_model(out_dir, cfg: ModelConfig, vae=None, var=None,
   `vae` / `var` are NNX modules or their nested pure-dict states.
   """
   with atomic_dir(out_dir, overwrite) as tmp:
-    (tmp / "config.json").write_text(cfg.to_json())
+    write_text(tmp / "config.json", cfg.to_json())
     if vae is not None:
       _save_tree(tmp / "vae", vae)
     if var is not None:

@@ -10,6 +10,7 @@ import dataclasses
 import importlib
 import json
 from typing import Any
+from var_jax.errors import UserError
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
@@ -109,7 +110,7 @@ def _build(klass, d: dict[str, Any]):
   names = {f.name for f in dataclasses.fields(klass)}
   unknown = set(d) - names
   if unknown:
-    raise ValueError(f"unknown {klass.__name__} fields: {sorted(unknown)}")
+    raise UserError(f"unknown {klass.__name__} fields: {sorted(unknown)}")
   kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
   return klass(**kw)
 
@@ -134,5 +135,5 @@ def get_preset(name: str) -> ModelConfig:
   mod = importlib.import_module("var_jax.configs.models")
   presets = mod.PRESETS
   if name not in presets:
-    raise ValueError(f"unknown preset {name!r}; choose from {sorted(presets)}")
+    raise UserError(f"unknown preset {name!r}; choose from {sorted(presets)}")
   return presets[name]

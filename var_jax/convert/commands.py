@@ -9,7 +9,7 @@ import numpy as np
 
 
 def _user_error(msg):
-  from var_jax.cli import UserError
+  from var_jax.errors import UserError
   return UserError(msg)
 
 
@@ -133,7 +133,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
   for i in range(0, len(imgs), args.batch):
     for k, idx in enumerate(encode(state, jnp.asarray(imgs[i:i + args.batch]))):
       outs[k].append(np.asarray(idx, np.int32))
-  from var_jax.sampling.images import save_npz
+  from var_jax.io import save_npz
   save_npz(args.out, **{f"idx_{k}": np.concatenate(o)
                                for k, o in enumerate(outs)})
   print(f"wrote {len(imgs)} x {len(outs)} token maps to {args.out}")

@@ -12,14 +12,11 @@ import logging
 import pathlib
 import sys
 from typing import Callable
+from var_jax.errors import DownloadError
 
 REPO = "FoundationVision/var"
 VAE_FILE = "vae_ch160v4096z32.pth"
 MODELS = ("d16", "d20", "d24", "d30", "d36")
-
-
-class DownloadError(RuntimeError):
-  """The checkpoints could not be fetched (network, hub, package)."""
 
 
 def checkpoint_files(model: str) -> tuple[str, str]:

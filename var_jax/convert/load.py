@@ -14,10 +14,7 @@ from flax import nnx
 from var_jax.config import PATCH_NUMS_256, PATCH_NUMS_512, VARConfig, VQVAEConfig
 from var_jax.convert.mapping import Rule, to_official, var_rules, vqvae_rules
 from var_jax.models.attention import level_ids
-
-
-class ConvertError(ValueError):
-  """A checkpoint that does not fit the model; the message lists every key."""
+from var_jax.errors import ConvertError
 
 
 _WRAPPERS = ("module.", "_orig_mod.")

@@ -16,6 +16,7 @@ import zipfile
 
 import ml_dtypes
 import numpy as np
+from var_jax.errors import PthError
 
 _STORAGE_DTYPES = {
     "DoubleStorage": np.float64, "FloatStorage": np.float32,
@@ -24,10 +25,6 @@ _STORAGE_DTYPES = {
     "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
 }
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-
-
-class PthError(ValueError):
-  """A file that is not a readable, safe PyTorch checkpoint."""
 
 
 class _StorageType:

@@ -19,14 +19,11 @@ from var_jax.convert import convert, load
 from var_jax.models import quantizer
 from var_jax.models.transformer import VAR
 from var_jax.models.vqvae import VQVAE
+from var_jax.errors import VerifyError
 
 # Golden tolerances (../shared/golden/README.md): relative to max magnitude.
 REL_TOL = 1e-4
 TIE_GAP = 1e-4
-
-
-class VerifyError(RuntimeError):
-  """torch or the official checkout is missing or unusable."""
 
 
 def _import_official(repo: pathlib.Path):

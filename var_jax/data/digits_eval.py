@@ -10,6 +10,7 @@ area averaging, so the classifier sees real and generated digits alike.
 from __future__ import annotations
 
 import numpy as np
+from var_jax.errors import UserError
 
 
 def to_features(images_BHWC) -> np.ndarray:
@@ -17,7 +18,7 @@ def to_features(images_BHWC) -> np.ndarray:
   x = np.asarray(images_BHWC, np.float64).mean(-1)  # Gray: channels agree.
   b, h, w = x.shape
   if h != w or h % 8:
-    raise ValueError(f"expected square images with side divisible by 8, got "
+    raise UserError(f"expected square images with side divisible by 8, got "
                      f"{h}x{w}")
   k = h // 8
   return x.reshape(b, 8, k, 8, k).mean((2, 4)).reshape(b, 64) * 16

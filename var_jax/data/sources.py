@@ -15,14 +15,11 @@ import numpy as np
 
 from var_jax.data import augment
 from var_jax.data.augment import CorruptImageError
+from var_jax.errors import DataError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # File names of the ImageNet-2012 manual download that TFDS prepares from.
 _IMAGENET_MANUAL_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
-
-
-class DataError(ValueError):
-  """A data configuration problem, reported in one line."""
 
 
 @dataclasses.dataclass(frozen=True)

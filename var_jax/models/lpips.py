@@ -32,6 +32,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+from var_jax.errors import LpipsWeightsError
 
 # torchvision `features` indices of the 13 convolutions, and after which of
 # them a feature map is taken (the ReLU that follows it) / a 2x2 max-pool runs.
@@ -45,10 +46,6 @@ _CONV_CHANNELS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512,
 _SHIFT = np.array([-0.030, -0.088, -0.188], np.float32)
 _SCALE = np.array([0.458, 0.448, 0.450], np.float32)
 MIN_RESOLUTION = 16  # Four 2x2 pools before relu5_3.
-
-
-class LpipsWeightsError(ValueError):
-  """Missing, unreadable or incomplete LPIPS weights."""
 
 
 _VGG_RE = re.compile(r"(?:^|\.)(?:features|slice\d)\.(\d+)\.(weight|bias)$")
@@ -134,8 +131,8 @@ def save_lpips_npz(vgg_pth, lin_pth, out) -> None:
     arrays[f"features.{i}.bias"] = b
   for k, w in enumerate(weights["lins"]):
     arrays[f"lin{k}.model.1.weight"] = w.reshape(1, -1, 1, 1)
-  from var_jax.checkpoint import atomic_file
-  atomic_file(out, lambda fh: np.savez(fh, **arrays))
+  from var_jax.io import save_npz
+  save_npz(out, **arrays)
 
 
 def random_lpips_weights(seed: int = 0) -> dict:

@@ -19,7 +19,7 @@ import numpy as np
 
 def add_parser(bench_subparsers) -> None:
   """Adds `sample` to a `bench` command's sub-parsers."""
-  from var_jax.cli import add_bench_model_args
+  from var_jax.flags import add_bench_model_args
   p = bench_subparsers.add_parser(
       "sample", help="time class-conditional sampling (one JSON line)",
       description="Times the jitted sampler (KV cache, CFG, top-k/top-p, "
@@ -67,7 +67,7 @@ def run(args) -> int:
   from var_jax.training import flops as tflops
 
   if args.batch < 1 or args.iters < 1:
-    from var_jax.cli import UserError
+    from var_jax.errors import UserError
     raise UserError("--batch and --iters must be >= 1")
   from var_jax import checkpoint
   cfg, vae, var = checkpoint.bench_models(args.ckpt, args.preset)

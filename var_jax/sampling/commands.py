@@ -8,7 +8,7 @@ import time
 
 
 def _user_error(msg):
-  from var_jax.cli import UserError
+  from var_jax.errors import UserError
   return UserError(msg)
 
 
@@ -89,7 +89,7 @@ def register(sub) -> None:
     from var_jax.sampling import bench
   except ImportError:
     return
-  from var_jax.cli import bench_parsers
+  from var_jax.flags import bench_parsers
   bench.add_parser(bench_parsers(sub))
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from var_jax.models import vqvae
+from var_jax.errors import UserError
 
 
 def box_mask(size: int, box: Sequence[float], inpaint: bool) -> np.ndarray:
@@ -30,7 +31,7 @@ def box_mask(size: int, box: Sequence[float], inpaint: bool) -> np.ndarray:
   """
   y0, x0, y1, x1 = (float(v) for v in box)
   if not (0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1):
-    raise ValueError(f"box must satisfy 0 <= y0 < y1 <= 1 and 0 <= x0 < x1 "
+    raise UserError(f"box must satisfy 0 <= y0 < y1 <= 1 and 0 <= x0 < x1 "
                      f"<= 1, got {tuple(box)}")
   m = np.zeros((size, size), np.float32)
   # Python's round (half to even), as the notebook's.
@@ -98,12 +99,12 @@ def zero_shot_edit(sampler, vae, images_BHWC, mask_hw, labels, *,
   patch_nums = sampler.patch_nums
   mask_hw = np.asarray(mask_hw, np.float32)
   if mask_hw.shape != (patch_nums[-1],) * 2:
-    raise ValueError(f"mask must be {(patch_nums[-1],) * 2} (the last scale),"
+    raise UserError(f"mask must be {(patch_nums[-1],) * 2} (the last scale),"
                      f" got {mask_hw.shape}")
   images_BHWC = jnp.asarray(images_BHWC, jnp.float32)
   side = vae.cfg.downsample * patch_nums[-1]
   if images_BHWC.ndim != 4 or images_BHWC.shape[1:] != (side, side, 3):
-    raise ValueError(f"images must be (B, {side}, {side}, 3), got "
+    raise UserError(f"images must be (B, {side}, {side}, 3), got "
                      f"{tuple(images_BHWC.shape)}")
   given = vqvae.jit_tokenizer(vae, patch_nums)(images_BHWC)
   b = images_BHWC.shape[0]

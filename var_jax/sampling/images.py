@@ -7,7 +7,8 @@ import pathlib
 import numpy as np
 from PIL import Image
 
-from var_jax.checkpoint import atomic_file
+from var_jax.errors import UserError
+from var_jax.io import save_npz, save_png  # noqa: F401  (re-exported)
 
 
 def to_uint8(images_BHWC) -> np.ndarray:
@@ -31,17 +32,6 @@ def grid(images_BHWC, ncol: int, pad: int = 2) -> np.ndarray:
   return out
 
 
-def save_png(path, image_HWC_u8: np.ndarray) -> pathlib.Path:
-  """Writes a PNG through a temporary name, so a crash leaves no half file."""
-  img = Image.fromarray(np.asarray(image_HWC_u8, np.uint8))
-  return atomic_file(path, lambda fh: img.save(fh, format="PNG"))
-
-
-def save_npz(path, **arrays) -> pathlib.Path:
-  """np.savez through a temporary name in the same directory."""
-  return atomic_file(path, lambda fh: np.savez(fh, **arrays))
-
-
 def load_image(path, resolution: int) -> np.ndarray:
   """An image file -> float32 (res, res, 3) in [-1, 1].
 
@@ -52,11 +42,11 @@ def load_image(path, resolution: int) -> np.ndarray:
   from var_jax.data import augment
   path = pathlib.Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"{path}: no such image file")
+    raise UserError(f"{path}: no such image file")
   try:
     img = augment.decode_image(str(path))
   except augment.CorruptImageError as e:
-    raise ValueError(f"{path}: not a readable image ({e})") from None
+    raise UserError(f"{path}: not a readable image ({e})") from None
   img = augment.resize_shorter(img, resolution)
   w, h = img.size
   top, left = augment.center_crop_box(w, h, resolution)

@@ -35,7 +35,7 @@ def _check_meta(parts: pathlib.Path, meta: dict) -> None:
     old = json.loads(path.read_text())
     if old != meta:
       diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
-      from var_jax.cli import UserError
+      from var_jax.errors import UserError
       raise UserError(f"{parts} holds an interrupted run with other settings "
                       f"({', '.join(diff)}); delete it or use the same flags")
   else:
@@ -49,7 +49,7 @@ def _shard(sampler, batch: int):
   """Replicates the weights over local devices; returns the batch sharding."""
   devices = jax.local_devices()
   if batch % len(devices):
-    from var_jax.cli import UserError
+    from var_jax.errors import UserError
     raise UserError(f"--batch {batch} must be a multiple of the "
                     f"{len(devices)} local devices")
   mesh = Mesh(np.asarray(devices), ("data",))

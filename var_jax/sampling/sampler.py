@@ -43,6 +43,7 @@ from var_jax.models import quantizer
 from var_jax.models.transformer import KVCache
 from var_jax.models.vqvae import one_image_at_a_time
 from var_jax.sampling import filtering
+from var_jax.errors import UserError
 
 FORMS = ("unrolled", "scan")
 DEFAULT_FORM = "unrolled"  # Faster on CPU (see README / bench figures).
@@ -70,12 +71,12 @@ class SampleOptions:
 
   def __post_init__(self):
     if self.form not in FORMS:
-      raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
+      raise UserError(f"form must be one of {FORMS}, got {self.form!r}")
     if self.layer_loop not in LAYER_LOOPS:
-      raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, "
+      raise UserError(f"layer_loop must be one of {LAYER_LOOPS}, "
                        f"got {self.layer_loop!r}")
     if self.dtype not in DTYPES:
-      raise ValueError(f"dtype must be one of {tuple(DTYPES)}")
+      raise UserError(f"dtype must be one of {tuple(DTYPES)}")
 
 
 @flax.struct.dataclass
@@ -441,7 +442,7 @@ class Sampler:
       labels = jnp.asarray(labels, jnp.int32).reshape(-1)
       batch = labels.shape[0]
     if batch is None:
-      raise ValueError("pass labels or batch")
+      raise UserError("pass labels or batch")
     ids_B = jnp.arange(offset, offset + batch, dtype=jnp.int32)
     given_BL = None
     if given is not None:

@@ -18,7 +18,7 @@ import numpy as np
 
 def add_parser(bench_subparsers) -> None:
   """Adds `train` to a `bench` command's sub-parsers."""
-  from var_jax.cli import add_bench_model_args
+  from var_jax.flags import add_bench_model_args
   p = bench_subparsers.add_parser(
       "train", help="time VAR training steps (one JSON line)",
       description="Times the jitted training step of a preset on random "

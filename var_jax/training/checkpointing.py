@@ -15,7 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from var_jax.cli import UserError
+from var_jax.errors import UserError
 from var_jax.config import VQVAEConfig
 from var_jax.models.vqvae import VQVAE
 from var_jax.training import sharding

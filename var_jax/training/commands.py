@@ -59,7 +59,7 @@ def _register_tokenize(subparsers) -> None:
 
 
 def _tokenize(args) -> int:
-  from var_jax.cli import UserError
+  from var_jax.errors import UserError
   from var_jax.training.tokenize import tokenize_dataset
   if args.batch < 1 or not args.out.endswith(".npz"):
     raise UserError("--batch must be >= 1 and --out must end in .npz")
@@ -77,7 +77,7 @@ def _tokenize(args) -> int:
 
 
 def _register_bench(subparsers) -> None:
-  from var_jax.cli import bench_parsers
+  from var_jax.flags import bench_parsers
   from var_jax.training import bench
   bench.add_parser(bench_parsers(subparsers))
 

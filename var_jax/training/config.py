@@ -12,7 +12,7 @@ import importlib
 import importlib.util
 import pathlib
 
-from var_jax.cli import UserError
+from var_jax.errors import UserError
 from var_jax.config import ModelConfig, get_preset
 
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from var_jax.cli import UserError
+from var_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -13,12 +13,9 @@ import pathlib
 import sys
 
 import numpy as np
+from var_jax.errors import TrainingDiverged
 
 _CHECKED = ("loss", "grad_norm")
-
-
-class TrainingDiverged(RuntimeError):
-  """A non-finite training metric; the message names the step and metric."""
 
 
 def flatten(metrics: dict, patch_nums) -> dict[str, float]:

@@ -8,6 +8,7 @@ run sees exactly the values of an uninterrupted one.
 from __future__ import annotations
 
 import math
+from var_jax.errors import UserError
 
 SCHEDULES = ("cos", "lin", "lin0", "lin00", "linT (T a float)", "exp")
 
@@ -42,7 +43,7 @@ def lr_ratio(sche: str, it: int, wp_it: float, max_it: int, wp0: float = 0.005,
     try:
       flat = float(sche[3:])
     except ValueError:
-      raise ValueError(f"unknown schedule {sche!r}; choose from "
+      raise UserError(f"unknown schedule {sche!r}; choose from "
                        f"{', '.join(SCHEDULES)}") from None
     # Decays linearly to a midpoint during [0, T), then linearly to wpe.
     mid = (1 + wpe + (1 - wpe) * (1 - flat)) / 2
@@ -54,7 +55,7 @@ def lr_ratio(sche: str, it: int, wp_it: float, max_it: int, wp0: float = 0.005,
     if pasd < flat:
       return 1.0
     return math.exp((pasd - flat) / (1 - flat) * math.log(wpe))
-  raise ValueError(f"unknown schedule {sche!r}; choose from "
+  raise UserError(f"unknown schedule {sche!r}; choose from "
                    f"{', '.join(SCHEDULES)}")
 
 

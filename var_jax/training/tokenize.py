@@ -20,12 +20,12 @@ def tokenize_dataset(ckpt, spec: str, split: str, out, *, batch: int = 64,
   from var_jax.data.loader import Loader
   from var_jax.data.sources import AugConfig, open_source
   from var_jax.models.vqvae import jit_tokenizer
-  from var_jax.sampling.images import save_npz
+  from var_jax.io import save_npz
 
   cfg, vae, _ = checkpoint.load_model(ckpt, need_var=False)
   pn = tuple(patch_nums or cfg.vae.v_patch_nums)
   if pn[-1] != cfg.vae.v_patch_nums[-1]:
-    from var_jax.cli import UserError
+    from var_jax.errors import UserError
     raise UserError(f"the last scale must be the tokenizer's latent side "
                     f"{cfg.vae.v_patch_nums[-1]}, got {pn}")
   source = open_source(spec, split=split, aug=AugConfig(

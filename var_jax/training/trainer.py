@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from var_jax import checkpoint
-from var_jax.cli import UserError
+from var_jax.errors import UserError
 from var_jax.config import ModelConfig
 from var_jax.training import flops as flops_lib
 from var_jax.training import loss as loss_lib

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from var_jax.cli import UserError
+from var_jax.errors import UserError
 from var_jax.config import ModelConfig, VQVAEConfig, get_preset
 from var_jax.training import schedule
 from var_jax.training.config import load_config_object

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from var_jax.cli import UserError
+from var_jax.errors import UserError
 from var_jax.training import mesh as mesh_lib
 from var_jax.training import metrics as metrics_lib
 from var_jax.training import sharding

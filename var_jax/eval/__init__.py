@@ -1,0 +1,1 @@
+"""Evaluation: the ADM suite (FID, sFID, IS, precision, recall) in JAX."""

@@ -1,0 +1,184 @@
+"""The one place var-jax writes user-visible files.
+
+Every output (PNG, npz, model directories, config files, token caches) is
+written under a temporary name beside its destination and renamed into place,
+so a crash or a full disk never leaves a half-written file under the final
+name. Paths are `etils.epath.Path`s: local paths and `gs://...` (or any other
+scheme epath's backends know) work alike; a `scheme://` path is never taken
+for a local directory.
+
+Errors: an `OSError` while writing becomes `var_jax.errors.WriteError` naming
+the path and the cause ("no space left on device"), after the temporary file
+or directory is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+import uuid
+
+import numpy as np
+from etils import epath
+
+from var_jax.errors import CheckpointError, WriteError
+
+
+def as_path(path) -> epath.Path:
+  """A user-given path (str, pathlib or epath) as an `epath.Path`.
+
+  `~` is expanded for local paths; `gs://bucket/x` stays a cloud path.
+  """
+  if isinstance(path, epath.Path):
+    p = path
+  else:
+    p = epath.Path(os.fspath(path))
+  return p.expanduser() if is_local(p) else p
+
+
+def is_local(path) -> bool:
+  """True for a path on the local filesystem (no `scheme://` prefix)."""
+  return "://" not in os.fspath(path)
+
+
+def _umask_mode(full: int) -> int:
+  """`full` (0o666 files, 0o777 directories) less the process umask."""
+  mask = os.umask(0)
+  os.umask(mask)
+  return full & ~mask
+
+
+def describe_os_error(e: OSError, path, doing: str = "writing") -> str:
+  """One line: "<cause> <doing> <path>", e.g. no space left on device."""
+  if e.errno == errno.ENOSPC:
+    cause = "no space left on device"
+  elif e.errno == errno.EDQUOT:
+    cause = "disk quota exceeded"
+  elif e.errno in (errno.EACCES, errno.EPERM):
+    cause = "permission denied"
+  elif e.errno == errno.EROFS:
+    cause = "read-only file system"
+  else:
+    cause = (e.strerror or str(e) or type(e).__name__).lower()
+  return f"{cause} {doing} {path}"
+
+
+def _unique_sibling(path: epath.Path, tag: str) -> epath.Path:
+  return path.parent / f".{path.name}.{tag}-{uuid.uuid4().hex[:10]}"
+
+
+def atomic_file(path, write) -> epath.Path:
+  """Calls `write(binary file object)` on a temporary name, then renames.
+
+  Args:
+    path: destination (local or `gs://`); its parent is created.
+    write: callable taking an open binary file.
+
+  Returns:
+    The destination as an `epath.Path`.
+
+  Raises:
+    WriteError: the write or rename failed (full disk, permissions); the
+      temporary file is removed and an existing `path` is untouched.
+  """
+  path = as_path(path)
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if is_local(path):
+      fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=os.fspath(path.parent))
+      try:
+        with os.fdopen(fd, "wb") as fh:
+          write(fh)
+          fh.flush()
+          os.fsync(fh.fileno())
+        # mkstemp creates 0600; give what open(path, "wb") would.
+        os.chmod(tmp, _umask_mode(0o666))
+        os.replace(tmp, os.fspath(path))
+      finally:
+        if os.path.exists(tmp):
+          os.unlink(tmp)
+    else:
+      tmp = _unique_sibling(path, "tmp")
+      try:
+        with tmp.open("wb") as fh:
+          write(fh)
+        tmp.replace(path)
+      finally:
+        if tmp.exists():
+          tmp.unlink()
+  except OSError as e:
+    raise WriteError(describe_os_error(e, path)) from None
+  return path
+
+
+def write_text(path, text: str) -> epath.Path:
+  """Writes a text file (UTF-8) atomically."""
+  data = text.encode("utf-8")
+  return atomic_file(path, lambda fh: fh.write(data))
+
+
+def save_npz(path, **arrays) -> epath.Path:
+  """`np.savez` of `arrays` written atomically."""
+  return atomic_file(path, lambda fh: np.savez(fh, **arrays))
+
+
+def save_png(path, image_HWC_u8: np.ndarray) -> epath.Path:
+  """Writes uint8 (H, W, 3) or (H, W) as a PNG, atomically."""
+  from PIL import Image
+  img = Image.fromarray(np.asarray(image_HWC_u8, np.uint8))
+  return atomic_file(path, lambda fh: img.save(fh, format="PNG"))
+
+
+def _rmtree(path: epath.Path) -> None:
+  if is_local(path):
+    shutil.rmtree(os.fspath(path), ignore_errors=True)
+  else:
+    with contextlib.suppress(OSError):
+      path.rmtree()
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir, overwrite: bool = False):
+  """Yields a temporary directory that becomes `out_dir` on success.
+
+  Args:
+    out_dir: destination directory (local or `gs://`).
+    overwrite: replace an existing `out_dir`; without it an existing one is
+      an error raised before anything is written.
+
+  Raises:
+    CheckpointError: `out_dir` exists and `overwrite` is False.
+    WriteError: writing failed; the temporary directory is removed and an
+      existing `out_dir` is left as it was.
+  """
+  out = as_path(out_dir)
+  if is_local(out):
+    out = out.absolute()
+  if out.exists() and not overwrite:
+    raise CheckpointError(f"{out} already exists; pass --overwrite to replace it")
+  tmp = None
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if is_local(out):
+      tmp = epath.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-",
+                                        dir=os.fspath(out.parent)))
+      os.chmod(tmp, _umask_mode(0o777))  # mkdtemp makes it 0700.
+    else:
+      tmp = _unique_sibling(out, "tmp")
+      tmp.mkdir(parents=True)
+    yield tmp
+    if out.exists():
+      old = _unique_sibling(out, "old")
+      out.rename(old)
+      tmp.rename(out)
+      _rmtree(old)
+    else:
+      tmp.rename(out)
+  except OSError as e:
+    raise WriteError(describe_os_error(e, out)) from None
+  finally:
+    if tmp is not None and tmp.exists():
+      _rmtree(tmp)
