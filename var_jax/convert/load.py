@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from var_jax.config import PATCH_NUMS_256, PATCH_NUMS_512, VARConfig, VQVAEConfig
-from var_jax.convert.mapping import Rule, to_official, var_rules, vqvae_rules
+from var_jax.models.official_names import Rule, to_official, var_rules, vqvae_rules
 from var_jax.models.attention import level_ids
 from var_jax.errors import ConvertError
 

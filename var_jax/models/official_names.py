@@ -1,0 +1,213 @@
+"""The explicit table from official PyTorch state-dict names to our NNX tree.
+
+Each `Rule` says where an official tensor lands (our path, and a layer index
+for the stacked transformer blocks) and how its layout changes. Buffers the
+official models carry but we compute (`lvl_1L`, the attention mask,
+`zero_k_bias`) are listed as DERIVED and checked, never loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from var_jax.config import VARConfig, VQVAEConfig
+from var_jax.models import quantizer as q
+
+
+def _same(a):
+  return a
+
+
+def _linear(a):  # torch (out, in) -> ours (in, out)
+  return a.T
+
+
+def _conv(a):  # torch (out, in, kh, kw) -> ours (kh, kw, in, out)
+  return a.transpose(2, 3, 1, 0)
+
+
+def _heads(a):  # (1, H, 1, 1) -> (H,)
+  return a.reshape(-1)
+
+
+def _gss(a):  # (1, 1, 6, C) -> (6, C)
+  return a.reshape(a.shape[-2], a.shape[-1])
+
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  official: str
+  path: tuple  # Our path (tuple of str/int); () for derived buffers.
+  official_shape: tuple
+  transform: Callable = _same
+  layer: int | None = None  # Index into a stacked (depth, ...) parameter.
+
+  @property
+  def derived(self) -> bool:
+    return not self.path
+
+
+def _conv_rules(off, ours, cin, cout, k):
+  return [Rule(f"{off}.weight", ours + ("kernel",), (cout, cin, k, k), _conv),
+          Rule(f"{off}.bias", ours + ("bias",), (cout,))]
+
+
+def _norm_rules(off, ours, c):
+  return [Rule(f"{off}.weight", ours + ("scale",), (c,)),
+          Rule(f"{off}.bias", ours + ("bias",), (c,))]
+
+
+def _resnet_rules(off, ours, cin, cout):
+  rules = (_norm_rules(f"{off}.norm1", ours + ("norm1",), cin)
+           + _conv_rules(f"{off}.conv1", ours + ("conv1",), cin, cout, 3)
+           + _norm_rules(f"{off}.norm2", ours + ("norm2",), cout)
+           + _conv_rules(f"{off}.conv2", ours + ("conv2",), cout, cout, 3))
+  if cin != cout:
+    rules += _conv_rules(f"{off}.nin_shortcut", ours + ("nin_shortcut",),
+                         cin, cout, 1)
+  return rules
+
+
+def _attn_rules(off, ours, c):
+  return (_norm_rules(f"{off}.norm", ours + ("norm",), c)
+          + _conv_rules(f"{off}.qkv", ours + ("qkv",), c, 3 * c, 1)
+          + _conv_rules(f"{off}.proj_out", ours + ("proj_out",), c, c, 1))
+
+
+def _mid_rules(off, ours, c):
+  return (_resnet_rules(f"{off}.block_1", ours + ("block_1",), c, c)
+          + _attn_rules(f"{off}.attn_1", ours + ("attn_1",), c)
+          + _resnet_rules(f"{off}.block_2", ours + ("block_2",), c, c))
+
+
+def vqvae_rules(cfg: VQVAEConfig) -> list[Rule]:
+  """Every tensor of the official VQVAE state dict, in order."""
+  ch, mult, n, z = cfg.ch, cfg.ch_mult, len(cfg.ch_mult), cfg.z_channels
+  r = _conv_rules("encoder.conv_in", ("encoder", "conv_in"), cfg.in_channels,
+                  ch, 3)
+  block_in = ch
+  for i in range(n):
+    out = ch * mult[i]
+    for j in range(cfg.num_res_blocks):
+      r += _resnet_rules(f"encoder.down.{i}.block.{j}",
+                         ("encoder", "down", i, "block", j), block_in, out)
+      block_in = out
+      if i == n - 1:
+        r += _attn_rules(f"encoder.down.{i}.attn.{j}",
+                         ("encoder", "down", i, "attn", j), block_in)
+    if i != n - 1:
+      r += _conv_rules(f"encoder.down.{i}.downsample.conv",
+                       ("encoder", "down", i, "resample", "conv"),
+                       block_in, block_in, 3)
+  r += _mid_rules("encoder.mid", ("encoder", "mid"), block_in)
+  r += _norm_rules("encoder.norm_out", ("encoder", "norm_out"), block_in)
+  r += _conv_rules("encoder.conv_out", ("encoder", "conv_out"), block_in, z, 3)
+
+  block_in = ch * mult[-1]
+  r += _conv_rules("decoder.conv_in", ("decoder", "conv_in"), z, block_in, 3)
+  r += _mid_rules("decoder.mid", ("decoder", "mid"), block_in)
+  for i in reversed(range(n)):
+    out = ch * mult[i]
+    for j in range(cfg.num_res_blocks + 1):
+      r += _resnet_rules(f"decoder.up.{i}.block.{j}",
+                         ("decoder", "up", i, "block", j), block_in, out)
+      block_in = out
+      if i == n - 1:
+        r += _attn_rules(f"decoder.up.{i}.attn.{j}",
+                         ("decoder", "up", i, "attn", j), block_in)
+    if i != 0:
+      r += _conv_rules(f"decoder.up.{i}.upsample.conv",
+                       ("decoder", "up", i, "resample", "conv"),
+                       block_in, block_in, 3)
+  r += _norm_rules("decoder.norm_out", ("decoder", "norm_out"), block_in)
+  r += _conv_rules("decoder.conv_out", ("decoder", "conv_out"), block_in,
+                   cfg.in_channels, 3)
+
+  k = len(cfg.v_patch_nums)
+  r.append(Rule("quantize.ema_vocab_hit_SV", ("quantize", "ema_vocab_hit_SV"),
+                (k, cfg.vocab_size)))
+  r.append(Rule("quantize.embedding.weight", ("quantize", "embedding",
+                                              "embedding"),
+                (cfg.vocab_size, z)))
+  if abs(cfg.quant_resi) > 1e-6:
+    n_phi = q.num_phi(cfg.share_quant_resi, k)
+    for i in range(n_phi):
+      if cfg.share_quant_resi == 0:
+        off = f"quantize.quant_resi.{i}"
+      elif cfg.share_quant_resi == 1:
+        off = "quantize.quant_resi.qresi"
+      else:
+        off = f"quantize.quant_resi.qresi_ls.{i}"
+      r += _conv_rules(off, ("quantize", "quant_resi", i), z, z, 3)
+  ks = cfg.quant_conv_ks
+  r += _conv_rules("quant_conv", ("quant_conv",), z, z, ks)
+  r += _conv_rules("post_quant_conv", ("post_quant_conv",), z, z, ks)
+  return r
+
+
+def var_rules(cfg: VARConfig) -> list[Rule]:
+  """Every tensor of the official VAR state dict, in order."""
+  c, l, f, h = cfg.embed_dim, cfg.seq_len, cfg.mlp_dim, cfg.num_heads
+  k = len(cfg.patch_nums)
+  r = [
+      Rule("pos_start", ("pos_start",), (1, cfg.first_l, c)),
+      Rule("pos_1LC", ("pos_1LC",), (1, l, c)),
+      Rule("lvl_1L", (), (1, l)),
+      Rule("attn_bias_for_masking", (), (1, 1, l, l)),
+      Rule("word_embed.weight", ("word_embed", "kernel"), (c, cfg.cvae),
+           _linear),
+      Rule("word_embed.bias", ("word_embed", "bias"), (c,)),
+      Rule("class_emb.weight", ("class_emb", "embedding"),
+           (cfg.num_classes + 1, c)),
+      Rule("lvl_embed.weight", ("lvl_embed", "embedding"), (k, c)),
+  ]
+  if cfg.shared_aln:
+    r += [Rule("shared_ada_lin.1.weight", ("shared_ada_lin", "kernel"),
+               (6 * c, c), _linear),
+          Rule("shared_ada_lin.1.bias", ("shared_ada_lin", "bias"), (6 * c,))]
+  for i in range(cfg.depth):
+    b = f"blocks.{i}"
+    blk = lambda name: ("blocks", name)  # noqa: E731
+    if cfg.shared_aln:
+      r.append(Rule(f"{b}.ada_gss", blk("ada_gss"), (1, 1, 6, c), _gss, i))
+    r += [
+        Rule(f"{b}.attn.scale_mul_1H11", blk("scale_mul"), (1, h, 1, 1),
+             _heads, i),
+        Rule(f"{b}.attn.q_bias", blk("q_bias"), (c,), _same, i),
+        Rule(f"{b}.attn.v_bias", blk("v_bias"), (c,), _same, i),
+        Rule(f"{b}.attn.zero_k_bias", (), (c,)),
+        Rule(f"{b}.attn.mat_qkv.weight", blk("mat_qkv"), (3 * c, c), _linear,
+             i),
+        Rule(f"{b}.attn.proj.weight", blk("proj_w"), (c, c), _linear, i),
+        Rule(f"{b}.attn.proj.bias", blk("proj_b"), (c,), _same, i),
+        Rule(f"{b}.ffn.fc1.weight", blk("fc1_w"), (f, c), _linear, i),
+        Rule(f"{b}.ffn.fc1.bias", blk("fc1_b"), (f,), _same, i),
+        Rule(f"{b}.ffn.fc2.weight", blk("fc2_w"), (c, f), _linear, i),
+        Rule(f"{b}.ffn.fc2.bias", blk("fc2_b"), (c,), _same, i),
+    ]
+    if not cfg.shared_aln:
+      r += [Rule(f"{b}.ada_lin.1.weight", blk("ada_w"), (6 * c, c), _linear,
+                 i),
+            Rule(f"{b}.ada_lin.1.bias", blk("ada_b"), (6 * c,), _same, i)]
+  r += [
+      Rule("head_nm.ada_lin.1.weight", ("head_nm", "kernel"), (2 * c, c),
+           _linear),
+      Rule("head_nm.ada_lin.1.bias", ("head_nm", "bias"), (2 * c,)),
+      Rule("head.weight", ("head", "kernel"), (cfg.vocab_size, c), _linear),
+      Rule("head.bias", ("head", "bias"), (cfg.vocab_size,)),
+  ]
+  return r
+
+
+def to_official(rule: Rule, ours: np.ndarray) -> np.ndarray:
+  """Our layout (one layer's slice if stacked) back to the official shape."""
+  if rule.transform is _conv:
+    return ours.transpose(3, 2, 0, 1)
+  if rule.transform is _linear:
+    return ours.T
+  return ours.reshape(rule.official_shape)
