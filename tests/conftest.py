@@ -1,4 +1,4 @@
-"""Shared test fixtures: locating the golden reference set."""
+"""Shared test fixtures: the golden reference set, tolerances, small models."""
 
 import os
 import pathlib
@@ -7,24 +7,25 @@ import numpy as np
 import pytest
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The copy the tests read, committed with the repository.
+IN_REPO_GOLDEN = _ROOT / "tests" / "golden"
+# Where the copy is refreshed from when it sits beside the repository.
+SHARED_GOLDEN = _ROOT.parent / "shared" / "golden"
 
 
-def golden_path() -> pathlib.Path | None:
+def golden_path() -> pathlib.Path:
+  """$VAR_JAX_GOLDEN if set, else the repository's own tests/golden."""
   env = os.environ.get("VAR_JAX_GOLDEN")
-  cand = pathlib.Path(env) if env else _ROOT.parent / "shared" / "golden"
-  return cand if (cand / "README.md").exists() else None
+  return pathlib.Path(env) if env else IN_REPO_GOLDEN
 
 
 @pytest.fixture(scope="session")
 def golden_dir() -> pathlib.Path:
-  """The golden directory; skips without it, but fails under CI=true."""
+  """The golden directory; a missing one is a broken checkout, not a skip."""
   path = golden_path()
-  if path is None:
-    msg = ("golden reference set not found: set VAR_JAX_GOLDEN or place it at "
-           "../shared/golden")
-    if os.environ.get("CI", "").lower() == "true":
-      pytest.fail(msg)
-    pytest.skip(msg)
+  if not (path / "README.md").exists():
+    pytest.fail(f"golden reference set not found at {path} (tests/golden is "
+                "part of the repository; $VAR_JAX_GOLDEN overrides it)")
   return path
 
 
