@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from var_jax.errors import UserError, VarJaxError  # noqa: F401  (UserError re-exported)
@@ -28,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
       prog="var-jax",
       description="VAR (next-scale prediction) in JAX: convert, sample, edit, "
                   "train.")
+  parser.add_argument(
+      "--no-compile-cache", action="store_true",
+      help="do not keep compiled programs between runs (default: kept in "
+           f"${COMPILE_CACHE_ENV} or ~/.cache/var-jax/jax; "
+           f"{COMPILE_CACHE_ENV}=0 also turns it off)")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   for name in _COMMAND_MODULES:
     try:
@@ -38,6 +44,39 @@ def build_parser() -> argparse.ArgumentParser:
       continue
     mod.register(sub)
   return parser
+
+
+COMPILE_CACHE_ENV = "VAR_JAX_COMPILE_CACHE"
+
+
+def compile_cache_dir() -> str | None:
+  """Where compiled programs are kept between runs, or None when turned off.
+
+  `$VAR_JAX_COMPILE_CACHE` names the directory, or turns the cache off with
+  `0`/`off`/`false`/`no`; by default `$XDG_CACHE_HOME/var-jax/jax` (else
+  `~/.cache/var-jax/jax`).
+  """
+  env = os.environ.get(COMPILE_CACHE_ENV, "").strip()
+  if env.lower() in ("0", "off", "false", "no", "none"):
+    return None
+  if env:
+    return env
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+      os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "var-jax", "jax")
+
+
+def enable_compile_cache(path: str) -> None:
+  """Turns on JAX's persistent compilation cache in `path` for this process.
+
+  Every program that took at least a second to compile is stored, so the
+  second run of the same command on the same model skips compilation. Done
+  here, in the command line's process, never at `import var_jax`.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def _one_line(e: Exception) -> str:
@@ -51,6 +90,9 @@ def main(argv=None) -> int:
   if not getattr(args, "func", None):
     parser.print_help()
     return 2
+  cache = None if args.no_compile_cache else compile_cache_dir()
+  if cache:
+    enable_compile_cache(cache)
   try:
     return int(args.func(args) or 0)
   except VarJaxError as e:
