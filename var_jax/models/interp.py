@@ -55,21 +55,6 @@ def area_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """(n_out, n_in) matrix of PyTorch bilinear, align_corners=False, no antialias."""
-  m = np.zeros((n_out, n_in), np.float64)
-  scale = n_in / n_out
-  for o in range(n_out):
-    # Unlike cubic, linear modes clamp a negative source coordinate to 0.
-    src = max((o + 0.5) * scale - 0.5, 0.0)
-    i0 = min(int(np.floor(src)), n_in - 1)
-    i1 = min(i0 + 1, n_in - 1)
-    t = src - i0
-    m[o, i0] += 1 - t
-    m[o, i1] += t
-  return m.astype(np.float32)
-
-
 def _apply(x_BhwC: jax.Array, mh: np.ndarray, mw: np.ndarray) -> jax.Array:
   mh = jnp.asarray(mh, x_BhwC.dtype)
   mw = jnp.asarray(mw, x_BhwC.dtype)
