@@ -54,7 +54,6 @@ def area_matrix(n_in: int, n_out: int) -> np.ndarray:
   return m.astype(np.float32)
 
 
-@functools.lru_cache(maxsize=None)
 def _apply(x_BhwC: jax.Array, mh: np.ndarray, mw: np.ndarray) -> jax.Array:
   mh = jnp.asarray(mh, x_BhwC.dtype)
   mw = jnp.asarray(mw, x_BhwC.dtype)
