@@ -179,7 +179,7 @@ def test_outputs_get_umask_permissions(tmp_path):
       (d / "config.json").write_text("{}")
   finally:
     os.umask(old)
-  assert stat.S_IMODE(f.stat().st_mode) == 0o644
+  assert stat.S_IMODE(os.stat(f).st_mode) == 0o644
   assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o755
   assert f.read_bytes() == b"x"
   assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "model"]

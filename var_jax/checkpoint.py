@@ -7,8 +7,10 @@ Layout of a model directory (what `var-jax convert` writes and `sample`,
   DIR/vae/          Orbax StandardCheckpointer tree of the VQVAE state
   DIR/var/          same for the VAR transformer (absent for a tokenizer)
 
-Writes go to a temporary sibling directory that is renamed into place, so a
-crash never leaves a half-written DIR behind.
+DIR may be local or `gs://...` (any `etils.epath` path). Writes go to a
+temporary sibling directory that is renamed into place, so a crash or a full
+disk never leaves a half-written DIR behind. Reads compare config.json with
+the stored trees (parameter names and shapes) before restoring anything.
 """
 
 from __future__ import annotations
@@ -17,29 +19,41 @@ import pathlib
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from var_jax.config import ModelConfig
+from var_jax.errors import CheckpointError
+from var_jax.io import as_path, atomic_dir, is_local, orbax_writes, write_text
 from var_jax.models.transformer import VAR
 from var_jax.models.vqvae import VQVAE
-from var_jax.errors import CheckpointError
-from var_jax.io import atomic_dir, write_text
 
 DEFAULT_MODEL = pathlib.Path(__file__).parent / "assets" / "digits"
+# Mismatching parameters named in one error before "... and N more".
+_NAMED = 4
 
 
-def _save_tree(path: pathlib.Path, model) -> None:
+def _save_tree(path: epath.Path, model) -> None:
   tree = model if isinstance(model, dict) else nnx.state(model).to_pure_dict()
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(path, tree)
-    ckptr.wait_until_finished()
+  with orbax_writes(path):
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(path, tree)
+      ckptr.wait_until_finished()
 
 
 def save_model(out_dir, cfg: ModelConfig, vae=None, var=None,
-               overwrite: bool = False) -> pathlib.Path:
+               overwrite: bool = False) -> epath.Path:
   """Writes a model directory atomically; returns its path.
 
-  `vae` / `var` are NNX modules or their nested pure-dict states.
+  Args:
+    out_dir: destination (local or `gs://`).
+    cfg: the ModelConfig stored as config.json.
+    vae, var: NNX modules or their nested pure-dict states (None: left out).
+    overwrite: replace an existing `out_dir`.
+
+  Raises:
+    CheckpointError: `out_dir` exists and `overwrite` is False.
+    WriteError: a write failed (e.g. no space left); nothing is left behind.
   """
   with atomic_dir(out_dir, overwrite) as tmp:
     write_text(tmp / "config.json", cfg.to_json())
@@ -47,18 +61,70 @@ def save_model(out_dir, cfg: ModelConfig, vae=None, var=None,
       _save_tree(tmp / "vae", vae)
     if var is not None:
       _save_tree(tmp / "var", var)
-  return pathlib.Path(out_dir)
+  return as_path(out_dir)
 
 
-def _restore(path: pathlib.Path, ctor, cfg):
+def _key(path) -> str:
+  return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _leaves(tree) -> dict[str, tuple]:
+  """{dotted name: shape} of a tree of arrays or array metadata."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_key(p): tuple(getattr(leaf, "shape", ())) for p, leaf in flat}
+
+
+def _listing(items) -> str:
+  items = list(items)
+  more = f" and {len(items) - _NAMED} more" if len(items) > _NAMED else ""
+  return ", ".join(items[:_NAMED]) + more
+
+
+def check_tree(path, stored: dict, wanted: dict, what: str) -> None:
+  """Stored parameter shapes must be the ones config.json implies.
+
+  Args:
+    path: the tree's directory (for the message).
+    stored, wanted: {dotted name: shape} of the stored tree and of the model
+      config.json describes.
+    what: 'VQVAE' or 'VAR'.
+
+  Raises:
+    CheckpointError: naming the differing, missing and unexpected parameters.
+  """
+  bad = [f"{k} stored {stored[k]} but config.json implies {wanted[k]}"
+         for k in wanted if k in stored and stored[k] != wanted[k]]
+  missing = [k for k in wanted if k not in stored]
+  extra = [k for k in stored if k not in wanted]
+  parts = []
+  if bad:
+    parts.append(f"{len(bad)} shape(s) differ: {_listing(bad)}")
+  if missing:
+    parts.append(f"{len(missing)} parameter(s) missing: {_listing(missing)}")
+  if extra:
+    parts.append(f"{len(extra)} unexpected parameter(s): {_listing(extra)}")
+  if parts:
+    raise CheckpointError(
+        f"{path} does not match the {what} in config.json ("
+        + "; ".join(parts) + "): the directory mixes parts of different "
+        "models; convert or train it again")
+
+
+def _restore(path: epath.Path, ctor, cfg, what: str):
   abstract = nnx.eval_shape(lambda: ctor(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   target = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
       state.to_pure_dict())
+  where = path.absolute() if is_local(path) else path
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      restored = ckptr.restore(path.absolute(), target)
+      meta = ckptr.metadata(where)
+      meta = getattr(meta, "item_metadata", meta)
+      check_tree(path, _leaves(meta), _leaves(target), what)
+      restored = ckptr.restore(where, target)
+  except CheckpointError:
+    raise
   except Exception as e:  # Orbax raises many types; the user needs one line.
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise CheckpointError(f"cannot restore {path}: {msg}") from None
@@ -66,30 +132,71 @@ def _restore(path: pathlib.Path, ctor, cfg):
   return nnx.merge(graphdef, state)
 
 
+def check_config(cfg: ModelConfig, where) -> None:
+  """The tokenizer and transformer of one config must fit each other."""
+  vae, var = cfg.vae, cfg.var
+  if vae is None or var is None:
+    return
+  bad = []
+  if var.vocab_size != vae.vocab_size:
+    bad.append(f"VAR vocab_size {var.vocab_size} vs VQVAE "
+               f"{vae.vocab_size}")
+  if var.cvae != vae.z_channels:
+    bad.append(f"VAR cvae {var.cvae} vs VQVAE z_channels {vae.z_channels}")
+  if var.patch_nums[-1] != vae.v_patch_nums[-1]:
+    bad.append(f"VAR last scale {var.patch_nums[-1]} vs VQVAE latent side "
+               f"{vae.v_patch_nums[-1]}")
+  if bad:
+    raise CheckpointError(f"{where}: the transformer does not fit the "
+                          f"tokenizer: {'; '.join(bad)}")
+
+
 def load_config(ckpt_dir) -> ModelConfig:
-  d = pathlib.Path(ckpt_dir)
-  if not (d / "config.json").is_file():
+  """Reads and checks DIR/config.json.
+
+  Raises:
+    CheckpointError: no config.json, unreadable or invalid JSON, or a
+      transformer that does not fit the tokenizer.
+  """
+  d = as_path(ckpt_dir)
+  f = d / "config.json"
+  try:
+    text = f.read_text() if f.is_file() else None
+  except OSError as e:
+    raise CheckpointError(f"cannot read {f}: {e.strerror or e}") from None
+  if text is None:
     raise CheckpointError(f"{d} is not a var-jax model directory "
                           "(no config.json); create one with `var-jax convert`")
   try:
-    return ModelConfig.from_json((d / "config.json").read_text())
-  except (ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(f"{d}/config.json is invalid: {e}") from None
+    cfg = ModelConfig.from_json(text)
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    raise CheckpointError(f"{f} is invalid: {e}") from None
+  check_config(cfg, f)
+  return cfg
 
 
 def load_model(ckpt_dir=None, need_var: bool = True):
-  """Returns (ModelConfig, VQVAE, VAR or None); None loads the bundled model."""
-  d = pathlib.Path(ckpt_dir) if ckpt_dir is not None else DEFAULT_MODEL
+  """Returns (ModelConfig, VQVAE, VAR or None); None loads the bundled model.
+
+  Args:
+    ckpt_dir: model directory, local or `gs://` (None: the bundled model).
+    need_var: refuse a directory without a transformer.
+
+  Raises:
+    CheckpointError: missing or invalid parts, or stored parameters whose
+      names or shapes differ from what config.json describes (each named).
+  """
+  d = as_path(ckpt_dir) if ckpt_dir is not None else as_path(DEFAULT_MODEL)
   cfg = load_config(d)
   if cfg.vae is None or not (d / "vae").exists():
     raise CheckpointError(f"{d} has no VQVAE weights; convert it with --vae")
-  vae = _restore(d / "vae", VQVAE, cfg.vae)
-  var = None
-  if cfg.var is not None and (d / "var").exists():
-    var = _restore(d / "var", VAR, cfg.var)
-  if need_var and var is None:
+  if need_var and (cfg.var is None or not (d / "var").exists()):
     raise CheckpointError(f"{d} holds a tokenizer only; this command needs a "
                           "VAR transformer too (convert with --var)")
+  vae = _restore(d / "vae", VQVAE, cfg.vae, "VQVAE")
+  var = None
+  if cfg.var is not None and (d / "var").exists():
+    var = _restore(d / "var", VAR, cfg.var, "VAR")
   return cfg, vae, var
 
 

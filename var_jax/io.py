@@ -16,9 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
+import re
 import shutil
+import sys
 import tempfile
+import threading
+import time
 import uuid
 
 import numpy as np
@@ -64,6 +69,37 @@ def describe_os_error(e: OSError, path, doing: str = "writing") -> str:
   else:
     cause = (e.strerror or str(e) or type(e).__name__).lower()
   return f"{cause} {doing} {path}"
+
+
+# Tensorstore (under Orbax) reports the errno inside a status message.
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+_STATUS_ERRNO = (("No space left on device", errno.ENOSPC),
+                 ("RESOURCE_EXHAUSTED", errno.ENOSPC),
+                 ("PERMISSION_DENIED", errno.EACCES),
+                 ("Read-only file system", errno.EROFS))
+
+
+def os_error_of(e: BaseException) -> OSError | None:
+  """The operating-system error behind `e`, or None if there is none.
+
+  `e` itself or one of its causes when one is an `OSError`; else an
+  `OSError` rebuilt from the errno a tensorstore status message carries
+  (Orbax raises those as `ValueError`s).
+  """
+  seen = 0
+  while e is not None and seen < 8:
+    if isinstance(e, OSError):
+      return e
+    text = str(e)
+    m = _OS_ERROR_CODE.search(text)
+    if m:
+      code = int(m.group(1))
+      return OSError(code, os.strerror(code))
+    for needle, code in _STATUS_ERRNO:
+      if needle in text:
+        return OSError(code, os.strerror(code))
+    e, seen = e.__cause__ or e.__context__, seen + 1
+  return None
 
 
 def _unique_sibling(path: epath.Path, tag: str) -> epath.Path:
@@ -132,12 +168,30 @@ def save_png(path, image_HWC_u8: np.ndarray) -> epath.Path:
   return atomic_file(path, lambda fh: img.save(fh, format="PNG"))
 
 
-def _rmtree(path: epath.Path) -> None:
+def _rmtree_once(path: epath.Path) -> None:
   if is_local(path):
     shutil.rmtree(os.fspath(path), ignore_errors=True)
   else:
     with contextlib.suppress(OSError):
       path.rmtree()
+
+
+def _rmtree(path: epath.Path, settle: float = 1.0, limit: float = 30.0) -> None:
+  """Removes a directory tree and keeps it removed for `settle` seconds.
+
+  After a failed Orbax save, tensorstore threads still finish the writes
+  they had started (and recreate directories) for a moment after the error
+  is raised; removing once would leave those behind.
+  """
+  start = last_seen = time.monotonic()
+  while True:
+    now = time.monotonic()
+    if path.exists():
+      _rmtree_once(path)
+      last_seen = now
+    elif now - last_seen >= settle or now - start >= limit:
+      return
+    time.sleep(0.05)
 
 
 @contextlib.contextmanager
@@ -174,11 +228,88 @@ def atomic_dir(out_dir, overwrite: bool = False):
       old = _unique_sibling(out, "old")
       out.rename(old)
       tmp.rename(out)
-      _rmtree(old)
+      _rmtree(old, settle=0)
     else:
       tmp.rename(out)
+  except WriteError as e:
+    # Name the destination the user gave, not the temporary directory.
+    raise WriteError(str(e).replace(os.fspath(tmp), os.fspath(out))
+                     if tmp is not None else str(e)) from None
   except OSError as e:
     raise WriteError(describe_os_error(e, out)) from None
   finally:
     if tmp is not None and tmp.exists():
       _rmtree(tmp)
+
+
+class _DropOrbaxIoErrors(logging.Filter):
+  """Drops Orbax's own ERROR records about an I/O fault.
+
+  Orbax logs the fault from each of its threads before raising it;
+  `orbax_writes` turns that raise into the one line the user sees.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR or "orbax" not in record.pathname:
+      return True
+    msg = record.getMessage()
+    return not (_OS_ERROR_CODE.search(msg) or any(
+        needle in msg for needle, _ in _STATUS_ERRNO)
+                or "Handler Commit operations" in msg)
+
+
+_QUIET_LOCK = threading.Lock()
+_QUIET_INSTALLED = False
+
+
+def _is_closed_loop_noise(unraisable) -> bool:
+  exc = unraisable.exc_value
+  return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _install_orbax_quieting() -> None:
+  """Once per process: silence the echoes of a failed Orbax write.
+
+  When one tensorstore write fails, Orbax closes its event loop while other
+  writes are still in flight; their completion callbacks then raise
+  "Event loop is closed" as unraisable exceptions (dozens of tracebacks,
+  some after the save has returned). Only that exact error is dropped; every
+  other unraisable exception still reaches the previous hook.
+  """
+  global _QUIET_INSTALLED
+  with _QUIET_LOCK:
+    if _QUIET_INSTALLED:
+      return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+      if not _is_closed_loop_noise(unraisable):
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger("absl").addFilter(_DropOrbaxIoErrors())
+    _QUIET_INSTALLED = True
+
+
+@contextlib.contextmanager
+def orbax_writes(path):
+  """Runs Orbax saves to `path` so that an I/O fault is one `WriteError`.
+
+  Orbax (through tensorstore) raises a full disk as a `ValueError` carrying
+  `os_error_code='28'` and echoes it from several threads; inside this
+  context it becomes `WriteError("no space left on device writing PATH")`
+  and the echoes are dropped. Errors without an OS cause pass unchanged.
+
+  Raises:
+    WriteError: the save failed for an operating-system reason.
+  """
+  _install_orbax_quieting()
+  try:
+    yield
+  except WriteError:
+    raise
+  except Exception as e:  # Orbax raises ValueError/RuntimeError/OSError.
+    err = os_error_of(e)
+    if err is None:
+      raise
+    raise WriteError(describe_os_error(err, path)) from None

@@ -8,44 +8,18 @@ PIL + numpy and deterministic given a `np.random.Generator`.
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 from PIL import Image
 
+# The one image reader; re-exported here, where callers have always found it.
+from var_jax.data.decode import CorruptImageError, decode_image  # noqa: F401
+
 MID_RESO = 1.125
-
-
-class CorruptImageError(Exception):
-  """An image that cannot be decoded; the loader skips and counts it."""
 
 
 def mid_resolution(resolution: int, mid_reso: float = MID_RESO) -> int:
   """Shorter-side size before cropping, as in the official `round(1.125 * r)`."""
   return round(mid_reso * resolution)
-
-
-def decode_image(data: bytes | str | np.ndarray) -> Image.Image:
-  """Decodes bytes, a path or a uint8 HWC/HW array into an RGB PIL image.
-
-  Raises:
-    CorruptImageError: on any decode failure (PIL raises a zoo of types).
-  """
-  try:
-    if isinstance(data, np.ndarray):
-      arr = np.asarray(data)
-      if arr.ndim == 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-      img = Image.fromarray(arr.astype(np.uint8, copy=False))
-    elif isinstance(data, (bytes, bytearray)):
-      img = Image.open(io.BytesIO(data))
-    else:
-      img = Image.open(data)
-    # convert() forces the full decode, so truncated files fail here, not later.
-    return img.convert("RGB")
-  except (OSError, ValueError, SyntaxError, TypeError,
-          Image.DecompressionBombError) as e:
-    raise CorruptImageError(f"{type(e).__name__}: {e}") from e
 
 
 def resize_shorter(img: Image.Image, size: int) -> Image.Image:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pathlib
-
 import numpy as np
 from PIL import Image
 
@@ -35,17 +33,24 @@ def grid(images_BHWC, ncol: int, pad: int = 2) -> np.ndarray:
 def load_image(path, resolution: int) -> np.ndarray:
   """An image file -> float32 (res, res, 3) in [-1, 1].
 
-  Resizes the shorter side to `resolution` (Lanczos) and center-crops, the
-  official evaluation transform without the 1.125 margin, so that a box given
-  in fractions refers to the whole visible picture.
+  Read by `var_jax.data.decode.decode_image`, as a viewer shows it: EXIF
+  orientation applied, 16/32-bit images scaled to 8 bits, transparency
+  composited over white. Then the shorter side is resized to `resolution`
+  (Lanczos) and the center cropped, the official evaluation transform
+  without the 1.125 margin, so that a box given in fractions refers to the
+  whole visible picture.
+
+  Raises:
+    UserError: no such file, or not a readable image.
   """
-  from var_jax.data import augment
-  path = pathlib.Path(path)
-  if not path.is_file():
+  from var_jax.data import decode, augment
+  from var_jax.io import as_path
+  p = as_path(path)
+  if not p.is_file():
     raise UserError(f"{path}: no such image file")
   try:
-    img = augment.decode_image(str(path))
-  except augment.CorruptImageError as e:
+    img = decode.decode_image(p)
+  except decode.CorruptImageError as e:
     raise UserError(f"{path}: not a readable image ({e})") from None
   img = augment.resize_shorter(img, resolution)
   w, h = img.size
