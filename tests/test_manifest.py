@@ -76,15 +76,51 @@ def test_parameter_counts(manifest, name):
   assert ours + derived == total
 
 
+# The scale lists of the official code (FoundationVision/VAR: `patch_nums`
+# of the 256px models, and of the 512px d36 in its demo), written out here so
+# that inference is checked against the source, not against our own presets.
+OFFICIAL_SCALES_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+OFFICIAL_SCALES_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+
+
+def _official_scales(name):
+  return OFFICIAL_SCALES_512 if name == "var_d36" else OFFICIAL_SCALES_256
+
+
+def _fake_state_dict(manifest, name, scales):
+  """Zeros of the manifest's shapes; `lvl_1L` as the official buffer of
+  `scales` (scale index of every token), or left out when `scales` is None."""
+  fake = {k: np.zeros(s, np.float32) for k, (s, _) in manifest[name].items()
+          if k != "lvl_1L"}
+  if scales is not None:
+    fake["lvl_1L"] = np.concatenate(
+        [np.full(pn * pn, i) for i, pn in enumerate(scales)])[None]
+  return fake
+
+
+@pytest.mark.parametrize("with_buffer", [True, False])
 @pytest.mark.parametrize("name", [n for n in MODELS if n.startswith("var")])
-def test_config_inferred_from_shapes(manifest, name):
+def test_config_inferred_from_shapes(manifest, name, with_buffer):
+  scales = _official_scales(name)
+  # The written-out list agrees with the manifest's shapes.
+  (_, seq, _), _ = manifest[name]["pos_1LC"]
+  assert sum(p * p for p in scales) == seq
+  assert manifest[name]["lvl_embed.weight"][0][0] == len(scales)
+  inferred = load.infer_var_config(
+      _fake_state_dict(manifest, name, scales if with_buffer else None))
+  assert inferred.patch_nums == scales
   cfg, _, _ = _build(name)
-  fake = {k: np.zeros(s, np.float32) if k != "lvl_1L" else None
-          for k, (s, _) in manifest[name].items()}
-  fake["lvl_1L"] = np.concatenate(
-      [np.full(pn * pn, i) for i, pn in enumerate(cfg.patch_nums)])[None]
-  inferred = load.infer_var_config({k: v for k, v in fake.items()})
   load.check_preset(cfg, inferred, "VAR")
+
+
+def test_scale_list_is_read_from_the_level_buffer(manifest):
+  # A d16 file whose level buffer describes the 512px list is not a d16.
+  inferred = load.infer_var_config(
+      _fake_state_dict(manifest, "var_d16", OFFICIAL_SCALES_512))
+  assert inferred.patch_nums == OFFICIAL_SCALES_512
+  cfg, _, _ = _build("var_d16")
+  with pytest.raises(load.ConvertError, match="patch_nums"):
+    load.check_preset(cfg, inferred, "VAR")
 
 
 def test_vqvae_config_inferred(manifest):

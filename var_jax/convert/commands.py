@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import pathlib
+import io
 
 import numpy as np
 
@@ -50,7 +50,8 @@ def register(sub) -> None:
   p.add_argument("--ckpt", help="model directory (default: bundled model)")
   p.add_argument("--images", required=True, help="uint8 .npy (B, H, W, 3)")
   p.add_argument("--out", required=True, help="output .npz with idx_0..")
-  p.add_argument("--batch", type=int, default=16, help="images per call")
+  p.add_argument("--batch", type=int, default=16,
+                 help="images per call (>= 1)")
   p.set_defaults(func=cmd_encode)
 
   p = sub.add_parser(
@@ -59,16 +60,19 @@ def register(sub) -> None:
   p.add_argument("--torch-repo", required=True, help="official VAR checkout")
   p.add_argument("--vae", required=True, help="official VQVAE .pth")
   p.add_argument("--var", help="official VAR .pth")
-  p.add_argument("--batch", type=int, default=2)
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--batch", type=int, default=2,
+                 help="random test images (1..64)")
+  p.add_argument("--seed", type=int, default=0,
+                 help="seed of the test images and labels (>= 0)")
   p.set_defaults(func=cmd_verify)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
   from var_jax.convert.convert import convert_files
+  from var_jax.io import as_path
   for flag in ("vae", "var"):
     path = getattr(args, flag)
-    if path and not pathlib.Path(path).is_file():
+    if path and not as_path(path).is_file():
       raise _user_error(f"--{flag} {path}: no such file")
   cfg = convert_files(args.vae, args.var, args.out, preset=args.preset,
                       overwrite=args.overwrite)
@@ -96,13 +100,16 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def load_images_u8(path, resolution: int) -> np.ndarray:
   """A uint8 (B, H, W, 3) .npy at the model's resolution, or a clear error."""
-  p = pathlib.Path(path)
+  from var_jax.io import as_path
+  p = as_path(path)
   if not p.is_file():
     raise _user_error(f"--images {path}: no such file")
   try:
-    imgs = np.load(p, allow_pickle=False)
-  except (ValueError, OSError) as e:
+    imgs = np.load(io.BytesIO(p.read_bytes()), allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
     raise _user_error(f"--images {path}: not a .npy array ({e})") from None
+  if not isinstance(imgs, np.ndarray):  # An .npz archive.
+    raise _user_error(f"--images {path}: an .npz archive, not one .npy array")
   if imgs.dtype != np.uint8 or imgs.ndim != 4 or imgs.shape[-1] != 3:
     raise _user_error(f"--images must be uint8 (B, H, W, 3); got "
                       f"{imgs.dtype} {imgs.shape}")
@@ -117,10 +124,16 @@ def cmd_encode(args: argparse.Namespace) -> int:
   import jax.numpy as jnp
   from flax import nnx
   from var_jax.checkpoint import load_model
+  from var_jax.io import as_path
   if args.batch < 1:
-    raise _user_error("--batch must be at least 1")
+    raise _user_error(f"--batch must be at least 1, got {args.batch}")
+  out = as_path(args.out)
+  if not str(out).endswith(".npz") or out.is_dir():
+    raise _user_error(f"--out must be an .npz file path, got {args.out}")
   cfg, vae, _ = load_model(args.ckpt, need_var=False)
   imgs = load_images_u8(args.images, cfg.vae.resolution)
+  if len(imgs) == 0:
+    raise _user_error(f"--images {args.images} holds no images")
   graphdef, state = nnx.split(vae)
 
   @jax.jit
@@ -134,14 +147,18 @@ def cmd_encode(args: argparse.Namespace) -> int:
     for k, idx in enumerate(encode(state, jnp.asarray(imgs[i:i + args.batch]))):
       outs[k].append(np.asarray(idx, np.int32))
   from var_jax.io import save_npz
-  save_npz(args.out, **{f"idx_{k}": np.concatenate(o)
-                               for k, o in enumerate(outs)})
+  save_npz(out, **{f"idx_{k}": np.concatenate(o)
+                   for k, o in enumerate(outs)})
   print(f"wrote {len(imgs)} x {len(outs)} token maps to {args.out}")
   return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
   from var_jax.convert.verify import VerifyError, print_report, run_verify
+  if not 1 <= args.batch <= 64:
+    raise _user_error(f"--batch must be in 1..64, got {args.batch}")
+  if args.seed < 0:
+    raise _user_error(f"--seed must be >= 0, got {args.seed}")
   try:
     report = run_verify(args.torch_repo, args.vae, args.var, args.batch,
                         args.seed)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 
 import numpy as np
 from flax import nnx
@@ -13,6 +12,7 @@ from var_jax.config import ModelConfig, get_preset
 from var_jax.convert import load
 from var_jax.convert.mapping import var_rules, vqvae_rules
 from var_jax.convert.pth import read_pth
+from var_jax.io import as_path
 from var_jax.models.transformer import VAR
 from var_jax.models.vqvae import VQVAE
 
@@ -44,7 +44,6 @@ def extract_state_dict(obj, kind: str, path) -> dict:
 
 
 def read_official(path, kind: str) -> dict:
-  path = pathlib.Path(path)
   return load.strip_prefixes(extract_state_dict(read_pth(path), kind, path))
 
 
@@ -92,10 +91,24 @@ def official_states(vae_sd, var_sd, vae_cfg, var_cfg):
 def convert_files(vae_path=None, var_path=None, out_dir=None,
                   preset: str | None = None, overwrite: bool = False,
                   log=print) -> ModelConfig:
-  """Converts official checkpoints into a model directory, atomically."""
+  """Converts official checkpoints into a model directory, atomically.
+
+  Args:
+    vae_path, var_path: official `.pth` files (local or `gs://`); at least
+      one.
+    out_dir: model directory to write (None: only check and return config).
+    preset: check the files against this preset's architecture.
+    overwrite: replace an existing `out_dir`.
+    log: progress lines.
+
+  Raises:
+    ConvertError, PthError: unreadable files or keys/shapes that do not fit.
+    CheckpointError: `out_dir` exists (checked before anything is read).
+    WriteError: writing failed; nothing is left under `out_dir`.
+  """
   if vae_path is None and var_path is None:
     raise load.ConvertError("nothing to convert: give --vae and/or --var")
-  if out_dir is not None and pathlib.Path(out_dir).exists() and not overwrite:
+  if out_dir is not None and as_path(out_dir).exists() and not overwrite:
     raise checkpoint.CheckpointError(
         f"{out_dir} already exists; pass --overwrite to replace it")
   vae_sd = var_sd = None

@@ -169,11 +169,16 @@ def download(model: str, out, *, cache_dir=None, pth_dir=None,
     get_preset(preset)
   except ValueError as e:
     raise DownloadError(str(e)) from None
-  if pathlib.Path(out).exists() and not overwrite:
+  from var_jax.io import as_path, is_local
+  if as_path(out).exists() and not overwrite:
     raise checkpoint.CheckpointError(
         f"{out} already exists; pass --overwrite to replace it")
-  if pth_dir is not None and pathlib.Path(pth_dir).resolve() == \
-      pathlib.Path(out).resolve():
+  if pth_dir is not None and not is_local(pth_dir):
+    raise DownloadError(f"--pth-dir must be a local directory (the hub "
+                        f"writes it), got {pth_dir}")
+  if pth_dir is not None and is_local(out) and (
+      pathlib.Path(pth_dir).expanduser().resolve()
+      == pathlib.Path(out).expanduser().resolve()):
     raise DownloadError("--pth-dir must differ from --out")
   log(f"fetching {model} from huggingface.co/{REPO}")
   try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import io
-import pathlib
+import os
 import pickle
 import zipfile
 
@@ -128,21 +128,34 @@ class _SafeUnpickler(pickle.Unpickler):
     return arr
 
 
+def _open(path):
+  """A local path as itself, a remote one (gs://) as a seekable file."""
+  from var_jax.io import is_local
+  return os.fspath(path) if is_local(path) else path.open("rb")
+
+
 def read_pth(path) -> object:
-  """Loads a `.pth` file's object tree with every tensor as a numpy array."""
-  path = pathlib.Path(path)
+  """Loads a `.pth` file's object tree with every tensor as a numpy array.
+
+  `path` may be local or `gs://` (etils.epath).
+
+  Raises:
+    PthError: missing, legacy-format, truncated or hostile file (named).
+  """
+  from var_jax.io import as_path
+  path = as_path(path)
   if not path.is_file():
     raise PthError(f"{path}: no such file")
-  with open(path, "rb") as fh:
+  with path.open("rb") as fh:
     head = fh.read(64)
-  if not zipfile.is_zipfile(path):
+  if not _is_zip(path):
     if _is_legacy(path, head):
       raise PthError(f"{path}: legacy pre-1.6 torch format: re-save it with "
                      "torch.save(obj, path) in torch >= 1.6")
     raise PthError(f"{path}: not a PyTorch checkpoint (not a zip archive; the "
                    "file may be truncated)")
   try:
-    with zipfile.ZipFile(path) as zf:
+    with zipfile.ZipFile(_open(path)) as zf:
       pkls = [n for n in zf.namelist() if n.endswith("/data.pkl")
               or n == "data.pkl"]
       if not pkls:
@@ -165,6 +178,15 @@ def read_pth(path) -> object:
                    f"{str(e)[:120]})") from None
 
 
+def _is_zip(path) -> bool:
+  src = _open(path)
+  try:
+    return zipfile.is_zipfile(src)
+  finally:
+    if hasattr(src, "close"):
+      src.close()
+
+
 class _NoGlobals(pickle.Unpickler):
   def find_class(self, module, name):
     raise pickle.UnpicklingError(f"global {module}.{name}")
@@ -175,7 +197,7 @@ def _is_legacy(path, head: bytes) -> bool:
   if head[:1] != b"\x80":
     return False
   try:
-    with open(path, "rb") as fh:
+    with path.open("rb") as fh:
       return _NoGlobals(fh).load() == _LEGACY_MAGIC
   except Exception:  # pylint: disable=broad-except
     return False

@@ -23,7 +23,6 @@ from var_jax.errors import VerifyError
 
 # Golden tolerances (../shared/golden/README.md): relative to max magnitude.
 REL_TOL = 1e-4
-TIE_GAP = 1e-4
 
 
 def _import_official(repo: pathlib.Path):

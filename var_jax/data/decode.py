@@ -53,16 +53,28 @@ def _full_scale_of_int32(img: Image.Image) -> int:
   return 65535
 
 
-def _to_8bit(img: Image.Image) -> Image.Image:
-  """Single-channel deep modes (I;16*, I, F) -> mode "L" over their range."""
+def deep_full_scale(img: Image.Image) -> float | None:
+  """White of a single-channel deep mode (I;16*, I, F); None for 8-bit.
+
+  Read off the opened file (format and TIFF tags), before any transpose or
+  copy drops them.
+  """
   mode = img.mode
   if mode.startswith("I;16"):
-    full = 65535.0
-  elif mode == "I":
-    full = float(_full_scale_of_int32(img))
-  elif mode == "F":
-    full = 1.0
-  else:
+    return 65535.0
+  if mode == "I":
+    return float(_full_scale_of_int32(img))
+  if mode == "F":
+    return 1.0
+  return None
+
+
+def _to_8bit(img: Image.Image, full: float | None) -> Image.Image:
+  """A deep single-channel image -> mode "L", `full` mapping to 255."""
+  if full is None:
+    full = deep_full_scale(img)
+  if full is None or img.mode not in ("I", "F") and not img.mode.startswith(
+      "I;16"):
     return img
   x = np.asarray(img, np.float64)
   x = np.clip(np.nan_to_num(x, nan=0.0) * (255.0 / full), 0.0, 255.0)
@@ -73,14 +85,19 @@ def _has_alpha(img: Image.Image) -> bool:
   return img.mode in _ALPHA_MODES or "transparency" in img.info
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image, full: float | None = None) -> Image.Image:
   """Any PIL image -> RGB as shown on a white page (see module docstring).
+
+  Args:
+    img: any mode.
+    full: the value that is white in a deep single-channel image (default:
+      `deep_full_scale(img)`).
 
   Raises:
     CorruptImageError: a mode Pillow cannot bring to RGB (e.g. LAB).
   """
   try:
-    img = _to_8bit(img)
+    img = _to_8bit(img, full)
     if _has_alpha(img):
       rgba = img.convert("RGBA")
       page = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
@@ -148,7 +165,8 @@ def decode_image(data) -> Image.Image:
       raw = _read_bytes(data if hasattr(data, "open") else os.fspath(data))
     img = Image.open(io.BytesIO(raw))
     img.load()  # Forces the full decode: a truncated file fails here.
-    return to_rgb(_upright(img))
+    full = deep_full_scale(img)
+    return to_rgb(_upright(img), full)
   except CorruptImageError:
     raise
   except (OSError, ValueError, SyntaxError, TypeError, EOFError,

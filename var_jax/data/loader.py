@@ -31,6 +31,46 @@ _PERM_SALT, _AUG_SALT = 0, 1
 _MAX_CONSECUTIVE_CORRUPT = 64
 
 
+class SkipCounter:
+  """The one policy for undecodable images, shared by training and tokenize.
+
+  An example whose image cannot be decoded is skipped, never replaced by a
+  made-up one, and counted; the first skip and every `log_every`-th are
+  logged with the file and the reason. Training fills the batch slot with
+  the next example of the permutation (with that example's own label, so
+  shapes and resume stay deterministic); `tokenize` just leaves it out.
+  Thread-safe.
+  """
+
+  def __init__(self, describe, log_every: int = 100):
+    self._describe = describe
+    self._log_every = max(1, log_every)
+    self._lock = threading.Lock()
+    self.count = 0
+    self.indices: set[int] = set()
+    self.first: str | None = None
+
+  def add(self, index: int, err: Exception) -> None:
+    where = self._describe(index)
+    with self._lock:
+      self.count += 1
+      self.indices.add(index)
+      n = self.count
+      if self.first is None:
+        self.first = f"{where} ({err})"
+    if n == 1 or n % self._log_every == 0:
+      log.warning("skipped undecodable image %s (%s); %d skipped so far",
+                  where, err, n)
+
+  def summary(self) -> str | None:
+    """One line for the end of a run, or None when nothing was skipped."""
+    with self._lock:
+      if not self.count:
+        return None
+      return (f"skipped {len(self.indices)} undecodable image(s), first: "
+              f"{self.first}")
+
+
 class Loader:
   """Iterator of {'images': f32 (B, H, W, 3) in [-1, 1], 'labels': i32 (B,)}.
 
@@ -57,10 +97,8 @@ class Loader:
     self.start_step = self.step = start_step
     self._seed, self._shuffle = seed, shuffle
     self._process_index = process_index
-    self._log_every = log_every
     self._lock = threading.Lock()
-    self._corrupt = 0
-    self._corrupt_indices: set[int] = set()
+    self.skips = SkipCounter(source.describe, log_every)
     self._perm_cache: dict[int, np.ndarray] = {}
 
     if num_epochs is None:
@@ -92,9 +130,8 @@ class Loader:
 
   def stats(self) -> dict[str, int]:
     """Corrupt-image counters (include examples prefetched but not yet used)."""
-    with self._lock:
-      return {"corrupt_skipped": self._corrupt,
-              "corrupt_unique": len(self._corrupt_indices)}
+    return {"corrupt_skipped": self.skips.count,
+            "corrupt_unique": len(self.skips.indices)}
 
   def close(self) -> None:
     close = getattr(self._it, "close", None)
@@ -140,20 +177,12 @@ class Loader:
       try:
         return self.source.example(index, rng)
       except CorruptImageError as e:
-        self._count_corrupt(index, e)
-        # Deterministic stand-in keeps batch shapes and resume/shard identity.
+        self.skips.add(index, e)
+        # The next example (with its own label) fills the slot: batch shapes
+        # and the resume/shard identity of the stream stay deterministic.
         index = (index + 1) % self.num_examples
     raise DataError(f"{_MAX_CONSECUTIVE_CORRUPT} consecutive corrupt images "
                     f"ending at {self.source.describe(index)}")
-
-  def _count_corrupt(self, index: int, e: Exception) -> None:
-    with self._lock:
-      self._corrupt += 1
-      self._corrupt_indices.add(index)
-      n = self._corrupt
-    if n == 1 or n % self._log_every == 0:
-      log.warning("skipped corrupt image %s (%s); %d skipped so far",
-                  self.source.describe(index), e, n)
 
 
 def _stack(examples) -> dict[str, np.ndarray]:
@@ -161,6 +190,28 @@ def _stack(examples) -> dict[str, np.ndarray]:
   labels_B = np.asarray([label for _, label in examples], np.int32)
   # Token caches yield (L,) ids per example, image sources (H, W, 3).
   return {"tokens" if x.ndim == 2 else "images": x, "labels": labels_B}
+
+
+def _check_numbers(*, resolution, mid_reso, max_shift, num_workers, num_epochs,
+                   log_every) -> None:
+  """Out-of-domain numbers are refused by name, never clamped silently."""
+  def bad(name, value, want):
+    raise DataError(f"{name} must be {want}, got {value!r}")
+  def is_int(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+  if not is_int(resolution) or resolution < 1:
+    bad("resolution", resolution, "an integer >= 1")
+  if not (isinstance(mid_reso, (int, float, np.floating))
+          and np.isfinite(mid_reso) and mid_reso >= 1.0):
+    bad("mid_reso", mid_reso, "a finite number >= 1 (the crop must fit)")
+  if not is_int(max_shift) or not 0 <= max_shift < resolution:
+    bad("max_shift", max_shift, f"an integer in [0, {resolution})")
+  if num_workers is not None and (not is_int(num_workers) or num_workers < 0):
+    bad("num_workers", num_workers, "an integer >= 0")
+  if num_epochs is not None and (not is_int(num_epochs) or num_epochs < 1):
+    bad("num_epochs", num_epochs, "None or an integer >= 1")
+  if not is_int(log_every) or log_every < 1:
+    bad("log_every", log_every, "an integer >= 1")
 
 
 def make_loader(spec: str, *, split: str, resolution: int, global_batch: int,
@@ -203,6 +254,9 @@ def make_loader(spec: str, *, split: str, resolution: int, global_batch: int,
                     f"process_count={process_count}")
   if seed < 0 or start_step < 0:
     raise DataError(f"seed ({seed}) and start_step ({start_step}) must be >= 0")
+  _check_numbers(resolution=resolution, mid_reso=mid_reso, max_shift=max_shift,
+                 num_workers=num_workers, num_epochs=num_epochs,
+                 log_every=log_every)
   if num_workers is None:
     num_workers = min(32, os.cpu_count() or 1)
   aug = AugConfig(resolution=resolution, train=split.startswith("train"),

@@ -1,59 +1,136 @@
-"""Pre-tokenizing a dataset for VAR training (`var-jax tokenize`)."""
+"""Pre-tokenizing a dataset for VAR training (`var-jax tokenize`).
+
+A token cache holds exactly the decodable images of the split, each once,
+in the source's order, each with its own label. Undecodable images are
+skipped and counted under the same policy as the training loader
+(`data.loader.SkipCounter`), never replaced by a neighbour.
+"""
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
+import sys
 
 import numpy as np
 
+from var_jax.errors import DataError, UserError
+
+
+def _check_out(out):
+  """The output must be a `.npz` file path that is not a directory."""
+  from var_jax.io import as_path
+  p = as_path(out)
+  if not os.fspath(p).endswith(".npz"):
+    raise UserError(f"--out must end in .npz, got {out}")
+  if p.is_dir():
+    raise UserError(f"--out {out} is a directory")
+  return p
+
+
+def _log_stderr(msg: str) -> None:
+  print(msg, file=sys.stderr)
+
 
 def tokenize_dataset(ckpt, spec: str, split: str, out, *, batch: int = 64,
-                     patch_nums=None) -> int:
-  """Encodes every example of `spec`/`split` (center crop) into `out`.
+                     patch_nums=None, num_workers: int | None = None,
+                     log=_log_stderr) -> int:
+  """Encodes every decodable example of `spec`/`split` (center crop) to `out`.
 
-  Writes `tokens` int32 (N, L), `labels` int32 (N,), `patch_nums` and
-  `num_classes` through a temporary file; returns N.
+  Args:
+    ckpt: model directory holding the tokenizer.
+    spec: `folder:PATH`, `tfds:NAME` or `digits` (not a token cache).
+    split: data split ('train', 'val', ...).
+    out: output `.npz` (local or `gs://`), written atomically.
+    batch: images per tokenizer call, >= 1.
+    patch_nums: scale list (default: the tokenizer's); must end with the
+      tokenizer's latent side.
+    num_workers: decode threads (default: min(8, cpus)).
+    log: where the skipped-images summary line goes (default: stderr).
+
+  Returns:
+    N, the number of token sequences written: `tokens` int32 (N, L),
+    `labels` int32 (N,), `patch_nums`, `num_classes`, `vocab_size`, and
+    `skipped` (the number of undecodable images left out).
+
+  Raises:
+    UserError: bad batch, scales or output path (before anything is read).
+    DataError: bad source, or no decodable image at all.
+    WriteError: the output could not be written (nothing is left behind).
   """
   from tqdm import tqdm
 
   from var_jax import checkpoint
-  from var_jax.data.loader import Loader
-  from var_jax.data.sources import AugConfig, open_source
-  from var_jax.models.vqvae import jit_tokenizer
+  from var_jax.data.loader import SkipCounter
+  from var_jax.data.sources import AugConfig, CorruptImageError, open_source
   from var_jax.io import save_npz
+  from var_jax.models.vqvae import jit_tokenizer
 
+  if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+    raise UserError(f"batch must be an integer >= 1, got {batch!r}")
+  if num_workers is not None and num_workers < 0:
+    raise UserError(f"num_workers must be >= 0, got {num_workers}")
+  out = _check_out(out)
+  if spec.startswith("tokens:"):
+    raise UserError("--data is already a token cache; tokenize reads images")
   cfg, vae, _ = checkpoint.load_model(ckpt, need_var=False)
+  latent = cfg.vae.v_patch_nums[-1]
   pn = tuple(patch_nums or cfg.vae.v_patch_nums)
-  if pn[-1] != cfg.vae.v_patch_nums[-1]:
-    from var_jax.errors import UserError
-    raise UserError(f"the last scale must be the tokenizer's latent side "
-                    f"{cfg.vae.v_patch_nums[-1]}, got {pn}")
+  if (not pn or any(p < 1 for p in pn) or list(pn) != sorted(set(pn))
+      or pn[-1] != latent):
+    raise UserError(f"scales must increase strictly from >= 1 and end with "
+                    f"the tokenizer's latent side {latent}, got {list(pn)}")
   source = open_source(spec, split=split, aug=AugConfig(
       resolution=cfg.vae.resolution, train=False))
-  n = len(source)
-  b = min(batch, n)
-  loader = Loader(source, seed=0, global_batch=b, local_batch=b,
-                  process_index=0, start_step=0, num_epochs=1, shuffle=False,
-                  num_workers=min(8, os.cpu_count() or 1), log_every=100)
+  skips = SkipCounter(source.describe)
+  rng = np.random.default_rng(0)  # Center crop: nothing random is drawn.
+
+  def load(i):
+    try:
+      return source.example(i, rng)
+    except CorruptImageError as e:
+      skips.add(i, e)
+      return None
+
   encode = jit_tokenizer(vae, pn)
-  toks, labels = [], []
-  with loader, tqdm(total=n, unit="img", dynamic_ncols=True) as bar:
-    for ex in loader:
-      toks.append(np.concatenate([np.asarray(i) for i in
-                                  encode(ex["images"])], 1))
-      labels.append(ex["labels"])
-      bar.update(len(ex["labels"]))
-    # The loader drops the remainder of the last batch; encode it here.
-    rest = range(loader.steps_per_epoch * b, n)
-    if len(rest):
-      rng = np.random.default_rng(0)
-      ex = [source.example(i, rng) for i in rest]
-      toks.append(np.concatenate([np.asarray(i) for i in encode(
-          np.stack([e[0] for e in ex]))], 1))
-      labels.append(np.asarray([e[1] for e in ex], np.int32))
-      bar.update(len(ex))
-  save_npz(out, tokens=np.concatenate(toks).astype(np.int32),
-           labels=np.concatenate(labels).astype(np.int32),
+
+  def encode_batch(examples):
+    x = np.stack([x for x, _ in examples])
+    n = len(x)
+    if n < batch:  # Pad to the compiled batch size; padding is dropped.
+      x = np.concatenate([x, np.repeat(x[-1:], batch - n, 0)])
+    idx = np.concatenate([np.asarray(i) for i in encode(x)], 1)[:n]
+    return idx.astype(np.int32), np.asarray([y for _, y in examples], np.int32)
+
+  n = len(source)
+  toks, labels, pending = [], [], []
+  workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool, \
+      tqdm(total=n, unit="img", dynamic_ncols=True) as bar:
+    for start in range(0, n, batch):
+      for ex in pool.map(load, range(start, min(start + batch, n))):
+        bar.update(1)
+        if ex is not None:
+          pending.append(ex)
+      while len(pending) >= batch:
+        t, y = encode_batch(pending[:batch])
+        toks.append(t)
+        labels.append(y)
+        del pending[:batch]
+    if pending:
+      t, y = encode_batch(pending)
+      toks.append(t)
+      labels.append(y)
+  if not toks:
+    raise DataError(f"no decodable image in {spec!r} split {split!r} "
+                    f"({skips.count} skipped); nothing written")
+  tokens_NL = np.concatenate(toks)
+  save_npz(out, tokens=tokens_NL, labels=np.concatenate(labels),
            patch_nums=np.asarray(pn, np.int32),
-           num_classes=np.int32(source.num_classes))
-  return n
+           num_classes=np.int32(source.num_classes),
+           vocab_size=np.int32(cfg.vae.vocab_size),
+           skipped=np.int32(len(skips.indices)))
+  summary = skips.summary()
+  if summary:
+    log(f"{summary}; the cache holds the other {len(tokens_NL)}")
+  return len(tokens_NL)
