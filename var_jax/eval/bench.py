@@ -1,0 +1,128 @@
+"""`var-jax bench eval`: images/s of Inception feature extraction.
+
+Times the jitted, sharded extractor (resize to 299, InceptionV3, the three
+ADM features) on random uint8 images, after compilation and warmup, and
+prints one JSON line. `--official` times torch-fidelity's
+`FeatureExtractorInceptionV3` in the same process on the same images with the
+same weights (needs torch and torch-fidelity installed) and adds its figure
+and the ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+
+
+def add_parser(bench_subparsers) -> None:
+  p = bench_subparsers.add_parser(
+      "eval", help="time Inception feature extraction (one JSON line)",
+      description="Times `var-jax eval`'s feature extraction (images/s) and, "
+                  "with --official, torch-fidelity's on the same CPU.")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--inception", help="weights .pth (torch-fidelity's)")
+  src.add_argument("--random-init", action="store_true",
+                   help="random weights (the golden seed recipe, seed 0)")
+  p.add_argument("--batch", type=int, default=64, help="images per step")
+  p.add_argument("--size", type=int, default=256,
+                 help="input side before the resize to 299 (default 256)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--iters", type=int, default=2, help="timed batches")
+  p.add_argument("--warmup", type=int, default=1,
+                 help="untimed batches after compilation")
+  p.add_argument("--official", action="store_true",
+                 help="also time torch-fidelity's extractor (torch CPU)")
+  p.add_argument("--torch-threads", type=int, default=None,
+                 help="torch.set_num_threads for --official (default: "
+                      "torch's own)")
+  p.set_defaults(func=run)
+
+
+def _time_calls(fn, iters: int) -> float:
+  t0 = time.perf_counter()
+  for _ in range(iters):
+    fn()
+  return (time.perf_counter() - t0) / iters
+
+
+def _official(sd, images_BHWC, iters, warmup, threads):
+  """Seconds per batch of torch-fidelity's extractor on the same weights."""
+  try:
+    import torch
+    from torch_fidelity.feature_extractor_inceptionv3 import (
+        FeatureExtractorInceptionV3)
+  except ImportError as e:
+    from var_jax.errors import UserError
+    raise UserError(f"--official needs torch and torch-fidelity ({e}); "
+                    "pip install torch && pip install --no-deps "
+                    "torch-fidelity") from None
+  if threads:
+    torch.set_num_threads(threads)
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "inception.pth")
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, path)
+    net = FeatureExtractorInceptionV3(
+        "inception-v3-compat", ["2048", "logits_unbiased"],
+        feature_extractor_weights_path=path)
+  x = torch.from_numpy(np.ascontiguousarray(images_BHWC.transpose(0, 3, 1, 2)))
+
+  def call():
+    with torch.no_grad():
+      net(x)
+
+  for _ in range(warmup + 1):
+    call()
+  return _time_calls(call, iters), torch.get_num_threads(), torch.__version__
+
+
+def run(args) -> int:
+  import jax
+  import jax.numpy as jnp
+
+  from var_jax.convert import inception as ci
+  from var_jax.errors import UserError
+  from var_jax.eval.features import ADM_FEATURES, FeatureExtractor
+  if args.batch < 1 or args.iters < 1 or args.size < 1:
+    raise UserError("--batch, --iters and --size must be >= 1")
+  if args.random_init:
+    sd = ci.random_state_dict(0)
+  else:
+    sd = ci.read_inception_state_dict(args.inception)
+  model = ci.convert_state_dict(sd, where=args.inception or "random weights",
+                                dtype=jnp.dtype(args.dtype))
+  ext = FeatureExtractor(model, batch=args.batch, names=ADM_FEATURES)
+  images = np.random.default_rng(0).integers(
+      0, 256, (args.batch, args.size, args.size, 3), dtype=np.uint8)
+  t0 = time.perf_counter()
+  jax.block_until_ready(ext.step(images))
+  compile_s = time.perf_counter() - t0
+
+  def call():
+    jax.block_until_ready(ext.step(images))
+
+  for _ in range(args.warmup):
+    call()
+  per_batch = _time_calls(call, args.iters)
+  out = {
+      "bench": "eval", "batch": args.batch, "size": args.size,
+      "dtype": args.dtype, "devices": jax.local_device_count(),
+      "platform": jax.devices()[0].platform,
+      "compile_s": round(compile_s, 2),
+      "s_per_batch": round(per_batch, 4),
+      "images_per_s": round(args.batch / per_batch, 2),
+  }
+  if args.official:
+    t, threads, version = _official(sd, images, args.iters, args.warmup,
+                                    args.torch_threads)
+    out.update({
+        "official_s_per_batch": round(t, 4),
+        "official_images_per_s": round(args.batch / t, 2),
+        "official_torch_threads": threads, "torch": version,
+        "speedup_vs_official": round(t / per_batch, 3),
+    })
+  print(json.dumps(out), flush=True)
+  return 0
