@@ -90,7 +90,7 @@ def test_zero_shot_edits(golden_dir, golden, mode):
   images = np.asarray(g["img_u8"], np.float32) / 127.5 - 1
   sampler = Sampler(vae, var, SampleOptions(cfg=3.0, **GREEDY))
   out = edit.zero_shot_edit(sampler, vae, _nchw_to_nhwc(images), mask,
-                            g[pre + "label"], seed=0)
+                            g[pre + "label"], seed=0, allow_null=True)
   keep = edit.keep_tokens(mask, var.cfg.patch_nums)
   start = 0
   for si in range(len(var.cfg.patch_nums)):

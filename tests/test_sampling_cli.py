@@ -90,16 +90,19 @@ def test_missing_checkpoint_is_one_line(tmp_path, capsys):
 def test_stochastic_forms_splits_and_dtypes_agree(golden_dir):
   vae, var = golden_vae(golden_dir), golden_var(golden_dir)
   labels = [1, 4, 10]
-  ref = Sampler(vae, var, SampleOptions(form="unrolled"))(labels, seed=5)
+  ref = Sampler(vae, var, SampleOptions(form="unrolled"))(labels, seed=5,
+                                                          allow_null=True)
   scan = Sampler(vae, var, SampleOptions(form="scan", layer_loop="scan"))(
-      labels, seed=5)
+      labels, seed=5, allow_null=True)
   split = Sampler(vae, var, SampleOptions(form="unrolled"))
-  parts = [split(labels[:1], seed=5), split(labels[1:], seed=5, offset=1)]
+  parts = [split(labels[:1], seed=5),
+           split(labels[1:], seed=5, offset=1, allow_null=True)]
   for si in range(10):
     np.testing.assert_array_equal(scan.idx[si], ref.idx[si])
     np.testing.assert_array_equal(
         np.concatenate([p.idx[si] for p in parts]), ref.idx[si])
-  other = Sampler(vae, var, SampleOptions(form="unrolled"))(labels, seed=6)
+  other = Sampler(vae, var, SampleOptions(form="unrolled"))(labels, seed=6,
+                                                            allow_null=True)
   assert not np.array_equal(other.idx[-1], ref.idx[-1])
   # bfloat16 compute and Gumbel smoothing: valid images, float32 out.
   for opts in (SampleOptions(dtype="bfloat16"),
@@ -145,7 +148,8 @@ def test_sample_many_resumes_and_is_batch_invariant(golden_dir, tmp_path):
   meta = {"test": 1}
   full = tmp_path / "full.npz"
   classes = [0, 3, 10]
-  n = many.sample_many(Sampler(vae, var), classes, 2, 4, 0, full, meta)
+  n = many.sample_many(Sampler(vae, var), classes, 2, 4, 0, full, meta,
+                       allow_null=True)
   assert n == 6
   ref = np.load(full)["arr_0"]
   assert ref.shape == (6, 256, 256, 3) and ref.dtype == np.uint8
@@ -154,12 +158,14 @@ def test_sample_many_resumes_and_is_batch_invariant(golden_dir, tmp_path):
   out = tmp_path / "resumed.npz"
   with pytest.raises(_Interrupt):
     many.sample_many(_StopAfter(Sampler(vae, var), 1), classes, 2, 4, 0, out,
-                       meta)
+                     meta, allow_null=True)
   assert len(list((tmp_path / "resumed.npz.parts").glob("chunk_*"))) == 1
   assert not out.exists()
   with pytest.raises(cli.UserError, match="other settings"):
-    many.sample_many(Sampler(vae, var), classes, 2, 4, 1, out, {"test": 2})
-  many.sample_many(Sampler(vae, var), classes, 2, 4, 0, out, meta)
+    many.sample_many(Sampler(vae, var), classes, 2, 4, 1, out, {"test": 2},
+                     allow_null=True)
+  many.sample_many(Sampler(vae, var), classes, 2, 4, 0, out, meta,
+                   allow_null=True)
   np.testing.assert_array_equal(np.load(out)["arr_0"], ref)
 
 

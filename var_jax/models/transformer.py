@@ -419,3 +419,47 @@ class VAR(nnx.Module):
       x, y = body(x, (p, ada[i], jax.tree.map(lambda a, i=i: a[i], extra)))
       ys.append(y)
     return x, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+  def prefill_chunks(self, x_BLC, cond_BD, patch_nums, dtype=jnp.float32,
+                     ada=None, layers=None):
+    """One block-causal pass over the first scales, filling a KV cache chunk.
+
+    Collaborative decoding (CoDe's `autoregressive_infer_cfg_refine`) hands
+    the refiner the start tokens plus the teacher-forcing inputs of scales
+    1..N; this runs them through every block at once, each token seeing its
+    own scale and the coarser ones, as `__call__` does for the whole pyramid.
+
+    Args:
+      x_BLC: float32 (B, L', C) inputs with level/position embeddings added,
+        L' = sum(pn * pn for pn in patch_nums).
+      cond_BD: (B, C) class vectors of the rows.
+      patch_nums: the scale sides of the prefix (a tuple; static), i.e.
+        `cfg.patch_nums[:N + 1]`.
+      dtype, ada, layers: as in `decode_chunks`.
+
+    Returns:
+      The final hidden states (B, L', C) and the chunk of every layer's
+      keys/values (depth, B, H, L', c) in `dtype`, the first chunk of a
+      cache that `decode_chunks` continues.
+    """
+    cfg = self.cfg
+    patch_nums = tuple(patch_nums)
+    if ada is None:
+      ada = self.adaln_all(cond_BD, layers)
+
+    def body(x, xs):
+      p, ada_B6C, _ = xs
+
+      def attn(q, k, v):
+        b, l, h, c = q.shape
+        heads = lambda a: _heads_first(a).reshape(b * h, l, c)
+        o = attention.block_causal_attention(patch_nums, _scale(cfg), dtype,
+                                             heads(q), heads(k), heads(v))
+        o = _heads_first(o.reshape(b, h, l, c)).reshape(b, l, h * c)
+        return o, (_heads_first(k).astype(dtype), _heads_first(v).astype(dtype))
+
+      return _block(cfg, p, x, ada_B6C, attn, dtype)
+
+    x, (k_new, v_new) = self._over_layers(
+        body, x_BLC, ada, layers, jnp.arange(cfg.depth, dtype=jnp.int32))
+    return x, KVCache(k_new, v_new)

@@ -14,15 +14,32 @@ def _user_error(msg):
 
 def _add_sampling_flags(p, *, cfg, top_k, top_p):
   p.add_argument("--ckpt", help="model directory (default: the bundled "
-                 "digits model)")
+                 "digits model); with --drafter-ckpt, the refiner")
   p.add_argument("--cfg", type=float, default=cfg,
                  help=f"classifier-free guidance scale (default {cfg})")
-  p.add_argument("--top-k", type=int, default=top_k,
+  p.add_argument("--top-k", default=str(top_k),
                  help=f"keep the k most likely tokens, 0 = all (default "
-                      f"{top_k}); --top-k 1 --top-p 0 is greedy")
-  p.add_argument("--top-p", type=float, default=top_p,
-                 help=f"nucleus mass, 0 = off (default {top_p})")
-  p.add_argument("--seed", type=int, default=0)
+                      f"{top_k}); one value or one per scale, e.g. "
+                      f"600,600,...; --top-k 1 --top-p 0 is greedy")
+  p.add_argument("--top-p", default=str(top_p),
+                 help=f"nucleus mass in [0, 1], 0 = off (default {top_p}); "
+                      f"one value or one per scale")
+  p.add_argument("--temperature", default="1",
+                 help="divides the logits after top-k/top-p filtering "
+                      "(default 1); one value or one per scale, e.g. CoDe's "
+                      "1.1,1.1,1.1,1.1,1.1,1.1,1.1,1,1,1")
+  p.add_argument("--cfg-until", type=int, default=None, metavar="SCALE",
+                 help="from this scale index on, sample without guidance "
+                      "(batch B instead of 2B; default: guidance to the end)")
+  p.add_argument("--drafter-ckpt", metavar="DIR",
+                 help="collaborative decoding (CoDe): a larger model that "
+                      "draws the first --draft-steps scales; --ckpt draws "
+                      "the rest. Both must share the tokenizer")
+  p.add_argument("--draft-steps", type=int, default=None, metavar="N",
+                 help="scales the drafter draws (1..K-1; with "
+                      "--drafter-ckpt)")
+  p.add_argument("--seed", type=int, default=0,
+                 help="random seed in [0, 2**32) (default 0)")
   p.add_argument("--more-smooth", action="store_true",
                  help="Gumbel-softmax smoothing (for viewing, not for FID)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -94,22 +111,74 @@ def register(sub) -> None:
 
 
 # ------------------------------------------------------------------ helpers
-def _options(args):
+def parse_schedule(flag, text, kind):
+  """'600' -> 600, '1.1,1.1,1' -> (1.1, 1.1, 1.0): one value or one per scale."""
+  try:
+    vals = [kind(v) for v in str(text).split(",")]
+  except ValueError:
+    raise _user_error(f"{flag} must be a {kind.__name__} or a comma-separated "
+                      f"list of them (one per scale), got {text!r}") from None
+  return vals[0] if len(vals) == 1 else tuple(vals)
+
+
+def options_from_flags(args, *, draft_steps=None):
+  """`SampleOptions` from the shared sampling flags (checked)."""
+  import numpy as np
   from var_jax.sampling.sampler import (DEFAULT_FORM, DEFAULT_LAYER_LOOP,
                                         SampleOptions)
-  if args.top_k < 0 or not 0 <= args.top_p <= 1:
-    raise _user_error("--top-k must be >= 0 and --top-p in [0, 1]")
-  return SampleOptions(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-                       more_smooth=args.more_smooth, dtype=args.dtype,
-                       form=args.form or DEFAULT_FORM,
-                       layer_loop=args.layer_loop or DEFAULT_LAYER_LOOP)
+  top_k = parse_schedule("--top-k", args.top_k, int)
+  top_p = parse_schedule("--top-p", args.top_p, float)
+  if min(np.atleast_1d(top_k)) < 0 or not all(
+      0 <= p <= 1 for p in np.atleast_1d(top_p)):
+    raise _user_error(f"--top-k must be >= 0 and --top-p in [0, 1], got "
+                      f"{args.top_k} and {args.top_p}")
+  try:
+    return SampleOptions(
+        cfg=args.cfg, top_k=top_k, top_p=top_p,
+        temperature=parse_schedule("--temperature", args.temperature, float),
+        cfg_until=args.cfg_until, draft_steps=draft_steps,
+        more_smooth=getattr(args, "more_smooth", False), dtype=args.dtype,
+        form=args.form or DEFAULT_FORM,
+        layer_loop=args.layer_loop or DEFAULT_LAYER_LOOP)
+  except ValueError as e:  # UserError names the option; say the flag.
+    raise _user_error(_as_flag(str(e))) from None
+
+
+def _as_flag(msg):
+  """'top_k must be ...' -> '--top-k must be ...': the name the user typed."""
+  head, sep, rest = msg.partition(" ")
+  if head in ("cfg", "top_k", "top_p", "temperature", "cfg_until",
+              "draft_steps", "seed"):
+    return "--" + head.replace("_", "-") + sep + rest
+  return msg
 
 
 def _load(args):
+  """(ModelConfig, VQVAE, refiner or only VAR, Sampler), all checked.
+
+  With --drafter-ckpt both model directories are read and their tokenizers
+  compared (config and weights) before anything runs.
+  """
   from var_jax import checkpoint
-  from var_jax.sampling.sampler import Sampler
+  from var_jax.sampling import code
+  from var_jax.sampling.sampler import Sampler, check_seed
+  if (args.drafter_ckpt is None) != (args.draft_steps is None):
+    raise _user_error("--drafter-ckpt and --draft-steps go together")
+  opts = options_from_flags(args, draft_steps=args.draft_steps)
+  try:
+    check_seed(args.seed)
+  except ValueError as e:
+    raise _user_error(_as_flag(str(e))) from None
   cfg, vae, var = checkpoint.load_model(args.ckpt, need_var=True)
-  return cfg, vae, var, Sampler(vae, var, _options(args))
+  drafter = None
+  if args.drafter_ckpt is not None:
+    _, d_vae, drafter = checkpoint.load_model(args.drafter_ckpt, need_var=True)
+    code.check_same_tokenizer(d_vae, vae)
+  try:
+    sampler = Sampler(vae, var, opts, drafter=drafter)
+  except ValueError as e:
+    raise _user_error(_as_flag(str(e))) from None
+  return cfg, vae, var, sampler
 
 
 def _parse_labels(text, num_classes):
@@ -136,7 +205,8 @@ def _sample_batched(sampler, labels, seed, batch, on_chunk=None):
   import numpy as np
   idx, imgs = None, []
   for start in range(0, len(labels), batch):
-    out = sampler(labels[start:start + batch], seed=seed, offset=start)
+    out = sampler(labels[start:start + batch], seed=seed, offset=start,
+                  allow_null=True)
     chunk = [np.asarray(a) for a in out.idx]
     idx = chunk if idx is None else [np.concatenate([a, b])
                                      for a, b in zip(idx, chunk)]
@@ -206,7 +276,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
   if not 0 <= label <= var.cfg.num_classes:
     raise _user_error(f"--label must be in [0, {var.cfg.num_classes}]")
   imgs = np.broadcast_to(img, (args.num,) + img.shape)
-  out = edit.zero_shot_edit(sampler, vae, imgs, mask, label, seed=args.seed)
+  out = edit.zero_shot_edit(sampler, vae, imgs, mask, label, seed=args.seed,
+                            allow_null=True)
   result = np.asarray(out.images_BHWC)
   image_io.save_png(args.out, image_io.grid(result, args.num, pad=0)
                     if args.num > 1 else image_io.to_uint8(result[0]))
@@ -226,15 +297,18 @@ def cmd_sample_many(args: argparse.Namespace) -> int:
   _check_positive(per_class=args.per_class, batch=args.batch)
   if not args.out.endswith(".npz"):
     raise _user_error("--out must end in .npz")
+  many.check_devices(args.batch)
   _, _, var, sampler = _load(args)
   classes = (list(range(var.cfg.num_classes)) if args.classes is None else
              _parse_labels(args.classes, var.cfg.num_classes))
   meta = {"ckpt": str(args.ckpt or "bundled"), "cfg": args.cfg,
           "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
+          "temperature": args.temperature, "cfg_until": args.cfg_until,
+          "drafter_ckpt": args.drafter_ckpt, "draft_steps": args.draft_steps,
           "more_smooth": args.more_smooth, "dtype": args.dtype,
           "per_class": args.per_class, "batch": args.batch,
           "classes": classes}
   n = many.sample_many(sampler, classes, args.per_class,
-                       args.batch, args.seed, args.out, meta)
+                       args.batch, args.seed, args.out, meta, allow_null=True)
   print(f"wrote {n} samples to {args.out} (arr_0, uint8)", file=sys.stderr)
   return 0

@@ -4,8 +4,8 @@ The official demo notebook samples as usual but, at every scale, replaces the
 drawn code vectors by the given image's where an edit mask says "keep". The
 mask lives on the last scale's grid and reaches each scale by bilinear
 resizing thresholded at 0.5; the 1x1 scale always keeps the given token.
-Because keeping happens per token before Phi and upsampling, our sampler
-takes the whole thing as one (B, L) boolean `keep` array.
+Because keeping happens per token before Phi and upsampling, the sampler
+takes the given ids and the keep masks as per-scale lists.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from var_jax.models import vqvae
 from var_jax.errors import UserError
+from var_jax.models import vqvae
+from var_jax.models.scales import layout
+from var_jax.sampling.sampler import check_seed
 
 
 def box_mask(size: int, box: Sequence[float], inpaint: bool) -> np.ndarray:
@@ -71,7 +73,11 @@ def scale_mask(mask_hw: np.ndarray, pn: int) -> np.ndarray:
 
 
 def keep_tokens(mask_hw: np.ndarray, patch_nums: Sequence[int]) -> np.ndarray:
-  """(L,) bool over all scales' tokens in raster order, True = keep given."""
+  """(L,) bool over all scales' tokens in raster order, True = keep given.
+
+  `layout(patch_nums).split` cuts it into the per-scale masks the sampler
+  takes.
+  """
   return np.concatenate([scale_mask(mask_hw, pn).reshape(-1)
                          for pn in patch_nums])
 
@@ -83,38 +89,58 @@ class EditOut(NamedTuple):
   mask_hw: np.ndarray  # The last-scale keep mask used.
 
 
-def zero_shot_edit(sampler, vae, images_BHWC, mask_hw, labels, *,
-                   seed=0) -> EditOut:
+def zero_shot_edit(sampler, vae, images_BHWC, mask_hw, labels=None, *,
+                   seed=0, allow_null: bool = False) -> EditOut:
   """Edits images: keeps their tokens where `mask_hw` is 1, samples the rest.
+
+  The official demo notebook's `autoregressive_infer_cfg` with
+  `input_img_tokens` / `edit_mask` (demo_zero_shot_edit.ipynb).
 
   Args:
     sampler: a `Sampler` over (vae, var); its options (cfg, top-k, ...) apply.
     vae: the tokenizer that encodes `images_BHWC`.
-    images_BHWC: float images in [-1, 1] at the model's resolution.
-    mask_hw: (pn_K, pn_K) mask on the last scale's grid (see `box_mask`).
-    labels: class per image; the null class `num_classes` means
-      unconditional (plain in/outpainting).
-    seed: the sampling seed.
+    images_BHWC: float images (B, H, W, 3) in [-1, 1] at the model's
+      resolution.
+    mask_hw: (pn_K, pn_K) mask on the last scale's grid, 1 = keep (see
+      `box_mask`).
+    labels: class per image (or one for all) in [0, num_classes); None
+      means unconditional (plain in/outpainting, the null class).
+    seed: the sampling seed, an int in [0, 2**32).
+    allow_null: accept the null class `num_classes` in `labels`.
+
+  Returns:
+    `EditOut`; images float32 (B, H, W, 3) in [0, 1].
+
+  Raises:
+    UserError: a mask, image, label or seed that does not fit.
   """
   patch_nums = sampler.patch_nums
+  lay = layout(patch_nums)
   mask_hw = np.asarray(mask_hw, np.float32)
   if mask_hw.shape != (patch_nums[-1],) * 2:
     raise UserError(f"mask must be {(patch_nums[-1],) * 2} (the last scale),"
-                     f" got {mask_hw.shape}")
-  images_BHWC = jnp.asarray(images_BHWC, jnp.float32)
+                    f" got {mask_hw.shape}")
+  images_BHWC = np.asarray(images_BHWC, np.float32)
   side = vae.cfg.downsample * patch_nums[-1]
   if images_BHWC.ndim != 4 or images_BHWC.shape[1:] != (side, side, 3):
     raise UserError(f"images must be (B, {side}, {side}, 3), got "
-                     f"{tuple(images_BHWC.shape)}")
-  given = vqvae.jit_tokenizer(vae, patch_nums)(images_BHWC)
+                    f"{tuple(images_BHWC.shape)}")
+  if not np.isfinite(images_BHWC).all():
+    raise UserError("images must be finite values in [-1, 1]")
   b = images_BHWC.shape[0]
+  if labels is None:
+    labels, allow_null = sampler.num_classes, True
+  labels = np.asarray(labels)
+  if labels.size == 1:
+    labels = np.broadcast_to(labels.reshape(-1), (b,))
+  labels = sampler.check_labels(labels, allow_null=allow_null)
+  if labels.shape[0] != b:
+    raise UserError(f"{labels.shape[0]} labels for {b} images")
+  check_seed(seed)
+  given = vqvae.jit_tokenizer(vae, patch_nums)(images_BHWC)
   keep_L = keep_tokens(mask_hw, patch_nums)
-  keep_BL = np.broadcast_to(keep_L, (b, keep_L.size))
-  labels = np.broadcast_to(np.asarray(labels, np.int32).reshape(-1), (b,))
-  out = sampler(labels, seed=seed, given=given, keep_BL=keep_BL)
-  idx, start = [], 0
-  for g, d in zip(given, out.idx):
-    k = keep_L[start:start + d.shape[1]]
-    idx.append(jnp.where(k[None], g, d))
-    start += d.shape[1]
+  keep = [np.broadcast_to(k, (b, k.size)) for k in lay.split(keep_L[None])]
+  out = sampler(labels, seed=seed, given=given, keep=keep,
+                allow_null=allow_null)
+  idx = [jnp.where(k, g, d) for g, d, k in zip(given, out.idx, keep)]
   return EditOut(out.idx, idx, out.images_BHWC, mask_hw)

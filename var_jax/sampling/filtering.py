@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _sortable_key(x):
@@ -37,22 +38,33 @@ def _bisect_key(pred):
   return body
 
 
-def keep_mask(logits_NV: jax.Array, top_k: int = 0,
-              top_p: float = 0.0) -> jax.Array:
+def _is_static(v) -> bool:
+  return isinstance(v, (int, float, np.integer, np.floating))
+
+
+def keep_mask(logits_NV: jax.Array, top_k=0, top_p=0.0) -> jax.Array:
   """Which logits survive top-k then top-p filtering (bool, same shape).
 
-  Both thresholds are found by bisection on the values' bit patterns: top-k
-  keeps the values not below the k-th largest; top-p drops the kept values
-  whose softmax mass, summed over all kept values up to and including them
-  in ascending order, is at most 1 - top_p, never the largest. This equals
-  the reference's sort-and-cumsum except inside exact ties at the top-p
-  boundary (the reference splits such a tie by sort position; here the tie
-  is kept or dropped as a whole).
+  The keep set of the official `sample_with_top_k_top_p_` (FoundationVision
+  VAR `models/helpers.py`). Both thresholds are found by bisection on the
+  values' bit patterns: top-k keeps the values not below the k-th largest;
+  top-p drops the kept values whose softmax mass, summed over all kept
+  values up to and including them in ascending order, is at most 1 - top_p,
+  never the largest. This equals the reference's sort-and-cumsum except
+  inside exact ties at the top-p boundary (the reference splits such a tie
+  by sort position; here the tie is kept or dropped as a whole).
 
   Args:
-    logits_NV: float logits, vocabulary last.
-    top_k: keep the k largest (0 or >= V: no top-k).
-    top_p: nucleus mass to keep (0: no top-p).
+    logits_NV: float logits, vocabulary last, any leading shape.
+    top_k: keep the k largest (0 or >= V: no top-k). A Python int is
+      static; a traced int32 scalar (e.g. one scale's entry of a per-scale
+      schedule inside a scan) gives the same mask.
+    top_p: nucleus mass to keep, in [0, 1] (0: no top-p). A Python float is
+      static; a traced value must come with `budget` precomputed, see
+      `top_p_budget`, and is passed as the pair (top_p, budget).
+
+  Raises nothing: the values are checked where options are made
+  (`SampleOptions`).
   """
   logits_NV = logits_NV.astype(jnp.float32)
   v = logits_NV.shape[-1]
@@ -60,34 +72,55 @@ def keep_mask(logits_NV: jax.Array, top_k: int = 0,
   key_NV = _sortable_key(logits_NV)
   keep = jnp.ones(logits_NV.shape, bool)
   zero = jnp.zeros(lead, jnp.uint32)
-  if 0 < top_k < v:
+  if _is_static(top_k):
+    k = int(top_k) if 0 < top_k < v else None
+  else:
+    k = jnp.where((top_k > 0) & (top_k < v), top_k, v)  # v keeps everything.
+  if k is not None:
     # The k-th largest key: the largest t with at least k keys >= t.
     kth = jax.lax.fori_loop(0, 32, _bisect_key(
-        lambda t: jnp.sum(key_NV >= t[..., None], axis=-1) >= top_k), zero)
+        lambda t: jnp.sum(key_NV >= t[..., None], axis=-1) >= k), zero)
     keep = key_NV >= kth[..., None]
-  if top_p > 0:
-    top = jnp.max(logits_NV, axis=-1, keepdims=True)
-    e = jnp.where(keep, jnp.exp(logits_NV - top), 0.0)
-    probs = e / jnp.sum(e, axis=-1, keepdims=True)  # softmax over kept
-    budget = jnp.float32(1 - top_p)
-    # The largest t whose kept mass at or below it is within the budget.
-    cut = jax.lax.fori_loop(0, 32, _bisect_key(
-        lambda t: jnp.sum(jnp.where(key_NV <= t[..., None], probs, 0.0),
-                          axis=-1) <= budget), zero)
-    drop = (key_NV <= cut[..., None]) & (logits_NV < top)
-    keep = keep & ~drop
+  if _is_static(top_p):
+    if top_p > 0:
+      keep = keep & ~_top_p_drop(logits_NV, key_NV, keep, top_p_budget(top_p))
+  else:
+    p, budget = top_p
+    keep = keep & ~(_top_p_drop(logits_NV, key_NV, keep, budget) & (p > 0))
   return keep
 
 
-def filter_logits(logits_NV: jax.Array, top_k: int = 0,
-                  top_p: float = 0.0) -> jax.Array:
+def _top_p_drop(logits_NV, key_NV, keep, budget):
+  """The kept values top-p removes: the ascending prefix within `budget`."""
+  top = jnp.max(logits_NV, axis=-1, keepdims=True)
+  e = jnp.where(keep, jnp.exp(logits_NV - top), 0.0)
+  probs = e / jnp.sum(e, axis=-1, keepdims=True)  # softmax over kept
+  # The largest t whose kept mass at or below it is within the budget.
+  zero = jnp.zeros(logits_NV.shape[:-1], jnp.uint32)
+  cut = jax.lax.fori_loop(0, 32, _bisect_key(
+      lambda t: jnp.sum(jnp.where(key_NV <= t[..., None], probs, 0.0),
+                        axis=-1) <= budget), zero)
+  return (key_NV <= cut[..., None]) & (logits_NV < top)
+
+
+def top_p_budget(top_p: float) -> np.float32:
+  """1 - top_p rounded once to float32, as the reference's comparison uses."""
+  return np.float32(1 - float(top_p))
+
+
+def filter_logits(logits_NV: jax.Array, top_k=0, top_p=0.0) -> jax.Array:
   """Float32 logits with the filtered-out entries set to -inf."""
   logits_NV = logits_NV.astype(jnp.float32)
   return jnp.where(keep_mask(logits_NV, top_k, top_p), logits_NV, -jnp.inf)
 
 
-def categorical(keys_N: jax.Array, filtered_NV: jax.Array) -> jax.Array:
-  """One draw per row from softmax(filtered), each row with its own key.
+def categorical(keys_N: jax.Array, filtered_NV: jax.Array,
+                temperature=None) -> jax.Array:
+  """One draw per row from softmax(filtered / temperature), own key per row.
+
+  The temperature divides the logits after filtering, just before the draw
+  (CoDe's `sample_with_top_k_top_p_(..., temp)`): the keep set is decided on
+  the untempered logits. None skips the division (temperature 1).
 
   Per-row keys make a token's draw independent of how many rows share the
   call, so padded and unpadded decoding (and any batch split) agree.
@@ -95,6 +128,8 @@ def categorical(keys_N: jax.Array, filtered_NV: jax.Array) -> jax.Array:
   lead = filtered_NV.shape[:-1]
   flat_keys = keys_N.reshape((-1,) + keys_N.shape[len(lead):])
   flat = filtered_NV.reshape(-1, filtered_NV.shape[-1])
+  if temperature is not None:
+    flat = flat / temperature
   idx = jax.vmap(jax.random.categorical)(flat_keys, flat)
   return idx.reshape(lead).astype(jnp.int32)
 

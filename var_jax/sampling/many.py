@@ -14,72 +14,95 @@ index i, so the result does not depend on the batch size or device count.
 from __future__ import annotations
 
 import json
-import pathlib
-import shutil
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from var_jax import io
+from var_jax.errors import UserError
 from var_jax.sampling import images as image_io
+from var_jax.sampling.sampler import check_seed
 
 
-def _parts_dir(out: pathlib.Path) -> pathlib.Path:
-  return out.with_name(out.name + ".parts")
+def _parts_dir(out):
+  return out.parent / (out.name + ".parts")
 
 
-def _check_meta(parts: pathlib.Path, meta: dict) -> None:
+def _check_meta(parts, meta: dict) -> None:
+  """Refuses to resume a parts directory written with other settings."""
   path = parts / "meta.json"
   if path.exists():
     old = json.loads(path.read_text())
     if old != meta:
       diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
-      from var_jax.errors import UserError
       raise UserError(f"{parts} holds an interrupted run with other settings "
                       f"({', '.join(diff)}); delete it or use the same flags")
-  else:
+
+
+def _write_meta(parts, meta: dict) -> None:
+  if not (parts / "meta.json").exists():
     parts.mkdir(parents=True, exist_ok=True)
-    tmp = parts / ".meta.json.tmp"
-    tmp.write_text(json.dumps(meta, sort_keys=True))
-    tmp.replace(path)
+    io.write_text(parts / "meta.json", json.dumps(meta, sort_keys=True))
 
 
-def _shard(sampler, batch: int):
+def check_devices(batch: int) -> int:
+  """The local device count, which `batch` must be a multiple of.
+
+  Raises:
+    UserError: batch < 1 or not a multiple of the local device count.
+  """
+  n = len(jax.local_devices())
+  if batch < 1 or batch % n:
+    raise UserError(f"--batch {batch} must be a positive multiple of the "
+                    f"{n} local devices")
+  return n
+
+
+def _shard(sampler):
   """Replicates the weights over local devices; returns the batch sharding."""
-  devices = jax.local_devices()
-  if batch % len(devices):
-    from var_jax.errors import UserError
-    raise UserError(f"--batch {batch} must be a multiple of the "
-                    f"{len(devices)} local devices")
-  mesh = Mesh(np.asarray(devices), ("data",))
-  rep = NamedSharding(mesh, P())
-  sampler.var_state = jax.device_put(sampler.var_state, rep)
-  sampler.vae_state = jax.device_put(sampler.vae_state, rep)
+  mesh = Mesh(np.asarray(jax.local_devices()), ("data",))
+  sampler.device_put(NamedSharding(mesh, P()))
   return NamedSharding(mesh, P("data"))
 
 
 def sample_many(sampler, classes, per_class: int, batch: int,
-                seed: int, out, meta: dict) -> int:
+                seed: int, out, meta: dict, *, allow_null: bool = False) -> int:
   """Runs (or resumes) the whole job; returns the number of samples.
+
+  Everything is checked before the first file is written.
 
   Args:
     sampler: a `Sampler`; its options apply.
     classes: the class ids, `per_class` samples each, in this order.
-    per_class, batch, seed: as the CLI flags.
-    out: the final .npz path.
+    per_class, batch, seed: as the CLI flags (batch: over all local
+      devices).
+    out: the final .npz path (local or `gs://`).
     meta: the settings that must match when resuming.
+    allow_null: accept the null class (unconditional samples) in `classes`.
+
+  Raises:
+    UserError: bad classes, per_class, batch or seed, or a parts directory
+      of a run with other settings.
   """
   from tqdm import tqdm
-  out = pathlib.Path(out)
-  labels = np.repeat(np.asarray(classes, np.int32), per_class)
+  out = io.as_path(out)
+  classes = sampler.check_labels(classes, allow_null=allow_null)
+  if per_class < 1:
+    raise UserError(f"per_class must be >= 1, got {per_class}")
+  check_devices(batch)
+  check_seed(seed)
+  labels = np.repeat(classes, per_class)
   total = len(labels)
   parts = _parts_dir(out)
-  _check_meta(parts, dict(meta, total=total))
+  meta = dict(meta, total=total)
+  _check_meta(parts, meta)
+  _write_meta(parts, meta)
   n_chunks = -(-total // batch)
   done = {int(p.stem.split("_")[1]) for p in parts.glob("chunk_*.npz")}
   todo = [c for c in range(n_chunks) if c not in done]
-  sharding = _shard(sampler, batch) if todo else None
+  sharding = _shard(sampler) if todo else None
   bar = tqdm(total=total, initial=min(len(done) * batch, total), unit="img",
              dynamic_ncols=True)
   for c in todo:
@@ -96,8 +119,11 @@ def sample_many(sampler, classes, per_class: int, batch: int,
                       labels=lab[:n])
     bar.update(n)
   bar.close()
-  arr = np.concatenate([np.load(parts / f"chunk_{c:06d}.npz")["arr_0"]
-                        for c in range(n_chunks)])
+  arrs = []
+  for c in range(n_chunks):
+    with (parts / f"chunk_{c:06d}.npz").open("rb") as fh:
+      arrs.append(np.load(fh)["arr_0"])
+  arr = np.concatenate(arrs)
   image_io.save_npz(out, arr_0=arr)
-  shutil.rmtree(parts)
+  parts.rmtree()
   return len(arr)

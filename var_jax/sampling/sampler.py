@@ -1,309 +1,202 @@
 """Class-conditional next-scale sampling with classifier-free guidance.
 
-One jitted function runs a whole sample: the 2B batch (each sample's
-conditional row followed by its null-class row) walks the scale list, each
-scale decoding its tokens with the KV cache, mixing the guided logits
-`(1 + t) cond - t uncond` with `t = cfg * si / (K - 1)`, filtering, drawing
-tokens and folding their codes into f_hat through Phi and bicubic upsampling.
-The final f_hat goes through the VQVAE decoder in the same program.
+`Sampler` runs a whole batch as one jitted program: the scale loop with its
+KV cache (`var_jax.sampling.loop`), optionally split between two models
+(collaborative decoding, `var_jax.sampling.code`), and the VQVAE decoder.
+It corresponds to the official `VAR.autoregressive_infer_cfg`
+(FoundationVision VAR `models/var.py`) with `sample_with_top_k_top_p_`
+(`models/helpers.py`) as its filter, and, with a drafter, to CoDe's
+`autoregressive_infer_cfg_draft` + `autoregressive_infer_cfg_refine`
+(czg1225/CoDe `models/var.py`).
 
-Two equivalent forms of the scale loop:
-  * "unrolled": a Python loop at trace time; every scale has static shapes,
-    keeps its keys/values as one cache chunk and attends to the chunks so
-    far (`VAR.decode_chunks`).
-  * "scan": one `lax.scan` step per scale with fixed shapes. Every scale is
-    padded to the largest scale's token count `lmax`, written at its dynamic
-    start; keys at or past the scale's end are masked. Because every start is
-    at most the last scale's start, start + lmax <= L: the padded writes never
-    leave the cache, and the junk they leave past `end` is overwritten by the
-    next scale before anyone can attend to it. Token ids and logits use the
-    same scheme.
-
-Either form applies the blocks as a scan over the stacked layer weights or
-as a Python loop over per-layer copies (`SampleOptions.layer_loop`).
+Either form of the scale loop (`SampleOptions.form`) applies the blocks as a
+scan over the stacked layer weights or as a Python loop over per-layer
+copies (`SampleOptions.layer_loop`).
 
 Randomness is a pure function of (seed, scale, global sample index, token
-position): each token has its own key, so the same seed gives the same images
-for any batch split and either form.
+position): the same seed gives the same images for any batch split, either
+form, and (for the scales it draws) either model of a collaborative pair.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
+import math
+import numbers
+from typing import NamedTuple, Sequence
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from var_jax.models import quantizer
-from var_jax.models.transformer import KVCache
-from var_jax.models.vqvae import one_image_at_a_time
-from var_jax.sampling import filtering
 from var_jax.errors import UserError
+from var_jax.models.scales import layout
+from var_jax.models.transformer import KVCache
+from var_jax.sampling import code, loop
+from var_jax.sampling.loop import DTYPES  # noqa: F401  (re-exported)
 
 FORMS = ("unrolled", "scan")
 DEFAULT_FORM = "unrolled"  # Faster on CPU (see README / bench figures).
 LAYER_LOOPS = ("scan", "unrolled")
 DEFAULT_LAYER_LOOP = "unrolled"  # Faster on CPU (see README / bench figures).
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Seeds the sampler distinguishes: jax.random.key keeps 32 bits of a seed.
+SEED_LIMIT = 2 ** 32
+_INT32_MAX = 2 ** 31 - 1
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _per_scale(name, value, check):
+  """A scalar or a sequence of values, each passed through `check`."""
+  if isinstance(value, (str, bytes)):
+    raise UserError(f"{name} must be a number or a list of numbers, got "
+                    f"{value!r}")
+  if isinstance(value, Sequence) or isinstance(value, np.ndarray):
+    vals = tuple(check(name, v) for v in np.asarray(value).reshape(-1).tolist())
+    if not vals:
+      raise UserError(f"{name} must not be an empty list")
+    return vals
+  return check(name, value)
+
+
+def _check_top_k(name, v):
+  if not _is_int(v) or v < 0:
+    raise UserError(f"{name} must be an integer >= 0 (0 = off), got {v!r}")
+  return int(v)
+
+
+def _check_top_p(name, v):
+  if not _is_real(v) or not 0 <= v <= 1:  # NaN fails the comparison too.
+    raise UserError(f"{name} must be a number in [0, 1] (0 = off), got "
+                    f"{v!r}")
+  return float(v)
+
+
+def _check_temperature(name, v):
+  if not _is_real(v) or not math.isfinite(v) or v <= 0:
+    raise UserError(f"{name} must be a finite number > 0, got {v!r}")
+  return float(v)
 
 
 @dataclasses.dataclass(frozen=True)
 class SampleOptions:
-  """Static sampling settings; each distinct value compiles once."""
+  """Sampling settings; each distinct static value compiles once.
+
+  Attributes:
+    cfg: classifier-free guidance scale (finite); scale si mixes
+      `(1 + t) cond - t uncond` with `t = cfg * si / (K - 1)`. Data, not
+      compiled in.
+    top_k: keep the k most likely tokens (0 = off); one int for every
+      scale or one per scale.
+    top_p: nucleus mass in [0, 1] (0 = off); scalar or per scale.
+    temperature: > 0, divides the logits after top-k/top-p filtering, just
+      before the draw (CoDe's reference; the keep set is decided on the
+      untempered logits); scalar or per scale. Data, not compiled in.
+    cfg_until: from this scale index on (0..K), the null-class rows are
+      dropped and the scales run B rows instead of 2B, i.e. without
+      guidance. None (or K) keeps guidance to the end.
+    draft_steps: collaborative decoding: the drafter draws scales
+      0..N-1, the refiner the rest (1..K-1; needs `Sampler(drafter=...)`).
+    more_smooth: Gumbel-softmax smoothing of the code vectors (for viewing,
+      not for FID), as the official `more_smooth`.
+    dtype: transformer matmul compute dtype, "float32" or "bfloat16".
+    form: scale loop "unrolled" (default) or "scan" (see `loop`); collaborative
+      decoding and `cfg_until` need "unrolled".
+    layer_loop: "scan": blocks applied by a scan over the stacked layer
+      parameters (one block compiled per scale); "unrolled": a Python loop
+      over per-layer copies of the block weights (compiles depth times more
+      code, avoids copying each layer's weights out of the stack at every
+      scale).
+    collect_logits: also return the guided logits (tests).
+
+  Raises:
+    UserError: a value outside its domain, naming it.
+  """
 
   cfg: float = 1.5
-  top_k: int = 900
-  top_p: float = 0.96
+  top_k: int | tuple[int, ...] = 900
+  top_p: float | tuple[float, ...] = 0.96
+  temperature: float | tuple[float, ...] = 1.0
+  cfg_until: int | None = None
+  draft_steps: int | None = None
   more_smooth: bool = False
-  dtype: str = "float32"  # Transformer matmul compute dtype.
+  dtype: str = "float32"
   form: str = DEFAULT_FORM
-  # "scan": blocks applied by a scan over the stacked layer parameters (one
-  # block compiled per scale); "unrolled": a Python loop over per-layer
-  # copies of the block weights (compiles depth times more code, avoids
-  # copying each layer's weights out of the stack at every scale).
   layer_loop: str = DEFAULT_LAYER_LOOP
-  collect_logits: bool = False  # Also return the guided logits (tests).
+  collect_logits: bool = False
 
   def __post_init__(self):
     if self.form not in FORMS:
       raise UserError(f"form must be one of {FORMS}, got {self.form!r}")
     if self.layer_loop not in LAYER_LOOPS:
       raise UserError(f"layer_loop must be one of {LAYER_LOOPS}, "
-                       f"got {self.layer_loop!r}")
+                      f"got {self.layer_loop!r}")
     if self.dtype not in DTYPES:
-      raise UserError(f"dtype must be one of {tuple(DTYPES)}")
+      raise UserError(f"dtype must be one of {tuple(DTYPES)}, got "
+                      f"{self.dtype!r}")
+    if not _is_real(self.cfg) or not math.isfinite(self.cfg):
+      raise UserError(f"cfg must be a finite number, got {self.cfg!r}")
+    set_ = lambda k, v: object.__setattr__(self, k, v)
+    set_("cfg", float(self.cfg))
+    set_("top_k", _per_scale("top_k", self.top_k, _check_top_k))
+    set_("top_p", _per_scale("top_p", self.top_p, _check_top_p))
+    set_("temperature", _per_scale("temperature", self.temperature,
+                                   _check_temperature))
+    if self.cfg_until is not None and (not _is_int(self.cfg_until)
+                                       or self.cfg_until < 0):
+      raise UserError(f"cfg_until must be a scale index >= 0, got "
+                      f"{self.cfg_until!r}")
+    if self.draft_steps is not None and (not _is_int(self.draft_steps)
+                                         or self.draft_steps < 1):
+      raise UserError(f"draft_steps must be an integer >= 1, got "
+                      f"{self.draft_steps!r}")
 
+  def resolved(self, num_scales: int) -> "SampleOptions":
+    """These options with every schedule spelled out for `num_scales` scales.
 
-@flax.struct.dataclass
-class SampleState:
-  """What the scale loop carries besides the next input."""
+    top_k, top_p, temperature become K-tuples, cfg_until an int in [0, K].
 
-  f_hat_BHWC: jax.Array  # Accumulated latent at the last scale's size.
-  # Keys/values of every layer for the 2B rows: preallocated for all L
-  # positions (scan form), or one chunk per finished scale (unrolled form).
-  cache: KVCache | tuple
-  key: jax.Array  # Base key of the token draws (folded, never advanced).
-  tokens_BL: jax.Array  # int32 ids of all scales, concatenated.
-  logits_BLV: jax.Array | None  # Guided logits when collected, else None.
+    Raises:
+      UserError: a per-scale list of another length, cfg_until > K, or
+        draft_steps outside 1..K-1.
+    """
+    k = num_scales
+
+    def spell(name):
+      v = getattr(self, name)
+      if not isinstance(v, tuple):
+        return (v,) * k
+      if len(v) != k:
+        raise UserError(f"{name} has {len(v)} values but the model has {k} "
+                        f"scales (give one value or one per scale)")
+      return v
+
+    until = k if self.cfg_until is None else self.cfg_until
+    if until > k:
+      raise UserError(f"cfg_until must be in [0, {k}] (the model has {k} "
+                      f"scales), got {until}")
+    if self.draft_steps is not None and not 1 <= self.draft_steps <= k - 1:
+      raise UserError(f"draft_steps must be in [1, {k - 1}] (the model has "
+                      f"{k} scales), got {self.draft_steps}")
+    return dataclasses.replace(self, top_k=spell("top_k"),
+                               top_p=spell("top_p"),
+                               temperature=spell("temperature"),
+                               cfg_until=until)
 
 
 class SampleOut(NamedTuple):
-  idx: list  # Token ids per scale, (B, pn*pn) int32.
-  images_BHWC: jax.Array  # float32 in [0, 1].
-  labels_B: jax.Array  # The classes used (drawn when none were given).
+  idx: list  # Token ids per scale, int32 (B, pn*pn) each.
+  images_BHWC: jax.Array  # float32 (B, H, W, 3) in [0, 1].
+  labels_B: jax.Array  # int32, the classes used (drawn when none were given).
   logits: list | None  # Guided logits per scale (B, pn*pn, V) if collected.
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-  """Static per-scale tables, in float64 then rounded like the reference."""
-
-  patch_nums: tuple[int, ...]
-
-  @property
-  def k(self):
-    return len(self.patch_nums)
-
-  @functools.cached_property
-  def starts(self):
-    return np.cumsum([0] + [p * p for p in self.patch_nums[:-1]])
-
-  @property
-  def seq_len(self):
-    return sum(p * p for p in self.patch_nums)
-
-  @property
-  def lmax(self):
-    return max(p * p for p in self.patch_nums)
-
-  def ratio(self, si):
-    return si / (self.k - 1) if self.k > 1 else 0.0
-
-  def mix_table(self, cfg: float) -> np.ndarray:
-    """(K, 4) float32 per scale: 1 + t, t, 1 + ratio, Gumbel tau.
-
-    Computed in float64 and rounded once, as the reference's Python floats.
-    """
-    rows = []
-    for si in range(self.k):
-      r = self.ratio(si)
-      t = cfg * r
-      rows.append((1 + t, t, 1 + r, filtering.gumbel_temperature(r)))
-    return np.asarray(rows, np.float32)
-
-
-def _token_keys(key, si, ids_B, pos_l):
-  """(B, l) keys: key folded with the scale, the sample index, the position."""
-  k_si = jax.random.fold_in(key, si)
-  per_b = jax.vmap(lambda i: jax.random.fold_in(k_si, i))(ids_B)
-  return jax.vmap(lambda kb: jax.vmap(
-      lambda p: jax.random.fold_in(kb, p))(pos_l))(per_b)
-
-
-def _draw(quant, opts, logits_2BlV, mix, keys_Bl):
-  """Guided mix, filtering and the draw: (ids (B, l), codes (B, l, C), mix).
-
-  `mix` is one row of `_Plan.mix_table` (static or traced).
-  """
-  b2, l, v = logits_2BlV.shape
-  pair = logits_2BlV.reshape(b2 // 2, 2, l, v)
-  guided = mix[0] * pair[:, 0] - mix[1] * pair[:, 1]
-  filtered = filtering.filter_logits(guided, opts.top_k, opts.top_p)
-  idx_Bl = filtering.categorical(keys_Bl, filtered)
-  if opts.more_smooth:
-    g_keys = jax.vmap(jax.vmap(lambda k: jax.random.fold_in(k, 1)))(keys_Bl)
-    h_BlC = filtering.gumbel_soft_embed(g_keys, filtered, quant.codebook_VC,
-                                        mix[2], mix[3])
-  else:
-    h_BlC = jnp.take(quant.codebook_VC, idx_Bl, axis=0)
-  return idx_Bl, h_BlC, guided
-
-
-def _apply_edit(quant, h_BlC, given_Bl, keep_Bl):
-  """Keeps the given codes where `keep` (the notebook's replace_embedding).
-
-  Only the code vectors are replaced; the recorded ids stay the drawn ones,
-  as in the notebook (where(keep, given, drawn) gives the edited image's ids).
-  """
-  if given_Bl is None:
-    return h_BlC
-  gt_h = jnp.take(quant.codebook_VC, given_Bl, axis=0)
-  return jnp.where(keep_Bl[..., None], gt_h, h_BlC)
-
-
-def _cfg_rows(x_BlC):
-  """Duplicates each sample's input for its conditional and null rows."""
-  return jnp.repeat(x_BlC, 2, axis=0)
-
-
-def _init(var, plan, opts, labels_B, key, batch):
-  cfg = var.cfg
-  null = jnp.full_like(labels_B, cfg.num_classes)
-  cond_2BD = var.class_emb(jnp.stack([labels_B, null], axis=1).reshape(-1))
-  dtype = DTYPES[opts.dtype]
-  c = cfg.cvae
-  hw = plan.patch_nums[-1]
-  logits = (jnp.zeros((batch, plan.seq_len, cfg.vocab_size), jnp.float32)
-            if opts.collect_logits else None)
-  state = SampleState(
-      f_hat_BHWC=jnp.zeros((batch, hw, hw, c), jnp.float32),
-      cache=(KVCache.zeros(cfg, 2 * batch, dtype) if opts.form == "scan"
-             else ()),
-      key=key,
-      tokens_BL=jnp.zeros((batch, plan.seq_len), jnp.int32), logits_BLV=logits)
-  return cond_2BD, state
-
-
-def _store(state, start, idx_Bl, guided_BlV):
-  tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens_BL, idx_Bl, start,
-                                               axis=1)
-  logits = state.logits_BLV
-  if logits is not None:
-    logits = jax.lax.dynamic_update_slice_in_dim(logits, guided_BlV, start,
-                                                 axis=1)
-  return tokens, logits
-
-
-def _run_unrolled(var, layers, quant, plan, opts, mix, cond_2BD, state, ids_B,
-                  edit):
-  dtype = DTYPES[opts.dtype]
-  lvl_pos = var.lvl_pos()
-  ada = var.adaln_all(cond_2BD, layers)
-  x = var.sos(cond_2BD)
-  for si, pn in enumerate(plan.patch_nums):
-    start, end = int(plan.starts[si]), int(plan.starts[si]) + pn * pn
-    h, chunk = var.decode_chunks(x, cond_2BD, state.cache, dtype, ada=ada,
-                                 layers=layers)
-    cache = state.cache + (chunk,)
-    logits = var.logits(h, cond_2BD)
-    keys = _token_keys(state.key, si, ids_B, jnp.arange(start, end))
-    idx, code, guided = _draw(quant, opts, logits, mix[si], keys)
-    given, keep = ((None, None) if edit is None else
-                   (edit[0][:, start:end], edit[1][:, start:end]))
-    code = _apply_edit(quant, code, given, keep)
-    tokens, logits_all = _store(state, start, idx, guided)
-    f_hat, nxt = quantizer.next_ar_input(
-        quant, si, state.f_hat_BHWC, code.reshape(-1, pn, pn, code.shape[-1]),
-        plan.patch_nums)
-    state = state.replace(f_hat_BHWC=f_hat, cache=cache, tokens_BL=tokens,
-                          logits_BLV=logits_all)
-    if si + 1 < plan.k:
-      nxt = nxt.reshape(nxt.shape[0], -1, nxt.shape[-1])
-      nl = plan.patch_nums[si + 1] ** 2
-      x = _cfg_rows(var.word_embed(nxt) + lvl_pos[:, end:end + nl])
-  return state
-
-
-def _scale_branches(quant, plan):
-  """One `lax.switch` branch per scale: add its codes, build the next map."""
-  b_pad = plan.lmax
-
-  def make(si):
-    pn = plan.patch_nums[si]
-
-    def branch(f_hat, code_BlC):
-      b, _, c = code_BlC.shape
-      h = code_BlC[:, :pn * pn].reshape(b, pn, pn, c)
-      f_hat, nxt = quantizer.next_ar_input(quant, si, f_hat, h,
-                                           plan.patch_nums)
-      if si + 1 == plan.k:
-        return f_hat, jnp.zeros((b, b_pad, c), f_hat.dtype)
-      nxt = nxt.reshape(b, -1, c)
-      return f_hat, jnp.pad(nxt, ((0, 0), (0, b_pad - nxt.shape[1]), (0, 0)))
-
-    return branch
-
-  return [make(si) for si in range(plan.k)]
-
-
-def _run_scan(var, layers, quant, plan, opts, mix, cond_2BD, state, ids_B,
-              edit):
-  dtype = DTYPES[opts.dtype]
-  lmax, seq = plan.lmax, plan.seq_len
-  lvl_pos = var.lvl_pos()
-  # Zero rows past L let the last scale's (unused) next-input slice stay in range.
-  lvl_pad = jnp.pad(lvl_pos, ((0, 0), (0, lmax), (0, 0)))
-  sos = var.sos(cond_2BD)
-  x0 = jnp.pad(sos, ((0, 0), (0, lmax - sos.shape[1]), (0, 0)))
-  starts = jnp.asarray(plan.starts, jnp.int32)
-  ends = starts + jnp.asarray([p * p for p in plan.patch_nums], jnp.int32)
-  branches = _scale_branches(quant, plan)
-  ada = var.adaln_all(cond_2BD, layers)
-
-  def body(carry, si):
-    state, x = carry
-    start, end = starts[si], ends[si]
-    h, cache = var.decode(x, cond_2BD, state.cache, start, seq, dtype,
-                          key_limit=end, ada=ada, layers=layers)
-    logits = var.logits(h, cond_2BD)
-    keys = _token_keys(state.key, si, ids_B, start + jnp.arange(lmax))
-    idx, code, guided = _draw(quant, opts, logits, mix[si], keys)
-    if edit is not None:
-      sl = lambda a: jax.lax.dynamic_slice_in_dim(a, start, lmax, axis=1)
-      code = _apply_edit(quant, code, sl(edit[0]), sl(edit[1]))
-    tokens, logits_all = _store(state, start, idx, guided)
-    f_hat, nxt = jax.lax.switch(si, branches, state.f_hat_BHWC, code)
-    pos = jax.lax.dynamic_slice_in_dim(lvl_pad, end, lmax, axis=1)
-    x = _cfg_rows(var.word_embed(nxt) + pos)
-    state = state.replace(f_hat_BHWC=f_hat, cache=cache, tokens_BL=tokens,
-                          logits_BLV=logits_all)
-    return (state, x), None
-
-  (state, _), _ = jax.lax.scan(body, (state, x0), jnp.arange(plan.k))
-  return state
-
-
-def _decode_images(vae, f_hat_BHWC):
-  """The VQVAE decoder; on CPU one image at a time (see one_image_at_a_time)."""
-  b = f_hat_BHWC.shape[0]
-  if b == 1 or jax.default_backend() != "cpu":
-    return vae.decode(f_hat_BHWC)
-  return one_image_at_a_time(vae.decode, f_hat_BHWC)
 
 
 def _split_var(var, layer_loop):
@@ -333,67 +226,128 @@ def _merge_var(var_def, var_state):
   return var, [nnx.to_pure_dict(st)["blocks"] for st in layers]
 
 
-@functools.partial(jax.jit, static_argnames=("var_def", "vae_def", "opts",
-                                             "patch_nums"))
-def _sample_jit(var_state, vae_state, mix_K4, labels_B, key, ids_B, given_BL,
-                keep_BL, *, var_def, vae_def, opts, patch_nums):
-  var, layers = _merge_var(var_def, var_state)
+@functools.partial(jax.jit, static_argnames=("var_defs", "vae_def", "opts"))
+def _sample_jit(var_states, vae_state, table, labels_B, key, ids_B, given_BL,
+                keep_BL, *, var_defs, vae_def, opts):
+  models = [_merge_var(d, s) for d, s in zip(var_defs, var_states)]
   vae = nnx.merge(vae_def, vae_state)
-  plan = _Plan(patch_nums)
+  var, layers = models[-1]
+  vcfg = var.cfg
   batch = ids_B.shape[0]
   k_labels, k_tokens = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
   if labels_B is None:
     labels_B = jax.vmap(lambda i: jax.random.randint(
-        jax.random.fold_in(k_labels, i), (), 0, var.cfg.num_classes))(ids_B)
+        jax.random.fold_in(k_labels, i), (), 0, vcfg.num_classes))(ids_B)
   labels_B = labels_B.astype(jnp.int32)
-  cond_2BD, state = _init(var, plan, opts, labels_B, k_tokens, batch)
   edit = None if given_BL is None else (given_BL.astype(jnp.int32), keep_BL)
-  run = _run_scan if opts.form == "scan" else _run_unrolled
-  state = run(var, layers, vae.quantize, plan, opts, mix_K4, cond_2BD, state,
-              ids_B, edit)
-  images = (_decode_images(vae, state.f_hat_BHWC) + 1) * 0.5
+  quant = vae.quantize
+  if opts.form == "scan":
+    cache = KVCache.zeros(vcfg, 2 * batch, DTYPES[opts.dtype])
+    state = loop.init_state(opts, vcfg.patch_nums, vcfg.cvae, vcfg.vocab_size,
+                            k_tokens, batch, cache)
+    state = loop.run_scan(var, layers, quant, opts, table, labels_B, state,
+                          ids_B, edit)
+  else:
+    state = loop.init_state(opts, vcfg.patch_nums, vcfg.cvae, vcfg.vocab_size,
+                            k_tokens, batch)
+    if len(models) == 2:
+      state = code.run_collaborative(models[0], models[1], quant, opts, table,
+                                     labels_B, state, ids_B, edit)
+    else:
+      state, _ = loop.run_unrolled(var, layers, quant, opts, table, labels_B,
+                                   state, range(len(vcfg.patch_nums)), ids_B,
+                                   edit)
+  images = loop.decode_images(vae, state.f_hat_BHWC)
   return state.tokens_BL, images, labels_B, state.logits_BLV
 
 
-def _split_scales(a_BL, patch_nums):
-  if a_BL is None:
-    return None
-  out, cur = [], 0
-  for pn in patch_nums:
-    out.append(a_BL[:, cur:cur + pn * pn])
-    cur += pn * pn
-  return out
+def check_seed(seed):
+  """Returns a `jax.random.key` for an int seed in [0, 2**32) or a key.
+
+  Raises:
+    UserError: another seed (jax.random.key keeps only 32 bits of an int,
+      so larger or negative seeds would silently repeat others).
+  """
+  if isinstance(seed, jax.Array) and jax.dtypes.issubdtype(
+      seed.dtype, jax.dtypes.prng_key):
+    return seed
+  if not _is_int(seed) or not 0 <= seed < SEED_LIMIT:
+    raise UserError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+  return jax.random.key(int(seed))
 
 
 class Sampler:
-  """Sampling for one (VQVAE, VAR) pair and one set of options.
+  """Sampling for one (VQVAE, VAR) pair, or a drafter/refiner pair.
 
-  Calls with equal shapes, models of equal structure and equal options reuse
-  one compiled program.
+  Calls with equal shapes, models of equal structure and equal static
+  options reuse one compiled program; `cfg` and `temperature` enter as data.
+
+  Args:
+    vae: the VQVAE (tokenizer and decoder).
+    var: the VAR transformer; with `drafter`, the refiner that draws scales
+      draft_steps..K-1.
+    opts: `SampleOptions`.
+    drafter: collaborative decoding's drafter (e.g. d30 for a d16 refiner),
+      drawing scales 0..draft_steps-1. Both must share the tokenizer (checked
+      here: scale list, vocabulary, code width, class count; the CLI also
+      compares the VQVAE weights, see `code.check_same_tokenizer`).
+
+  Raises:
+    UserError: inconsistent options (per-scale lists of the wrong length,
+      draft_steps without a drafter or outside 1..K-1, a pair or cfg_until
+      with form="scan") or models that do not belong together.
   """
 
-  def __init__(self, vae, var, opts: SampleOptions = SampleOptions()):
+  def __init__(self, vae, var, opts: SampleOptions = SampleOptions(), *,
+               drafter=None):
     self.opts = opts
-    self.cfg = var.cfg
+    self.var_config = var.cfg
     self.patch_nums = tuple(var.cfg.patch_nums)
-    self._var_def, self.var_state = _split_var(var, opts.layer_loop)
+    self.layout = layout(self.patch_nums)
+    k = self.layout.num_scales
+    self._resolved = opts.resolved(k)
+    if (drafter is None) != (opts.draft_steps is None):
+      raise UserError("collaborative decoding needs both a drafter model and "
+                      "draft_steps" if drafter is None else
+                      "a drafter model needs draft_steps (1..K-1)")
+    if drafter is not None:
+      code.check_pair(drafter.cfg, var.cfg, vae.cfg)
+    if opts.form == "scan" and (drafter is not None
+                                or self._resolved.cfg_until < k):
+      raise UserError("collaborative decoding and cfg_until need "
+                      "form='unrolled'")
+    models = (var,) if drafter is None else (drafter, var)
+    split = [_split_var(m, opts.layer_loop) for m in models]
+    self._var_defs = tuple(d for d, _ in split)
+    self.var_states = tuple(s for _, s in split)
     self._vae_def, self.vae_state = nnx.split(vae)
+    # Data (cfg, temperature) stays out of the static options.
+    self._static = dataclasses.replace(self._resolved, cfg=0.0,
+                                       temperature=1.0)
+
+  @property
+  def num_classes(self) -> int:
+    return self.var_config.num_classes
+
+  def device_put(self, sharding) -> None:
+    """Moves every weight to `sharding` (e.g. replicated over a mesh)."""
+    self.var_states = jax.device_put(self.var_states, sharding)
+    self.vae_state = jax.device_put(self.vae_state, sharding)
 
   def _args(self, labels_B, seed, ids_B, given_BL, keep_BL):
-    key = jax.random.key(seed) if isinstance(seed, int) else seed
-    # cfg enters as data (the mix table), so changing it does not recompile.
-    kw = dict(var_def=self._var_def, vae_def=self._vae_def,
-              opts=dataclasses.replace(self.opts, cfg=0.0),
-              patch_nums=self.patch_nums)
-    mix = _Plan(self.patch_nums).mix_table(self.opts.cfg)
-    return (self.var_state, self.vae_state, mix, labels_B, key, ids_B,
+    key = check_seed(seed)
+    kw = dict(var_defs=self._var_defs, vae_def=self._vae_def,
+              opts=self._static)
+    table = loop.scale_table(self.patch_nums, self.opts.cfg,
+                             self._resolved.temperature)
+    return (self.var_states, self.vae_state, table, labels_B, key, ids_B,
             given_BL, keep_BL), kw
 
   def lower(self, batch: int, *, random_labels: bool = False,
             edit: bool = False):
     """AOT-lowers the program for `batch` (for compile timing and costs)."""
     i32 = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    seq = sum(p * p for p in self.patch_nums)
+    seq = self.layout.seq_len
     given = jax.ShapeDtypeStruct((batch, seq), jnp.int32) if edit else None
     keep = jax.ShapeDtypeStruct((batch, seq), bool) if edit else None
     args, kw = self._args(None if random_labels else i32, 0, i32, given, keep)
@@ -404,7 +358,8 @@ class Sampler:
 
     Returns `run(labels_B, seed, ids_B)` -> the `run_arrays` outputs, which
     calls the compiled executable directly (benchmarks time compilation and
-    execution separately this way).
+    execution separately this way); `run.compiled` is the executable (for
+    `memory_analysis()`).
     """
     compiled = self.lower(batch).compile()
 
@@ -413,49 +368,118 @@ class Sampler:
                            jnp.asarray(ids_B, jnp.int32), None, None)
       return compiled(*args)
 
+    run.compiled = compiled
     return run
 
   def run_arrays(self, labels_B, seed, ids_B, given_BL=None, keep_BL=None):
     """Raw jitted call: (tokens (B, L), images, labels, logits or None).
 
-    Arrays may carry shardings (e.g. the batch split over a mesh); the
-    program follows them.
+    Unlike `__call__` the arrays are not checked (only the seed). They may
+    carry shardings (e.g. the batch split over a mesh); the program follows
+    them.
     """
     args, kw = self._args(labels_B, seed, ids_B, given_BL, keep_BL)
     return _sample_jit(*args, **kw)
 
+  def check_labels(self, labels, *, allow_null: bool = False) -> np.ndarray:
+    """int32 (B,) labels, checked: a non-empty list of class ids.
+
+    Raises:
+      UserError: an empty list, non-integers, or a label outside
+        [0, num_classes) (or [0, num_classes] with `allow_null`: the null
+        class num_classes means unconditional).
+    """
+    arr = np.asarray(labels)
+    if arr.size == 0:
+      raise UserError("labels must not be empty (pass batch= for random "
+                      "classes)")
+    if arr.ndim > 1 or not (np.issubdtype(arr.dtype, np.integer)):
+      raise UserError(f"labels must be a list of integer class ids, got "
+                      f"{labels!r}")
+    arr = arr.reshape(-1)
+    top = self.num_classes + (1 if allow_null else 0)
+    bad = arr[(arr < 0) | (arr >= top)]
+    if bad.size:
+      hint = (f" ({self.num_classes} = null class, unconditional)"
+              if allow_null else
+              f" (the null class {self.num_classes} needs allow_null=True)")
+      raise UserError(f"label {int(bad[0])} is outside [0, {top}){hint}")
+    return arr.astype(np.int32)
+
+  def _check_edit(self, given, keep, batch):
+    if (given is None) != (keep is None):
+      raise UserError("given and keep go together (per-scale lists)")
+    if given is None:
+      return None, None
+    k, vocab = self.layout.num_scales, self.var_config.vocab_size
+    if len(given) != k or len(keep) != k:
+      raise UserError(f"given and keep must hold {k} arrays (one per scale), "
+                      f"got {len(given)} and {len(keep)}")
+    given = [np.asarray(g) for g in given]
+    keep = [np.asarray(m) for m in keep]
+    for si, (g, m, n) in enumerate(zip(given, keep, self.layout.lengths)):
+      if g.shape != (batch, n) or m.shape != (batch, n):
+        raise UserError(f"scale {si}: given and keep must be ({batch}, {n}), "
+                        f"got {g.shape} and {m.shape}")
+      if not np.issubdtype(g.dtype, np.integer) or m.dtype != bool:
+        raise UserError(f"scale {si}: given must be integer ids and keep "
+                        f"bool, got {g.dtype} and {m.dtype}")
+      if g.size and (g.min() < 0 or g.max() >= vocab):
+        raise UserError(f"scale {si}: given token ids must be in [0, "
+                        f"{vocab})")
+    return (jnp.asarray(self.layout.join(given), jnp.int32),
+            jnp.asarray(self.layout.join(keep)))
+
   def __call__(self, labels=None, *, batch: int | None = None, seed: int = 0,
-               offset: int = 0, given=None, keep_BL=None) -> SampleOut:
-    """Samples one batch.
+               offset: int = 0, given=None, keep=None,
+               allow_null: bool = False) -> SampleOut:
+    """Samples one batch (the official `autoregressive_infer_cfg`).
 
     Args:
-      labels: class ids (B,); `num_classes` is the null class
-        (unconditional). None draws uniform random classes per sample.
+      labels: int class ids (B,) in [0, num_classes). None draws uniform
+        random classes per sample (then pass `batch`).
       batch: the batch size when `labels` is None.
-      seed: the run's seed; with `offset` it fixes every sample.
-      offset: global index of this batch's first sample, so that a run split
-        into batches gives the same samples as one big batch.
-      given: token ids per scale to keep where `keep_BL` (zero-shot edits).
-      keep_BL: bool (B, L), True where the given token is kept.
+      seed: int in [0, 2**32); with `offset` it fixes every sample.
+      offset: global index (>= 0) of this batch's first sample, so that a run
+        split into batches gives the same samples as one big batch.
+      given: zero-shot edits: token ids per scale, K int arrays (B, pn*pn).
+      keep: with `given`, K bool arrays (B, pn*pn), True where the given
+        token's code is kept instead of the drawn one.
+      allow_null: accept the null class `num_classes` in `labels`
+        (unconditional samples).
+
+    Returns:
+      `SampleOut`: ids per scale, float32 images (B, H, W, 3) in [0, 1],
+      the labels used, and the guided logits per scale if collected.
+
+    Raises:
+      UserError: bad labels, batch, seed, offset, given or keep.
     """
     if labels is not None:
-      labels = jnp.asarray(labels, jnp.int32).reshape(-1)
+      labels = self.check_labels(labels, allow_null=allow_null)
+      if batch is not None and batch != labels.shape[0]:
+        raise UserError(f"batch={batch} but {labels.shape[0]} labels given")
       batch = labels.shape[0]
+      labels = jnp.asarray(labels)
     if batch is None:
       raise UserError("pass labels or batch")
+    if not _is_int(batch) or batch < 1:
+      raise UserError(f"batch must be an integer >= 1, got {batch!r}")
+    if not _is_int(offset) or not 0 <= offset <= _INT32_MAX - batch:
+      raise UserError(f"offset must be an integer in [0, 2**31 - batch), got "
+                      f"{offset!r}")
+    check_seed(seed)
+    given_BL, keep_BL = self._check_edit(given, keep, batch)
     ids_B = jnp.arange(offset, offset + batch, dtype=jnp.int32)
-    given_BL = None
-    if given is not None:
-      given_BL = jnp.concatenate([jnp.asarray(g, jnp.int32) for g in given], 1)
-      keep_BL = jnp.asarray(keep_BL, bool)
     tokens, images, labels, logits = self.run_arrays(labels, seed, ids_B,
                                                      given_BL, keep_BL)
-    return SampleOut(_split_scales(tokens, self.patch_nums), images, labels,
-                     _split_scales(logits, self.patch_nums))
+    return SampleOut(self.layout.split(tokens), images, labels,
+                     self.layout.split(logits))
 
 
 def sample(vae, var, labels=None, *, batch=None, seed=0, offset=0,
-           opts: SampleOptions = SampleOptions()) -> SampleOut:
-  """One-shot convenience wrapper around `Sampler`."""
-  return Sampler(vae, var, opts)(labels, batch=batch, seed=seed,
-                                 offset=offset)
+           opts: SampleOptions = SampleOptions(), drafter=None,
+           allow_null: bool = False) -> SampleOut:
+  """One-shot convenience wrapper around `Sampler` (same arguments)."""
+  return Sampler(vae, var, opts, drafter=drafter)(
+      labels, batch=batch, seed=seed, offset=offset, allow_null=allow_null)
