@@ -13,7 +13,7 @@ Budget: about 12 minutes on 2 CPU cores. A step of batch 16 takes about
 float32: bfloat16 has no fast path on CPUs.
 """
 
-from var_jax.training.vae_config import VAETrainConfig
+from var_jax.training.config import VAETrainConfig
 
 
 def get_config() -> VAETrainConfig:

@@ -11,10 +11,10 @@ LPIPS needs VGG weights the user supplies:
   var-jax train-vae --config train_vae_imagenet --workdir DIR \\
       --lpips-weights vgg16-397923af.pth,vgg.pth
 (torchvision's VGG16 and the lpips package's linear heads; see
-var_jax/models/lpips.py for the single-file .npz form).
+var_jax/convert/lpips.py for the single-file .npz form).
 """
 
-from var_jax.training.vae_config import VAETrainConfig
+from var_jax.training.config import VAETrainConfig
 
 
 def get_config() -> VAETrainConfig:

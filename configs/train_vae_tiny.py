@@ -8,7 +8,7 @@ to rounding.
 """
 
 from var_jax.config import ModelConfig, VQVAEConfig
-from var_jax.training.vae_config import VAETrainConfig
+from var_jax.training.config import VAETrainConfig
 
 TINY_VAE = VQVAEConfig(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 1, 1),
                        num_res_blocks=1, v_patch_nums=(1, 2, 3, 4))

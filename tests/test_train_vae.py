@@ -20,15 +20,22 @@ from flax import nnx
 
 from var_jax import cli
 from var_jax.cli import UserError
+from var_jax.errors import LpipsWeightsError
 from var_jax.models import discriminator as disc_lib
+from var_jax.convert import lpips as lpips_io
 from var_jax.models import lpips as lpips_lib
+from var_jax.models import quantizer as q
 from var_jax.models.vqvae import VQVAE
 from var_jax.training import mesh as mesh_lib
 from var_jax.training import vae_step
-from var_jax.training.vae_config import load_vae_config
+from var_jax.training.config import VAETrainConfig, load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 8
+
+
+def load_vae_config(name: str) -> VAETrainConfig:
+  return load_config(name, VAETrainConfig)
 
 
 def _env(cache) -> dict:
@@ -88,6 +95,7 @@ def runs(tmp_path_factory):
   return ref, killed, resumed_err
 
 
+@pytest.mark.slow
 def test_tiny_run_learns_and_exports(runs):
   ref, _, _ = runs
   recs = _records(ref)
@@ -109,6 +117,7 @@ def test_tiny_run_learns_and_exports(runs):
   assert cfg["var"] is None and cfg["vae"]["vocab_size"] == 512
 
 
+@pytest.mark.slow
 def test_sigkill_mid_save_then_resume_is_exact(runs):
   ref, killed, err = runs
   assert "steps 2->8" in err or "steps 4->8" in err, err
@@ -123,6 +132,7 @@ def test_sigkill_mid_save_then_resume_is_exact(runs):
     np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_var_training_and_sampling_use_the_tokenizer(runs, tmp_path):
   """tokenizer -> `var-jax train --vae-ckpt` -> sampler, end to end."""
   ref, _, _ = runs
@@ -156,7 +166,7 @@ def test_restart_replaces_only_dead_codes(tiny_vae):
   ema = jnp.ones((len(pn), v)).at[:, :100].set(0.0)  # Codes 0-99 unused.
   old = np.asarray(vae.quantize.codebook_VC)
   key = jax.random.key(3)
-  restart = nnx.jit(vae_step.restart_dead_codes, static_argnums=(4, 5))
+  restart = nnx.jit(q.restart_dead_codes, static_argnums=(4, 5))
   cb, ema2, n = restart(vae.quantize, f, ema, key, pn, 0.03)
   cb = np.asarray(cb)
   assert int(n) == 100
@@ -164,7 +174,7 @@ def test_restart_replaces_only_dead_codes(tiny_vae):
   assert not np.any(np.all(np.isclose(cb[:100], old[:100]), axis=1))
   # New codes sit (within the tie-breaking noise) on the vectors the scales
   # quantize, and differ from one another.
-  z = np.asarray(nnx.jit(vae_step.residual_vectors, static_argnums=2)(
+  z = np.asarray(nnx.jit(q.residual_vectors, static_argnums=2)(
       vae.quantize, f, pn))
   dist = np.min(np.linalg.norm(cb[:100, None] - z[None], axis=-1), axis=1)
   assert dist.max() < 0.01 * np.sqrt(np.mean(z ** 2)) * 16
@@ -181,7 +191,7 @@ def test_usage_ema_follows_the_official_counter():
   ema, ref, record = jnp.zeros((s, v)), np.zeros((s, v)), 0
   for step in range(40):
     hits = rng.integers(0, 4, (s, v)).astype(np.float32)
-    ema = vae_step.update_ema(ema, jnp.asarray(hits), step)
+    ema = q.update_ema(ema, jnp.asarray(hits), step)
     for si in range(s):  # quant.py: one record per scale per forward.
       if record == 0:
         ref[si] = hits[si]
@@ -196,7 +206,7 @@ def test_usage_ema_follows_the_official_counter():
 def test_decoder_split_and_last_layer_gradient(tiny_vae):
   vae = tiny_vae
   z = jax.random.normal(jax.random.key(0), (2, 4, 4, 16))
-  h = vae_step.decoder_trunk(vae.decoder, z)
+  h = vae.decoder.trunk(z)
   np.testing.assert_allclose(np.asarray(vae.decoder.conv_out(h)),
                              np.asarray(vae.decoder(z)), rtol=1e-5, atol=1e-6)
   tgt = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
@@ -234,6 +244,9 @@ def test_patchgan_grid(res, layers):
 
 
 def test_gan_lpips_step():
+  """One adversarial step: its critic terms and VQGAN's adaptive weight equal
+  the same quantities recomputed from the initial state by plain autodiff
+  through the whole tokenizer."""
   cfg = dataclasses.replace(
       load_vae_config("train_vae_tiny"), lpips_weight=0.5,
       lpips_weights="unused.npz", disc_weight=0.8, disc_start=3,
@@ -243,27 +256,53 @@ def test_gan_lpips_step():
   mesh = mesh_lib.make_mesh(None)
   spec, tx, dtx = vae_step.build(cfg, mesh)
   state = vae_step.init_state(spec, cfg, tx, dtx, seed=0)
-  disc0 = jax.tree.map(np.asarray, state["disc"])
-  x = {"images": jnp.asarray(np.random.default_rng(0).uniform(
-      -1, 1, (8, 16, 16, 3)), jnp.float32)}
+  state0 = jax.tree.map(np.array, state)  # The step donates `state`.
+  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (8, 16, 16, 3)),
+                  jnp.float32)
+  lpw = lpips_lib.random_lpips_weights(0)
   key = np.asarray(jax.random.key_data(jax.random.key(0)))
   step = vae_step.make_vae_step(spec, cfg, tx, dtx, mesh, gan=True)
-  state, m = step(state, x, lpips_lib.random_lpips_weights(0),
+  state, m = step(state, {"images": x}, lpw,
                   *vae_step.step_inputs(1e-3, 1e-3, 3), key)
   m = {k: np.asarray(v) for k, v in m.items()}
   assert all(np.all(np.isfinite(v)) for v in m.values())
-  assert m["lpips"] > 0 and m["d_loss"] > 0
-  assert 0 < m["d_weight"] <= 0.8 * 1e4
+
+  p0, b0 = state0["params"], state0["buffers"]
+  disc0 = nnx.merge(spec.disc_graphdef, state0["disc"])
+  kernel0 = p0["decoder"]["conv_out"]["kernel"]
+
+  def rec_with(kernel):
+    dec = {**p0["decoder"], "conv_out": {**p0["decoder"]["conv_out"],
+                                         "kernel": kernel}}
+    return vae_step.forward(spec.graphdef, {**p0, "decoder": dec}, b0, x).rec
+
+  def nll(r):
+    return (cfg.l1_weight * jnp.mean(jnp.abs(r - x))
+            + cfg.l2_weight * jnp.mean((r - x) ** 2)
+            + cfg.lpips_weight * jnp.mean(lpips_lib.lpips_distance(lpw, x, r)))
+
+  rec = rec_with(kernel0)
+  fake = disc0(rec)
+  assert m["g_loss"] == pytest.approx(float(disc_lib.hinge_g_loss(fake)),
+                                      rel=1e-5)
+  assert m["d_loss"] == pytest.approx(
+      float(disc_lib.hinge_d_loss(disc0(x), fake)), rel=1e-5)
+  assert m["lpips"] == pytest.approx(
+      float(jnp.mean(lpips_lib.lpips_distance(lpw, x, rec))), rel=1e-4)
+  g_nll = jax.grad(lambda k: nll(rec_with(k)))(kernel0)
+  g_gan = jax.grad(lambda k: disc_lib.hinge_g_loss(disc0(rec_with(k))))(kernel0)
+  want = cfg.disc_weight * np.linalg.norm(g_nll) / (
+      np.linalg.norm(g_gan) + 1e-4)
+  assert m["d_weight"] == pytest.approx(want, rel=1e-3)
   assert m["loss"] == pytest.approx(
       m["l1"] + m["l2"] + 0.5 * m["lpips"] + m["vq_loss"]
       + m["d_weight"] * m["g_loss"], rel=1e-5)
-  assert m["g_loss"] == pytest.approx(-m["logits_fake"], rel=1e-5)
   # The critic took its step (every kernel moved; the output bias may not:
   # with all logits inside the hinge its gradient is exactly 0).
   def kernels(tree):
     return [v for p, v in jax.tree_util.tree_leaves_with_path(tree)
             if "kernel" in jax.tree_util.keystr(p)]
-  for a, b in zip(kernels(disc0), kernels(state["disc"])):
+  for a, b in zip(kernels(state0["disc"]), kernels(state["disc"])):
     assert not np.array_equal(a, np.asarray(b))
 
 
@@ -286,10 +325,10 @@ def test_lpips_reads_pth_pair_and_npz(tmp_path):
   write_pth(tmp_path / "vgg16.pth", vgg)
   write_pth(tmp_path / "vgg.pth", lin)
   pair = f"{tmp_path}/vgg16.pth,{tmp_path}/vgg.pth"
-  lpips_lib.save_lpips_npz(tmp_path / "vgg16.pth", tmp_path / "vgg.pth",
+  lpips_io.save_lpips_npz(tmp_path / "vgg16.pth", tmp_path / "vgg.pth",
                            tmp_path / "lpips.npz")
   for spec in (pair, str(tmp_path / "lpips.npz")):
-    got = lpips_lib.load_lpips_weights(spec)
+    got = lpips_io.load_lpips_weights(spec)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(w)):
       np.testing.assert_array_equal(a, b)
   x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3), minval=-1)
@@ -300,8 +339,8 @@ def test_lpips_reads_pth_pair_and_npz(tmp_path):
   assert d.shape == (2,) and np.all(d > 0)
   np.testing.assert_allclose(np.asarray(dist(w, y, x)), d, rtol=1e-5)
   np.savez(tmp_path / "part.npz", **vgg)  # No heads.
-  with pytest.raises(lpips_lib.LpipsWeightsError, match="lin0"):
-    lpips_lib.load_lpips_weights(str(tmp_path / "part.npz"))
+  with pytest.raises(LpipsWeightsError, match="lin0"):
+    lpips_io.load_lpips_weights(str(tmp_path / "part.npz"))
 
 
 # ------------------------------------------------------------ CLI errors
@@ -309,10 +348,10 @@ def _lpips_config(tmp_path) -> str:
   path = tmp_path / "lpips_cfg.py"
   path.write_text(
       "import dataclasses\n"
-      "from var_jax.training.vae_config import load_vae_config\n"
+      "from var_jax.training.config import VAETrainConfig, load_config\n"
       "def get_config():\n"
-      "  return dataclasses.replace(load_vae_config('train_vae_tiny'),\n"
-      "                             lpips_weight=1.0)\n")
+      "  return dataclasses.replace(\n"
+      "      load_config('train_vae_tiny', VAETrainConfig), lpips_weight=1.0)\n")
   return str(path)
 
 

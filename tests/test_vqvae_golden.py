@@ -64,13 +64,21 @@ def test_reconstructions(setup):
 
 
 def test_training_path(setup):
+  """The forward `train-vae` differentiates (`vae_step.forward`, i.e.
+  `VQVAE.__call__`) gives the official training outputs."""
+  from flax import nnx
+
+  from var_jax.models.vqvae import Buffer
+  from var_jax.training import vae_step
   g, vae, x, _ = setup
-  rec, out = vae(x)
-  assert_close_rel(_nchw(out.f_hat), g["train_fhat"], name="train_fhat")
-  assert_close_rel(out.vq_loss, g["train_vq_loss"], name="train_vq_loss")
-  assert_close_rel(_nchw(rec), g["train_rec"], name="train_rec")
-  assert out.hits_SV.shape == (K, vae.cfg.vocab_size)
-  np.testing.assert_array_equal(np.asarray(out.hits_SV.sum(1)),
+  gd, params, buffers = nnx.split(vae, nnx.Param, Buffer)
+  out = vae_step.forward(gd, nnx.to_pure_dict(params),
+                         nnx.to_pure_dict(buffers), x)
+  assert_close_rel(_nchw(out.quant.f_hat), g["train_fhat"], name="train_fhat")
+  assert_close_rel(out.quant.vq_loss, g["train_vq_loss"], name="train_vq_loss")
+  assert_close_rel(_nchw(out.rec), g["train_rec"], name="train_rec")
+  assert out.quant.hits_SV.shape == (K, vae.cfg.vocab_size)
+  np.testing.assert_array_equal(np.asarray(out.quant.hits_SV.sum(1)),
                                 [2 * pn * pn for pn in vae.cfg.v_patch_nums])
 
 

@@ -19,7 +19,6 @@ _COMMAND_MODULES = (
     "var_jax.convert.commands",
     "var_jax.sampling.commands",
     "var_jax.training.commands",
-    "var_jax.training.vae_commands",
     "var_jax.eval.commands",
 )
 

@@ -14,6 +14,9 @@ from var_jax.errors import UserError
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+# Compute dtypes a run or sampler may ask for by name (`jnp.dtype(name)`);
+# weights stay float32.
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,13 +79,6 @@ class VARConfig:
   def mlp_dim(self) -> int:
     return round(self.embed_dim * self.mlp_ratio)
 
-  def begin_ends(self) -> list[tuple[int, int]]:
-    out, cur = [], 0
-    for pn in self.patch_nums:
-      out.append((cur, cur + pn * pn))
-      cur += pn * pn
-    return out
-
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -124,10 +120,6 @@ def var_for_depth(depth: int, *, vae: VQVAEConfig, shared_aln: bool = False,
             shared_aln=shared_aln, drop_path_rate=0.1 * depth / 24)
   kw.update(overrides)
   return VARConfig(**kw)
-
-
-PRESET_NAMES = ("vqvae", "d16", "d20", "d24", "d30", "d36",
-                "tiny", "tiny_saln512", "digits")
 
 
 def get_preset(name: str) -> ModelConfig:

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from var_jax.models import scales
+
 # Largest score tile (bytes) one step of the grouped loops materialises.
 TILE_BYTES = 4 << 20
 # Consecutive scales are merged into one segment until it has this many rows
@@ -40,18 +42,18 @@ def group_size(n: int, rows: int, keys: int) -> int:
 
 def segments(patch_nums) -> tuple[tuple[int, int, int], ...]:
   """(row_begin, row_end, first_scale) of each segment, in order."""
-  out, begin, first, row = [], 0, 0, 0
-  for i, pn in enumerate(patch_nums):
-    row += pn * pn
-    if row - begin >= _MIN_SEGMENT_ROWS or i == len(patch_nums) - 1:
+  ends = scales.layout(tuple(patch_nums)).ends
+  out, begin, first = [], 0, 0
+  for i, row in enumerate(ends):
+    if row - begin >= _MIN_SEGMENT_ROWS or i == len(ends) - 1:
       out.append((begin, row, first))
       begin, first = row, i + 1
   return tuple(out)
 
 
 def level_ids(patch_nums) -> np.ndarray:
-  """(L,) scale index of each position (the official `lvl_1L`, computed)."""
-  return np.concatenate([np.full(pn * pn, i) for i, pn in enumerate(patch_nums)])
+  """int32 (L,) scale index of each position (the official `lvl_1L`)."""
+  return scales.layout(tuple(patch_nums)).level_ids()
 
 
 def block_causal_bias(patch_nums) -> np.ndarray:

@@ -1,7 +1,18 @@
 """Scale-wise residual quantization as explicit functions (NHWC).
 
 `quant` below is a `vqvae.Quantizer` holding the codebook (V, C) and the Phi
-convolutions; everything else is plain math over static scale lists.
+convolutions; everything else is plain math over static scale lists. The
+official counterpart is `models/quant.py:VectorQuantizer2`; each function
+names the method it corresponds to.
+
+Names: `f_BHWC` is the encoder's continuous latent at the last scale's side
+(H = W = patch_nums[-1]), C = Cvae; `idx_Bl` one scale's token ids, int32
+(B, pn*pn) in [0, V), row-major; `f_hat` the running sum of every scale's
+upsampled, Phi-refined codes, same shape as f. Latents are unbounded floats.
+
+Codebook upkeep for tokenizer training (the usage EMA `ema_vocab_hit_SV`,
+usage metrics and the restart of dead codes) is here too: it is math over
+the codebook and the hit counts `quantize_train` returns.
 """
 
 from __future__ import annotations
@@ -83,17 +94,43 @@ def _residual_steps(quant, f_BHWC, patch_nums):
 
 
 def f_to_idx(quant, f_BHWC, patch_nums: Sequence[int]) -> list[jax.Array]:
-  """Continuous latent -> token ids per scale, each (B, pn*pn) int32."""
+  """Continuous latent -> token ids per scale.
+
+  Official: `VectorQuantizer2.f_to_idxBl_or_fhat(f, to_fhat=False)`.
+
+  Args:
+    quant: the `vqvae.Quantizer`.
+    f_BHWC: float latent (B, pn_K, pn_K, C).
+    patch_nums: the scale sides, coarse to fine; the last one is f's side.
+
+  Returns:
+    K arrays, int32 (B, pn*pn), ids in [0, V).
+
+  Raises:
+    ValueError: f's side is not patch_nums[-1].
+  """
   return [idx for idx, _ in _residual_steps(quant, f_BHWC, patch_nums)]
 
 
 def f_to_fhats(quant, f_BHWC, patch_nums: Sequence[int]) -> list[jax.Array]:
-  """Continuous latent -> the accumulated f_hat after each scale."""
+  """Continuous latent -> the accumulated f_hat after each scale.
+
+  Official: `VectorQuantizer2.f_to_idxBl_or_fhat(f, to_fhat=True)`.
+
+  Returns:
+    K float32 arrays (B, pn_K, pn_K, C): f_hat after scales 0..si; the last
+    is the full reconstruction's latent.
+  """
   return [fh for _, fh in _residual_steps(quant, f_BHWC, patch_nums)]
 
 
 def idx_to_fhat(quant, idx_list, patch_nums: Sequence[int]) -> jax.Array:
-  """Token ids of all scales -> the final f_hat (B, H, W, C)."""
+  """Token ids of all scales -> the final f_hat (B, pn_K, pn_K, C), float.
+
+  Official: `VectorQuantizer2.embed_to_fhat(..., all_to_max_scale=True,
+  last_one=True)` after the embedding lookup of `VQVAE.idxBl_to_img`.
+  `idx_list`: K int arrays (B, pn*pn) in [0, V).
+  """
   f_hat = 0.0
   for si, (idx, pn) in enumerate(zip(idx_list, patch_nums)):
     f_hat = f_hat + _upsample_phi(quant, lookup(quant, idx, pn), si,
@@ -102,9 +139,18 @@ def idx_to_fhat(quant, idx_list, patch_nums: Sequence[int]) -> jax.Array:
 
 
 def idx_to_var_input(quant, idx_list, patch_nums: Sequence[int]) -> jax.Array:
-  """Teacher-forcing input: f_hat after scale k, area-pooled to scale k+1.
+  """Teacher-forcing input of VAR: f_hat after scale k, area-pooled to k+1.
 
-  Returns (B, L - first_l, C): the inputs for every scale but the first.
+  Official: `VectorQuantizer2.idxBl_to_var_input`.
+
+  Args:
+    quant: the `vqvae.Quantizer`.
+    idx_list: K int arrays (B, pn*pn), ids in [0, V) (the last one unused).
+    patch_nums: the scale sides, coarse to fine.
+
+  Returns:
+    float (B, L - first_l, C): the inputs of every scale but the first,
+    scale k+1's map flattened row-major at its positions.
   """
   f_hat, outs = 0.0, []
   for si in range(len(patch_nums) - 1):
@@ -116,7 +162,21 @@ def idx_to_var_input(quant, idx_list, patch_nums: Sequence[int]) -> jax.Array:
 
 
 def next_ar_input(quant, si: int, f_hat_BHWC, h_BhwC, patch_nums):
-  """One sampling step: add scale si's codes; return (f_hat, next input map)."""
+  """One sampling step: adds scale si's codes to f_hat.
+
+  Official: `VectorQuantizer2.get_next_autoregressive_input`.
+
+  Args:
+    quant: the `vqvae.Quantizer`.
+    si: the scale just sampled (static).
+    f_hat_BHWC: float (B, pn_K, pn_K, C), the sum of scales < si (0 at si=0).
+    h_BhwC: scale si's code vectors (B, pn, pn, C) (`lookup` of its ids).
+    patch_nums: the scale sides, coarse to fine.
+
+  Returns:
+    (new f_hat (B, pn_K, pn_K, C), next scale's input map (B, pn_{si+1},
+    pn_{si+1}, C)); at the last scale the second is f_hat itself.
+  """
   f_hat_BHWC = f_hat_BHWC + _upsample_phi(quant, h_BhwC, si, patch_nums)
   if si == len(patch_nums) - 1:
     return f_hat_BHWC, f_hat_BHWC
@@ -131,7 +191,22 @@ class QuantOut(NamedTuple):
 
 
 def quantize_train(quant, f_BHWC, patch_nums, beta: float) -> QuantOut:
-  """Training path with the straight-through estimator and the VQ loss."""
+  """Training path with the straight-through estimator and the VQ loss.
+
+  Official: `VectorQuantizer2.forward` (training mode; the usage EMA it
+  updates in place is `update_ema` here, applied by the caller).
+
+  Args:
+    quant: the `vqvae.Quantizer`.
+    f_BHWC: float latent (B, pn_K, pn_K, C), any float dtype (quantized in
+      float32).
+    patch_nums: the scale sides, coarse to fine.
+    beta: commitment weight.
+
+  Returns:
+    `QuantOut`: f_hat float32 (value f_hat, gradient to f), the VQ loss
+    scalar, hits_SV float32 (K, V) and the ids per scale.
+  """
   _check_full(f_BHWC, patch_nums)
   f = f_BHWC.astype(jnp.float32)
   f_ng = jax.lax.stop_gradient(f)
@@ -154,3 +229,90 @@ def quantize_train(quant, f_BHWC, patch_nums, beta: float) -> QuantOut:
   loss = loss / len(patch_nums)
   f_st = jax.lax.stop_gradient(f_hat) - f_ng + f
   return QuantOut(f_st, loss, jnp.stack(hits), idxs)
+
+
+# ------------------------------------------------------------ codebook upkeep
+# The official usage margin: a code counts as used with >= 8% of a uniform
+# share of the tokens.
+USAGE_MARGIN = 0.08
+
+
+def update_ema(ema_SV, hits_SV, step_i):
+  """The official `ema_vocab_hit_SV` rule, with its per-(call, scale) counter.
+
+  Official: the `record_hit` branch of `VectorQuantizer2.forward`. The
+  reference counts one record per scale per training forward: record
+  t * S + si copies the hits when 0, else decays by 0.9 below 100, else 0.99.
+
+  Args:
+    ema_SV: float32 (S, V) usage EMA before step `step_i`.
+    hits_SV: float32 (S, V) code counts of this step (`QuantOut.hits_SV`).
+    step_i: int scalar, 0-based step.
+  """
+  s = ema_SV.shape[0]
+  rec = step_i * s + jnp.arange(s)
+  decay = jnp.where(rec == 0, 0.0, jnp.where(rec < 100, 0.9, 0.99))[:, None]
+  return ema_SV * decay + hits_SV * (1.0 - decay)
+
+
+def uniform_share(batch: int, patch_nums, vocab: int) -> jax.Array:
+  """Hits per code per step if all codes were used equally, per scale (S,)."""
+  return jnp.asarray([batch * pn * pn / vocab for pn in patch_nums],
+                     jnp.float32)
+
+
+def residual_vectors(quant, f_BHWC, patch_nums) -> jax.Array:
+  """The vectors each scale quantizes (area-pooled residuals), float (N, C)."""
+  c = f_BHWC.shape[-1]
+  fhats = f_to_fhats(quant, f_BHWC, patch_nums)
+  out, prev = [], 0.0
+  for si, pn in enumerate(patch_nums):
+    r = area_resize(f_BHWC - prev, pn)
+    out.append(r.reshape(-1, c))
+    prev = fhats[si]
+  return jnp.concatenate(out)
+
+
+def restart_dead_codes(quant, f_BHWC, ema_SV, key, patch_nums,
+                       threshold: float):
+  """Re-initialises codes whose usage EMA fell below a share of uniform use.
+
+  Dead codes (summed EMA over scales < `threshold` x the summed uniform
+  share) restart at random latent vectors of the batch (the residuals the
+  scales quantize, with tiny noise so no two coincide). Their usage restarts
+  from zero: the next check judges only what they did since. No official
+  counterpart (the reference keeps dead codes).
+
+  Returns:
+    (codebook float (V, C), ema float32 (S, V), number restarted int32).
+  """
+  codebook_VC = quant.codebook_VC
+  v = codebook_VC.shape[0]
+  share_S = uniform_share(f_BHWC.shape[0], patch_nums, v)
+  dead_V = jnp.sum(ema_SV, axis=0) < threshold * jnp.sum(share_S)
+  z_NC = residual_vectors(quant, f_BHWC.astype(jnp.float32), patch_nums)
+  n = z_NC.shape[0]
+  k_pick, k_noise = jax.random.split(key)
+  pick = jax.random.choice(k_pick, n, (v,), replace=n < v)
+  scale = jnp.sqrt(jnp.mean(z_NC * z_NC)) * 1e-3
+  new_VC = z_NC[pick] + scale * jax.random.normal(k_noise, codebook_VC.shape)
+  codebook_VC = jnp.where(dead_V[:, None], new_VC.astype(codebook_VC.dtype),
+                          codebook_VC)
+  ema_SV = jnp.where(dead_V[None, :], 0.0, ema_SV)
+  return codebook_VC, ema_SV, jnp.sum(dead_V).astype(jnp.int32)
+
+
+def usage_metrics(ema_SV, hits_SV, batch: int, patch_nums) -> dict:
+  """Codebook usage and perplexity from the EMA and this step's hits.
+
+  Returns float32 scalars / (S,) arrays: 'usage' (% of codes whose summed
+  EMA reaches the official margin), 'scale_usage' (the same per scale, the
+  official `usages`) and 'scale_ppl' (perplexity of each scale's hits).
+  """
+  v = ema_SV.shape[1]
+  share_S = uniform_share(batch, patch_nums, v)
+  used_S = jnp.mean(ema_SV >= USAGE_MARGIN * share_S[:, None], axis=1) * 100
+  used = jnp.mean(jnp.sum(ema_SV, 0) >= USAGE_MARGIN * jnp.sum(share_S)) * 100
+  p_SV = hits_SV / jnp.sum(hits_SV, axis=1, keepdims=True)
+  ent_S = -jnp.sum(jnp.where(p_SV > 0, p_SV * jnp.log(p_SV), 0.0), axis=1)
+  return {"usage": used, "scale_usage": used_S, "scale_ppl": jnp.exp(ent_S)}

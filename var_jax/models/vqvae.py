@@ -1,10 +1,17 @@
 """The multi-scale residual VQVAE tokenizer (NHWC), as Flax NNX modules.
 
-The encoder/decoder follow the VQGAN f16 layout the official model uses; the
-quantizer math is in `quantizer.py` as explicit functions over these weights.
+The encoder/decoder follow the VQGAN f16 layout the official model uses
+(`models/vqvae.py:VQVAE`, `models/basic_vae.py`); the quantizer math is in
+`quantizer.py` as explicit functions over these weights.
+
+Value ranges: images are float (B, H, W, 3) in [-1, 1] everywhere in this
+module (the sampler converts to [0, 1] for output); token ids are int32
+(B, pn*pn) in [0, V), one array per scale, coarse to fine.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -161,13 +168,21 @@ class Decoder(nnx.Module):
     self.norm_out = _norm(block_in, rngs)
     self.conv_out = _conv(block_in, cfg.in_channels, 3, rngs)
 
-  def __call__(self, z_BhwC):
+  def trunk(self, z_BhwC):
+    """Everything but `conv_out`: its input features (B, H, W, ch).
+
+    Tokenizer training takes the adversarial weight's gradients at
+    `conv_out`, so it needs this split of the decoder.
+    """
     h = self.mid(self.conv_in(z_BhwC))
     for level in reversed(list(self.up)):
       h = level.run_blocks(h)
       if level.resample is not None:
         h = level.resample(h)
-    return self.conv_out(nnx.silu(self.norm_out(h)))
+    return nnx.silu(self.norm_out(h))
+
+  def __call__(self, z_BhwC):
+    return self.conv_out(self.trunk(z_BhwC))
 
 
 class Buffer(nnx.Variable):
@@ -223,24 +238,83 @@ class VQVAE(nnx.Module):
     return jnp.clip(self.decoder(self.post_quant_conv(f_hat_BhwC)), -1, 1)
 
   def img_to_idx(self, img_BHWC, patch_nums=None) -> list[jax.Array]:
+    """Images -> token ids per scale (official `VQVAE.img_to_idxBl`).
+
+    Args:
+      img_BHWC: float (B, H, W, 3) in [-1, 1], H = W = `cfg.resolution`.
+      patch_nums: scale sides (default `cfg.v_patch_nums`); the last must be
+        the latent's side.
+
+    Returns:
+      K int32 arrays (B, pn*pn), ids in [0, vocab_size).
+    """
     f = self.encode(img_BHWC)
     return q.f_to_idx(self.quantize, f, patch_nums or self.cfg.v_patch_nums)
 
   def img_to_fhats(self, img_BHWC, patch_nums=None) -> list[jax.Array]:
+    """Images in [-1, 1] (B, H, W, 3) -> f_hat after each scale.
+
+    Official: the first half of `VQVAE.img_to_reconstructed_img`
+    (`f_to_idxBl_or_fhat(f, to_fhat=True)`). Returns K float32 latents
+    (B, pn_K, pn_K, Cvae); `decode` of the last is the reconstruction.
+    """
     f = self.encode(img_BHWC)
     return q.f_to_fhats(self.quantize, f, patch_nums or self.cfg.v_patch_nums)
 
   def idx_to_img(self, idx_list, patch_nums=None) -> jax.Array:
+    """Token ids per scale -> images (official `VQVAE.idxBl_to_img(...,
+    same_shape=True, last_one=True)`).
+
+    Args:
+      idx_list: K int arrays (B, pn*pn), ids in [0, vocab_size).
+      patch_nums: scale sides (default `cfg.v_patch_nums`).
+
+    Returns:
+      float (B, H, W, 3) in [-1, 1] (clamped).
+    """
     pn = patch_nums or self.cfg.v_patch_nums
     return self.decode(q.idx_to_fhat(self.quantize, idx_list, pn))
 
-  def __call__(self, img_BHWC):
-    """Training path: (reconstruction, straight-through f_hat, vq loss, hits)."""
+  def __call__(self, img_BHWC) -> "TrainOut":
+    """The training forward (official `VQVAE.forward`), as `train-vae` runs it.
+
+    Encodes in the input's dtype, quantizes in float32 with the straight-
+    through estimator, decodes the straight-through f_hat in the input's
+    dtype again.
+
+    Args:
+      img_BHWC: float (B, H, W, 3) in [-1, 1].
+
+    Returns:
+      `TrainOut`; `rec` is not clamped (the losses see the raw output).
+    """
     f = self.encode(img_BHWC)
     out = q.quantize_train(self.quantize, f, self.cfg.v_patch_nums,
                            self.cfg.beta)
-    rec = self.decoder(self.post_quant_conv(out.f_hat))
-    return rec, out
+    h = self.decoder.trunk(self.post_quant_conv(
+        out.f_hat.astype(img_BHWC.dtype)))
+    return TrainOut(self.decoder.conv_out(h), out, f, h)
+
+
+class TrainOut(NamedTuple):
+  """What the training forward returns."""
+
+  rec: jax.Array  # (B, H, W, 3) reconstruction, unclamped, compute dtype.
+  quant: q.QuantOut  # Straight-through f_hat, VQ loss, hits, ids.
+  f: jax.Array  # (B, h, w, Cvae) encoder latent.
+  h: jax.Array  # (B, H, W, ch) decoder features before `conv_out`.
+
+
+def psnr(rec_BHWC, x_BHWC) -> jax.Array:
+  """Per-image PSNR in dB, float32 (B,), of images in [-1, 1].
+
+  `rec_BHWC` is clipped to [-1, 1]; the error is measured on the [0, 1]
+  scale (peak 1), and the MSE floored at 1e-10 (at most 100 dB).
+  """
+  d = (jnp.clip(rec_BHWC.astype(jnp.float32), -1, 1)
+       - x_BHWC.astype(jnp.float32)) / 2
+  mse_B = jnp.maximum(jnp.mean(d * d, axis=(1, 2, 3)), 1e-10)
+  return -10.0 * jnp.log10(mse_B)
 
 
 def one_image_at_a_time(fn, x_B):

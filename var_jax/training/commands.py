@@ -1,9 +1,33 @@
-"""`var-jax train` and `var-jax bench train`."""
+"""`var-jax train`, `train-vae`, `tokenize` and `bench train`."""
 
 from __future__ import annotations
 
 import dataclasses
-import sys
+
+from var_jax.config import COMPUTE_DTYPES
+
+_DATA_HELP = "folder:PATH | tfds:NAME | digits (default: the config's)"
+_WORKDIR_HELP = ("checkpoints, metrics.jsonl, tb/ and the final model/ (a "
+                 "local path or gs://...)")
+
+
+def _add_run_flags(p, *, batch_what: str) -> None:
+  """The flags every training command shares (config, data, run, mesh)."""
+  p.add_argument("--data", help=_DATA_HELP)
+  p.add_argument("--workdir", required=True, help=_WORKDIR_HELP)
+  p.add_argument("--steps", type=int, help="run length in optimizer steps "
+                 "(schedule horizon; default: the config's)")
+  p.add_argument("--global-batch", type=int, help=f"{batch_what} per step, "
+                 "over all processes")
+  p.add_argument("--mesh", help="data=D,fsdp=F over all devices (default: "
+                 "data parallel on every device)")
+  p.add_argument("--dtype", choices=COMPUTE_DTYPES)
+  p.add_argument("--seed", type=int)
+  p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
+  g = p.add_argument_group("multi-process (all three, or none)")
+  g.add_argument("--coordinator-address", help="HOST:PORT of process 0")
+  g.add_argument("--num-processes", type=int)
+  g.add_argument("--process-id", type=int)
 
 
 def register(subparsers) -> None:
@@ -14,30 +38,61 @@ def register(subparsers) -> None:
   p.add_argument("--config", required=True,
                  help="a config file (configs/train_d16.py) or a bundled name "
                       "(train_d16, d16, train_tiny)")
-  p.add_argument("--data", help="folder:PATH | tfds:NAME | digits "
-                 "(default: the config's)")
-  p.add_argument("--workdir", required=True,
-                 help="checkpoints, metrics.jsonl, tb/ and the final model/")
-  p.add_argument("--steps", type=int, help="run length in optimizer steps "
-                 "(schedule horizon; default: the config's epochs)")
-  p.add_argument("--global-batch", type=int, help="examples per step, over "
-                 "all processes")
-  p.add_argument("--mesh", help="data=D,fsdp=F over all devices (default: "
-                 "data parallel on every device)")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"))
-  p.add_argument("--seed", type=int)
-  p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
+  _add_run_flags(p, batch_what="examples")
   w = p.add_mutually_exclusive_group()
   w.add_argument("--vae-ckpt", help="model directory holding the tokenizer")
   w.add_argument("--init-ckpt", help="model directory (tokenizer + VAR) to "
                  "start from")
-  g = p.add_argument_group("multi-process (all three, or none)")
-  g.add_argument("--coordinator-address", help="HOST:PORT of process 0")
-  g.add_argument("--num-processes", type=int)
-  g.add_argument("--process-id", type=int)
-  p.set_defaults(func=_train)
+  p.set_defaults(func=_run, kind="var")
+
+  p = subparsers.add_parser(
+      "train-vae", help="train a multi-scale VQVAE tokenizer (sharded, "
+      "multi-host, resumable)",
+      description="Trains the VAR tokenizer (reconstruction + VQ loss, "
+                  "optionally LPIPS and a PatchGAN). Re-running the same "
+                  "command resumes from the newest checkpoint in --workdir; "
+                  "the result, WORKDIR/model, is what `var-jax train "
+                  "--vae-ckpt` takes.")
+  p.add_argument("--config", required=True,
+                 help="a config file (configs/train_vae_digits.py) or a "
+                      "bundled name (train_vae_digits, train_vae_imagenet, "
+                      "train_vae_tiny)")
+  _add_run_flags(p, batch_what="images")
+  p.add_argument("--lpips-weights", help="LPIPS VGG weights: FILE.npz or "
+                 "VGG16.pth,LPIPS_VGG.pth (torchvision vgg16-397923af.pth "
+                 "and lpips' vgg.pth)")
+  p.set_defaults(func=_run, kind="vae")
   _register_tokenize(subparsers)
   _register_bench(subparsers)
+
+
+# Flag -> config field, for the flags that override a config value.
+_OVERRIDES = ("data", "steps", "global_batch", "dtype", "seed", "ckpt_every",
+              "vae_ckpt", "init_ckpt", "lpips_weights")
+
+
+def _run(args) -> int:
+  # Joining the job must happen before anything initialises the backend.
+  from var_jax.training import mesh as mesh_lib
+  mesh_lib.init_distributed(args.coordinator_address, args.num_processes,
+                            args.process_id)
+  from var_jax.training.config import TrainConfig, VAETrainConfig, load_config
+  if args.kind == "var":
+    from var_jax.training.trainer import train as train_fn
+    cls = TrainConfig
+  else:
+    from var_jax.training.vae_trainer import train_vae as train_fn
+    cls = VAETrainConfig
+  cfg = load_config(args.config, cls)
+  kw = {f: getattr(args, f) for f in _OVERRIDES
+        if getattr(args, f, None) is not None}
+  # One weights source: the flag given replaces the config's other one.
+  if kw.get("vae_ckpt"):
+    kw["init_ckpt"] = None
+  if kw.get("init_ckpt"):
+    kw["vae_ckpt"] = None
+  train_fn(dataclasses.replace(cfg, **kw), args.workdir, mesh_spec=args.mesh)
+  return 0
 
 
 def _register_tokenize(subparsers) -> None:
@@ -80,32 +135,3 @@ def _register_bench(subparsers) -> None:
   from var_jax.flags import bench_parsers
   from var_jax.training import bench
   bench.add_parser(bench_parsers(subparsers))
-
-
-_OVERRIDES = {"data": "data", "steps": "steps", "global_batch": "global_batch",
-              "dtype": "dtype", "seed": "seed", "ckpt_every": "ckpt_every",
-              "vae_ckpt": "vae_ckpt", "init_ckpt": "init_ckpt"}
-
-
-def _train(args) -> int:
-  # Joining the job must happen before anything initialises the backend.
-  from var_jax.training import mesh as mesh_lib
-  mesh_lib.init_distributed(args.coordinator_address, args.num_processes,
-                            args.process_id)
-  from var_jax.training.config import load_config
-  from var_jax.training.metrics import TrainingDiverged
-  from var_jax.training.trainer import train
-  cfg = load_config(args.config)
-  kw = {field: getattr(args, flag) for flag, field in _OVERRIDES.items()
-        if getattr(args, flag) is not None}
-  if kw.get("vae_ckpt"):
-    kw["init_ckpt"] = None
-  if kw.get("init_ckpt"):
-    kw["vae_ckpt"] = None
-  cfg = dataclasses.replace(cfg, **kw)
-  try:
-    train(cfg, args.workdir, mesh_spec=args.mesh)
-  except TrainingDiverged as e:
-    print(f"var-jax train: error: {e}", file=sys.stderr)
-    return 1
-  return 0

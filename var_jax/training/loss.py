@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from var_jax.models import scales
 from var_jax.training import schedule
 
 
@@ -32,11 +33,10 @@ def token_ce(logits_BLV: jax.Array, targets_BL: jax.Array,
 def loss_weights(patch_nums, prog_si: int = -1, prog_wp: float = 1.0
                  ) -> np.ndarray:
   """(L,) token weights: 1/L, zero past stage `prog_si`, its scale x prog_wp."""
-  seq_len = sum(pn * pn for pn in patch_nums)
-  w_L = np.full((seq_len,), 1.0 / seq_len, np.float32)
-  if 0 <= prog_si < len(patch_nums) - 1:  # The last stage is plain training.
-    begin = sum(pn * pn for pn in patch_nums[:prog_si])
-    end = begin + patch_nums[prog_si] ** 2
+  lay = scales.layout(tuple(patch_nums))
+  w_L = np.full((lay.seq_len,), 1.0 / lay.seq_len, np.float32)
+  if 0 <= prog_si < lay.num_scales - 1:  # The last stage is plain training.
+    begin, end = lay.begin_ends[prog_si]
     w_L[begin:end] *= min(max(prog_wp, 0.0), 1.0)
     w_L[end:] = 0.0
   return w_L
@@ -68,12 +68,9 @@ def scale_metrics(logits_BLV, targets_BL, patch_nums
   """
   ce_BL = token_ce(logits_BLV, targets_BL)
   hit_BL = (jnp.argmax(logits_BLV, axis=-1) == targets_BL).astype(jnp.float32)
-  ce_s, acc_s, begin = [], [], 0
-  for pn in patch_nums:
-    end = begin + pn * pn
-    ce_s.append(jnp.sum(jnp.mean(ce_BL[:, begin:end], axis=1)))
-    acc_s.append(jnp.sum(jnp.mean(hit_BL[:, begin:end], axis=1)))
-    begin = end
+  lay = scales.layout(tuple(patch_nums))
+  ce_s = [jnp.sum(jnp.mean(c, axis=1)) for c in lay.split(ce_BL)]
+  acc_s = [jnp.sum(jnp.mean(h, axis=1)) for h in lay.split(hit_BL)]
   return {
       "ce_sum": jnp.sum(jnp.mean(ce_BL, axis=1)),
       "acc_sum": jnp.sum(jnp.mean(hit_BL, axis=1)) * 100.0,

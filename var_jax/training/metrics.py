@@ -1,32 +1,43 @@
 """Per-step metrics: a JSONL file, TensorBoard events and a progress bar.
 
-Only process 0 writes. Per-scale values are flattened as `loss_s{pn}` /
-`acc_s{pn}` (pn = the scale's side in tokens). A non-finite loss or gradient
-norm stops the run with `TrainingDiverged`.
+Only process 0 writes. Per-scale arrays (metric names starting `scale_`)
+are flattened as `{name}_s{pn}` (pn = the scale's side in tokens), e.g.
+`scale_loss` -> `loss_s16`. A non-finite loss or gradient norm stops the run
+with `TrainingDiverged`.
+
+Paths are `etils.epath` paths: a local workdir gets a line-buffered append
+of `metrics.jsonl`; on cloud storage, which cannot append, the file is
+rewritten whole (existing lines + new ones, atomically) at most every
+`_REMOTE_FLUSH_S` seconds and at the end. TensorBoard events go through
+tensorboardX, which writes `gs://` itself (google-cloud-storage).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import pathlib
+import os
 import sys
+import time
 
 import numpy as np
-from var_jax.errors import TrainingDiverged
+
+from var_jax import io
+from var_jax.errors import TrainingDiverged, WriteError
 
 _CHECKED = ("loss", "grad_norm")
+_REMOTE_FLUSH_S = 60.0
 
 
 def flatten(metrics: dict, patch_nums) -> dict[str, float]:
-  """Host metrics -> flat {name: float}; per-scale arrays become one per pn."""
+  """Host metrics -> flat {name: float}; `scale_*` arrays become one per pn."""
   out = {}
   for k, v in metrics.items():
     v = np.asarray(v)
-    if k in ("scale_loss", "scale_acc"):
-      prefix = "loss" if k == "scale_loss" else "acc"
+    if k.startswith("scale_"):
       for pn, x in zip(patch_nums, v.reshape(-1)):
-        out[f"{prefix}_s{pn}"] = float(x)
+        out[f"{k[len('scale_'):]}_s{pn}"] = float(x)
     else:
       out[k] = float(v)
   return out
@@ -40,21 +51,71 @@ def check_finite(step: int, flat: dict[str, float]) -> None:
                              "data")
 
 
+@contextlib.contextmanager
+def _named_os_errors(path):
+  """Turns an OSError into a one-line WriteError naming `path`."""
+  try:
+    yield
+  except WriteError:
+    raise
+  except OSError as e:
+    raise WriteError(io.describe_os_error(e, path)) from None
+
+
+class _Jsonl:
+  """Appends lines to a local file, or batches rewrites of a remote one."""
+
+  def __init__(self, path):
+    self.path = path
+    self._local = io.is_local(path)
+    if self._local:
+      self._f = open(os.fspath(path), "a", buffering=1)
+    else:
+      self._lines = path.read_text().splitlines(True) if path.exists() else []
+      self._dirty, self._last = False, time.monotonic()
+
+  def write(self, line: str) -> None:
+    if self._local:
+      self._f.write(line)
+      return
+    self._lines.append(line)
+    self._dirty = True
+    if time.monotonic() - self._last > _REMOTE_FLUSH_S:
+      self.flush()
+
+  def flush(self) -> None:
+    if not self._local and self._dirty:
+      io.write_text(self.path, "".join(self._lines))
+      self._dirty, self._last = False, time.monotonic()
+
+  def close(self) -> None:
+    if self._local:
+      self._f.close()
+    else:
+      self.flush()
+
+
 class MetricsWriter:
-  """Appends one JSON object per logged step; mirrors it to TensorBoard."""
+  """Appends one JSON object per logged step; mirrors it to TensorBoard.
+
+  Raises:
+    WriteError: the workdir, the log or the events cannot be written (full
+      disk, permissions), naming the path and the cause.
+  """
 
   def __init__(self, workdir, *, enabled: bool, total_steps: int,
                start_step: int):
     self.enabled = enabled
-    self._tb = self._bar = self._f = None
+    self._tb = self._bar = self._log = None
     if not enabled:
       return
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = io.as_path(workdir)
     self.path = workdir / "metrics.jsonl"
-    self._f = open(self.path, "a", buffering=1)
-    from tensorboardX import SummaryWriter  # Heavy import; writers only.
-    self._tb = SummaryWriter(logdir=str(workdir / "tb"))
+    with _named_os_errors(self.path):
+      workdir.mkdir(parents=True, exist_ok=True)
+      self._log = _Jsonl(self.path)
+      from tensorboardX import SummaryWriter  # Heavy import; writers only.
+      self._tb = SummaryWriter(logdir=os.fspath(workdir / "tb"))
     from tqdm import tqdm
     # Without a terminal (log files) redraw rarely instead of every step.
     self._bar = tqdm(total=total_steps, initial=start_step, unit="step",
@@ -65,10 +126,11 @@ class MetricsWriter:
     """`values`: flat floats (or strings such as mfu 'n/a') for `step`."""
     if not self.enabled:
       return
-    self._f.write(json.dumps({"step": step, **values}) + "\n")
-    for k, v in values.items():
-      if isinstance(v, (int, float)) and math.isfinite(v):
-        self._tb.add_scalar(f"train/{k}", v, step)
+    with _named_os_errors(self.path):
+      self._log.write(json.dumps({"step": step, **values}) + "\n")
+      for k, v in values.items():
+        if isinstance(v, (int, float)) and math.isfinite(v):
+          self._tb.add_scalar(f"train/{k}", v, step)
     self._bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}",
                           refresh=False)
 
@@ -86,9 +148,18 @@ class MetricsWriter:
       print(msg, file=sys.stderr)
 
   def close(self) -> None:
+    """Closes everything; the first write error (if any) is raised last."""
     if self._bar is not None:
       self._bar.close()
-    if self._tb is not None:
-      self._tb.close()
-    if self._f is not None:
-      self._f.close()
+    first = None
+    for what in (self._tb, self._log):
+      if what is None:
+        continue
+      try:
+        with _named_os_errors(self.path):
+          what.close()
+      except WriteError as e:
+        first = first or e
+    self._tb = self._log = None
+    if first is not None:
+      raise first

@@ -2,9 +2,10 @@
 
 The chain is `clip -> inject_hyperparams(adamw)`; the trainer sets the
 learning rate and weight decay of every step from `schedule.lr_wd` with
-`set_lr_wd`. Which parameters skip weight decay is decided by the official
-rule applied to the official names of our parameters (through the
-conversion table), so the no-decay set is the reference's by construction.
+`set_lr_wd`. Which parameters skip weight decay is decided on our own
+parameter names (`decays`), written to give the official trainer's set
+(`train.py`: 1-D tensors, biases and its `nowd_keys`);
+`tests/test_optim_golden.py` checks it against the reference's list.
 """
 
 from __future__ import annotations
@@ -15,47 +16,33 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from var_jax.config import VARConfig
-from var_jax.convert.mapping import var_rules
+from var_jax.models.transformer import VAR
 
-# Name fragments the official trainer exempts from weight decay (train.py).
-NOWD_KEYS = frozenset({
-    "cls_token", "start_token", "task_token", "cfg_uncond",
-    "pos_embed", "pos_1LC", "pos_start", "start_pos", "lvl_embed",
-    "gamma", "beta", "ada_gss", "moe_bias", "scale_mul",
-})
-
-
-def official_nowd(name: str, official_shape: tuple) -> bool:
-  """The reference's filter: 1-D tensors, biases and NOWD_KEYS skip decay."""
-  return (len(official_shape) == 1 or name.endswith("bias")
-          or any(k in name for k in NOWD_KEYS))
+# Our parameter names without weight decay: biases (1-D in the reference,
+# also when we stack them per layer), the attention scale, AdaLN gains, and
+# the start / position / level embeddings.
+_NOWD_LEAVES = frozenset({"bias", "q_bias", "v_bias", "proj_b", "fc1_b",
+                          "fc2_b", "ada_b", "scale_mul", "ada_gss",
+                          "pos_start", "pos_1LC"})
+_NOWD_MODULES = frozenset({"lvl_embed"})
 
 
-def nowd_names(cfg: VARConfig) -> list[str]:
-  """Official names of the parameters without weight decay, sorted."""
-  return sorted(r.official for r in var_rules(cfg)
-                if not r.derived and official_nowd(r.official,
-                                                   r.official_shape))
+def decays(path: tuple) -> bool:
+  """Whether the parameter at `path` (our tree, e.g. ('blocks', 'fc1_w'))
+  takes weight decay."""
+  names = [str(k) for k in path]
+  return not (names[-1] in _NOWD_LEAVES or _NOWD_MODULES & set(names))
 
 
 def decay_mask(cfg: VARConfig) -> dict:
   """Nested dict (our parameter tree) of bools: True where wd applies."""
-  by_path: dict[tuple, set] = {}
-  for r in var_rules(cfg):
-    if not r.derived:
-      by_path.setdefault(r.path, set()).add(
-          not official_nowd(r.official, r.official_shape))
-  mask: dict = {}
-  for path, flags in by_path.items():
-    if len(flags) != 1:  # A stacked tensor whose layers disagree.
-      raise ValueError(f"parameter {path} mixes decayed and exempt layers")
-    node = mask
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = flags.pop()
-  return mask
+  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
+      lambda: VAR(cfg, rngs=nnx.Rngs(0)))))
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: decays(tuple(k.key for k in p)), abstract)
 
 
 class ClipState(NamedTuple):

@@ -1,13 +1,18 @@
-"""Creating the training state (parameters + optimizer state) in its shards.
+"""Training state: its spec (graphs, abstract arrays, shardings) and creation.
 
-The state is a plain pytree, `{'params': nested dict, 'opt_state': ...}`;
-the module structure lives in a separate `nnx.GraphDef`, so the jitted step
-is a pure function of arrays.
+A state is a plain pytree of arrays (`{'params': nested dict, 'opt_state':
+..., ...}`); the module structure lives in separate `nnx.GraphDef`s, so a
+jitted step is a pure function of arrays. Both trainers build their state
+with the helpers here: the abstract state comes from `jax.eval_shape`, the
+shardings from the parameters' declared axis names, and the real state is
+computed directly into its shards (`jit(out_shardings=...)`), so no device
+ever holds the whole unsharded model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,11 +31,12 @@ _MODEL_ADALN_GAMMA = 1e-5
 
 @dataclasses.dataclass(frozen=True)
 class StateSpec:
-  """What the trainer needs to build, restore and step the state."""
+  """What a run needs to build, restore and step its state."""
 
-  graphdef: nnx.GraphDef
+  graphdef: nnx.GraphDef  # The trained model (VAR, or VQVAE as Param/Buffer).
   abstract: dict  # ShapeDtypeStructs of the state, without shardings.
   shardings: dict  # NamedShardings of the state.
+  disc_graphdef: nnx.GraphDef | None = None  # Tokenizer runs with a GAN.
 
   @property
   def target(self) -> dict:
@@ -38,6 +44,40 @@ class StateSpec:
     return sharding.with_shardings(self.abstract, self.shardings)
 
 
+def strong(tree):
+  """Strongly typed copies of a tree's arrays.
+
+  Step outputs are strongly typed; a weak type in the first input would make
+  the second call compile the step again.
+  """
+  return jax.tree.map(lambda x: jnp.asarray(x, dtype=x.dtype), tree)
+
+
+def state_shardings(abstract: dict, mesh: Mesh, groups: dict) -> dict:
+  """Shardings of a state tree.
+
+  Args:
+    abstract: the abstract state (top-level dict).
+    mesh: the run's mesh.
+    groups: {params key: (abstract nnx.State of the module, optimizer,
+      optimizer-state key)}; parameters follow their declared axis names,
+      optimizer moments their parameters. Other entries are replicated.
+  """
+  rep = sharding.replicated(mesh)
+  out = {k: jax.tree.map(lambda _: rep, v) for k, v in abstract.items()}
+  for key, (nnx_abs, tx, opt_key) in groups.items():
+    out[key] = sharding.param_shardings(nnx_abs, mesh)
+    out[opt_key] = sharding.opt_state_shardings(tx, abstract[opt_key],
+                                                out[key], mesh)
+  return out
+
+
+def init_in_shards(spec: StateSpec, fresh: Callable[[], dict]) -> dict:
+  """`fresh()` (a random initialisation) computed directly into its shards."""
+  return jax.jit(fresh, out_shardings=spec.shardings)()
+
+
+# ------------------------------------------------------------ VAR
 def scale_adaln_gamma(params: dict, cfg: VARConfig, gamma: float) -> dict:
   """Sets the AdaLN gamma gains' init scale (official `--alng`)."""
   if gamma == _MODEL_ADALN_GAMMA:
@@ -51,36 +91,28 @@ def scale_adaln_gamma(params: dict, cfg: VARConfig, gamma: float) -> dict:
   return {**params, "blocks": blocks}
 
 
+def _fresh_var(cfg, tx, seed, adaln_gamma):
+  model = VAR(cfg, rngs=nnx.Rngs(seed))
+  params = strong(scale_adaln_gamma(nnx.to_pure_dict(nnx.state(model)), cfg,
+                                    adaln_gamma))
+  return {"params": params, "opt_state": tx.init(params)}
+
+
 def var_state_spec(cfg: VARConfig, tx: optax.GradientTransformation,
                    mesh: Mesh) -> StateSpec:
   """Graph, abstract state and shardings of a VAR and its optimizer."""
-  abstract_model = nnx.eval_shape(lambda: VAR(cfg, rngs=nnx.Rngs(0)))
-  graphdef, abstract_params = nnx.split(abstract_model)
-  params_sh = sharding.param_shardings(abstract_params, mesh)
-  abstract = jax.eval_shape(lambda: _fresh(cfg, tx, 0, _MODEL_ADALN_GAMMA))
-  opt_sh = sharding.opt_state_shardings(tx, abstract["opt_state"], params_sh,
-                                        mesh)
-  return StateSpec(graphdef, abstract, {"params": params_sh,
-                                        "opt_state": opt_sh})
-
-
-def _fresh(cfg, tx, seed, adaln_gamma):
-  model = VAR(cfg, rngs=nnx.Rngs(seed))
-  params = scale_adaln_gamma(nnx.to_pure_dict(nnx.state(model)), cfg,
-                             adaln_gamma)
-  # Strong dtypes throughout (the constructor makes some weakly typed
-  # constants): step outputs are strongly typed, and a type change between
-  # the first and second call would compile the step twice.
-  params = jax.tree.map(lambda x: jnp.asarray(x, dtype=x.dtype), params)
-  return {"params": params, "opt_state": tx.init(params)}
+  graphdef, abstract_params = nnx.split(
+      nnx.eval_shape(lambda: VAR(cfg, rngs=nnx.Rngs(0))))
+  abstract = jax.eval_shape(lambda: _fresh_var(cfg, tx, 0, _MODEL_ADALN_GAMMA))
+  sh = state_shardings(abstract, mesh,
+                       {"params": (abstract_params, tx, "opt_state")})
+  return StateSpec(graphdef, abstract, sh)
 
 
 def init_state(spec: StateSpec, cfg: VARConfig, tx, *, seed: int,
                adaln_gamma: float = _MODEL_ADALN_GAMMA) -> dict:
-  """Random initialisation, computed directly into the state's shards."""
-  fn = jax.jit(lambda: _fresh(cfg, tx, seed, adaln_gamma),
-               out_shardings=spec.shardings)
-  return fn()
+  """A randomly initialised VAR state, in its shards."""
+  return init_in_shards(spec, lambda: _fresh_var(cfg, tx, seed, adaln_gamma))
 
 
 def state_from_params(spec: StateSpec, tx, params: dict) -> dict:
@@ -89,7 +121,7 @@ def state_from_params(spec: StateSpec, tx, params: dict) -> dict:
   Copies, because the step donates its state: the caller's arrays survive.
   """
   params = jax.device_put(params, spec.shardings["params"], may_alias=False)
-  params = jax.tree.map(lambda x: jnp.asarray(x, dtype=x.dtype), params)
+  params = strong(params)
   opt = jax.jit(tx.init, out_shardings=spec.shardings["opt_state"])(params)
   return {"params": params, "opt_state": opt}
 

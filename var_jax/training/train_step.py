@@ -20,14 +20,12 @@ from jax.sharding import Mesh
 
 from var_jax.config import ModelConfig
 from var_jax.models import quantizer as q
+from var_jax.models import scales
 from var_jax.models.vqvae import one_image_at_a_time
 from var_jax.training import loss as loss_lib
 from var_jax.training import optimizer as opt_lib
 from var_jax.training import sharding
 from var_jax.training.state import StateSpec
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
@@ -38,15 +36,6 @@ class StepOptions:
   grad_accum: int = 1  # Micro-batches per optimizer step.
   tokens: bool = False  # Batches carry 'tokens' (B, L) instead of 'images'.
   dropout: bool = True  # Class dropout and drop-path (False: eval mode).
-
-
-def split_tokens(tokens_BL: jax.Array, patch_nums) -> list[jax.Array]:
-  """Concatenated ids (B, L) -> per-scale (B, pn*pn)."""
-  out, begin = [], 0
-  for pn in patch_nums:
-    out.append(tokens_BL[:, begin:begin + pn * pn])
-    begin += pn * pn
-  return out
 
 
 def make_train_step(model_cfg: ModelConfig, var_spec: StateSpec,
@@ -61,7 +50,8 @@ def make_train_step(model_cfg: ModelConfig, var_spec: StateSpec,
   `key` is the run's base PRNG key. Returns (new state, metrics).
   """
   patch_nums = model_cfg.var.patch_nums
-  dtype = DTYPES[opts.dtype]
+  layout = scales.layout(tuple(patch_nums))
+  dtype = jnp.dtype(opts.dtype)
   n_micro = opts.grad_accum
   batch_sh = sharding.batch_sharding(mesh)
   # See vqvae.one_image_at_a_time (sharded batches are encoded whole).
@@ -71,7 +61,7 @@ def make_train_step(model_cfg: ModelConfig, var_spec: StateSpec,
   def tokenize(vae_state, batch):
     vae = nnx.merge(vae_graphdef, vae_state)
     if opts.tokens:
-      idx = split_tokens(batch["tokens"], patch_nums)
+      idx = layout.split(batch["tokens"])
     else:
       images = batch["images"]
       if encode_one_by_one:
@@ -80,7 +70,7 @@ def make_train_step(model_cfg: ModelConfig, var_spec: StateSpec,
         f = vae.encode(images)
       idx = q.f_to_idx(vae.quantize, f, patch_nums)
     x_BLC = q.idx_to_var_input(vae.quantize, idx, patch_nums)
-    tgt_BL = jnp.concatenate(idx, axis=1)
+    tgt_BL = layout.join(idx)
     return jax.lax.stop_gradient(x_BLC), tgt_BL
 
   def micro_step(params, vae_state, batch, weights_L, key):

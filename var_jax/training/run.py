@@ -1,0 +1,182 @@
+"""The run skeleton both trainers plug into: data -> step -> metrics ->
+checkpoints -> exported model directory.
+
+A trainer supplies a *task* (`trainer.VARTask`, `vae_trainer.VAETask`): its
+model config, state spec and initial state, its jitted step, and what its
+model directory holds. Everything else is here, once: config checks, the
+mesh, the loader, resume (after comparing the stored run record with this
+run's), the step loop with one step of metrics in flight, the fault hook,
+checkpoints, export and closing.
+
+Every input of a step is a function of (config, step): the loader is
+deterministic per step, PRNG keys are fold_in(seed, step), learning rates
+come from schedules. A run resumed from a checkpoint therefore repeats the
+uninterrupted run exactly. Everything a run can check (config, weights,
+data, the checkpoint's record) is checked before it writes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import jax
+
+from var_jax import io
+from var_jax.errors import CheckpointError
+from var_jax.training import mesh as mesh_lib
+from var_jax.training import metrics as metrics_lib
+from var_jax.training import sharding
+from var_jax.training.checkpointing import RunCheckpoints, export_model_dir
+
+# Test hook: SIGKILL this process right after starting the save of this step.
+FAULT_ENV = "VAR_JAX_FAULT_KILL_AT_STEP"
+
+
+def open_loader(cfg, resolution: int, *, split: str = "train",
+                start_step: int = 0, global_batch: int | None = None, **kw):
+  """The data loader of a run config (this process's shard of each batch)."""
+  from var_jax.data import make_loader  # Heavy (grain, PIL): import late.
+  return make_loader(
+      cfg.data, split=split, resolution=resolution,
+      global_batch=global_batch or cfg.global_batch, seed=cfg.seed,
+      hflip=cfg.hflip, process_index=jax.process_index(),
+      process_count=jax.process_count(), start_step=start_step,
+      num_workers=cfg.data_workers, data_dir=cfg.tfds_data_dir,
+      mid_reso=cfg.mid_reso, **kw)
+
+
+class Run:
+  """Builds and checks everything for one run; `run()` trains to the end.
+
+  Args:
+    cfg: a `RunConfig` (validated here).
+    workdir: local path or `gs://...`; gets `checkpoints/`, `metrics.jsonl`,
+      `tb/` and `model/`, but only once `run()` starts.
+    make_task: `make_task(cfg, mesh)` -> the trainer's task.
+    mesh_spec: the `--mesh` flag.
+  """
+
+  def __init__(self, cfg, workdir, make_task, *, mesh_spec: str | None = None):
+    cfg.validate()
+    self.cfg = cfg
+    self.workdir = io.as_path(workdir)
+    self.is_main = jax.process_index() == 0
+    self.mesh = mesh_lib.make_mesh(mesh_spec)
+    mesh_lib.check_batch(self.mesh, cfg.global_batch, cfg.accum_steps)
+    self.task = make_task(cfg, self.mesh)
+    self.ckpts = RunCheckpoints(self.workdir, every=cfg.ckpt_every,
+                                keep=cfg.keep_ckpts)
+    self.loader = None
+    try:
+      self.start = self.ckpts.latest_step() or 0
+      self.loader = open_loader(cfg, self.task.model_cfg.vae.resolution,
+                                start_step=self.start)
+      self.total = cfg.total_steps(self.loader.steps_per_epoch)
+      if self.start > self.total:
+        raise CheckpointError(f"{self.ckpts.dir} is at step {self.start}, "
+                              f"past the run's {self.total} steps")
+      self.task.attach(self.loader, self.total)
+      self.record = {"command": self.task.command, "total_steps": self.total,
+                     "model": json.loads(self.task.model_cfg.to_json()),
+                     "config": cfg.record()}
+      if self.start:
+        ignore = ["config.model"] + [f"config.{f}" for f in cfg.RESUMABLE]
+        self.ckpts.check_record(self.start, self.record, ignore)
+        self.state = self.ckpts.restore(self.start, self.task.spec.target)
+      else:
+        self.state = self.task.init_state()
+    except BaseException:
+      self._close(None, quiet=True)
+      raise
+
+  def run(self) -> dict:
+    """Trains from the resume point to the end; returns the last metrics."""
+    cfg, task = self.cfg, self.task
+    writer = None
+    try:
+      writer = metrics_lib.MetricsWriter(
+          self.workdir, enabled=self.is_main, total_steps=self.total,
+          start_step=self.start)
+      writer.note(f"[{task.command}] {task.model_cfg.name}: steps "
+                  f"{self.start}->{self.total}, global batch "
+                  f"{cfg.global_batch}, mesh {dict(self.mesh.shape)}, "
+                  f"{jax.process_count()} process(es), {cfg.dtype}"
+                  f"{task.describe()}")
+      last = self._loop(writer)
+    except BaseException:
+      self._close(writer, quiet=True)
+      raise
+    self._close(writer, quiet=False)
+    return last
+
+  def _loop(self, writer) -> dict:
+    task = self.task
+    fault = int(os.environ.get(FAULT_ENV, "-1"))
+    pending, last = None, {}
+    t_prev = time.perf_counter()
+    for step in range(self.start, self.total):
+      raw = next(self.loader)
+      batch = sharding.put_batch({k: raw[k] for k in task.batch_keys},
+                                 self.mesh)
+      self.state, m = task.step(self.state, batch, step)
+      # Read the previous step's metrics now: the device is already busy
+      # with this one, so logging never stalls the pipeline.
+      if pending is not None:
+        self._write(writer, pending[0], self._checked(*pending[:2]),
+                    *pending[2:])
+      now = time.perf_counter()
+      pending = (step, m, now - t_prev, step == self.start)
+      t_prev = now
+      saved = self.ckpts.maybe_save(step + 1, self.state, self.record,
+                                    force=step + 1 == self.total)
+      if saved and step + 1 == fault:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if pending is not None:
+      step, m, dt, first = pending
+      last = self._checked(step, m)  # Never export a diverged model.
+    self.ckpts.wait()
+    out = self.workdir / "model"
+    export_model_dir(out, task.model_cfg, *task.export_trees(self.state))
+    writer.note(f"[{task.command}] done; model directory {out}")
+    last.update(task.evaluate(self.state, writer.note))
+    if pending is not None:
+      self._write(writer, step, last, dt, first)
+    return last
+
+  def _checked(self, step: int, m) -> dict:
+    flat = metrics_lib.flatten(jax.device_get(m), self.task.patch_nums)
+    metrics_lib.check_finite(step, flat)
+    return flat
+
+  def _write(self, writer, step: int, flat: dict, dt: float, first: bool):
+    if step % self.cfg.log_every == 0 or step + 1 == self.total:
+      # The first step's time includes compilation: no throughput for it.
+      flat.update(img_per_s=0.0 if first else self.cfg.global_batch / dt,
+                  step_s=dt, **self.task.log_extras(step, dt, first))
+      writer.write(step, flat)
+    writer.advance()
+
+  def _close(self, writer, *, quiet: bool) -> None:
+    """Closes writer, loaders and checkpoints; raises the first error unless
+    `quiet` (another error is already on its way)."""
+    errors = []
+    closers = [getattr(writer, "close", None),
+               getattr(self.loader, "close", None), self.task.close,
+               lambda: self.ckpts.close(quiet=quiet)]
+    for close in closers:
+      if close is None:
+        continue
+      try:
+        close()
+      except Exception as e:  # Keep closing the rest.
+        errors.append(e)
+    if errors and not quiet:
+      raise errors[0]
+
+
+def run(cfg, workdir, make_task, *, mesh_spec: str | None = None) -> dict:
+  """Runs (or resumes) a run; returns the last step's metrics."""
+  return Run(cfg, workdir, make_task, mesh_spec=mesh_spec).run()
