@@ -1,7 +1,17 @@
 """Shared test fixtures: the golden reference set, tolerances, small models."""
 
+import importlib.util
+import json
 import os
 import pathlib
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+import uuid
 
 import numpy as np
 import pytest
@@ -66,3 +76,111 @@ def random_digits_vae_dir(tmp_path_factory):
   checkpoint.save_model(d, ModelConfig("digits_vae", DIGITS_VAE),
                         vae=VQVAE(DIGITS_VAE, rngs=nnx.Rngs(0)))
   return d
+
+
+class GcsEmulator:
+  """A GCS emulator on 127.0.0.1, and the settings that point clients at it.
+
+  `env` is what a subprocess (`var-jax ...`) needs; the fixture also sets it
+  in this process for the duration of the session.
+  """
+
+  BUCKET = "var-jax-test"
+
+  def __init__(self, url: str):
+    self.url = url
+    self.env = {
+        # gcsfs (etils.epath's gs:// backend through fsspec) and
+        # google-cloud-storage read the emulator host.
+        "STORAGE_EMULATOR_HOST": url,
+        "FSSPEC_GCS_TOKEN": "anon",
+        "NO_GCE_CHECK": "true",
+        # gcsfs >= 2025 asks the Storage Control gRPC API whether a bucket
+        # is zonal, which an emulator does not serve (a 60 s timeout per
+        # bucket); these tests use ordinary buckets.
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        # tensorstore (Orbax's array writes): endpoint and a fixed token, so
+        # it neither looks for credentials nor asks a metadata server.
+        "TENSORSTORE_GCS_HTTP_URL": url,
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+        "GCE_METADATA_ROOT": "127.0.0.1:9",
+    }
+
+  def objects(self, prefix: str = "") -> list[str]:
+    """Object names under `prefix`, asked of the emulator's JSON API directly
+    (not through the client libraries under test)."""
+    names, token = [], None
+    while True:
+      q = {"prefix": prefix, **({"pageToken": token} if token else {})}
+      url = (f"{self.url}/storage/v1/b/{self.BUCKET}/o?"
+             + urllib.parse.urlencode(q))
+      with urllib.request.urlopen(url, timeout=30) as r:
+        page = json.load(r)
+      names += [o["name"] for o in page.get("items", [])]
+      token = page.get("nextPageToken")
+      if not token:
+        return names
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+  """Starts `gcp-storage-emulator` (in memory, tests/gcs_emulator.py) for the
+  session and points gcsfs and tensorstore at it."""
+  for mod in ("gcp_storage_emulator", "gcsfs"):
+    if importlib.util.find_spec(mod) is None:
+      pytest.fail(f"{mod} is missing: pip install -e '.[test]'")
+  port = _free_port()
+  log = tmp_path_factory.mktemp("gcs") / "emulator.log"
+  with open(log, "wb") as fh:
+    proc = subprocess.Popen(
+        [sys.executable, str(_ROOT / "tests" / "gcs_emulator.py"), "start",
+         "--host",
+         "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket",
+         GcsEmulator.BUCKET], stdout=fh, stderr=subprocess.STDOUT)
+  emu = GcsEmulator(f"http://127.0.0.1:{port}")
+  deadline = time.monotonic() + 60
+  while True:
+    try:
+      with urllib.request.urlopen(emu.url + "/", timeout=2):
+        break
+    except OSError:
+      if proc.poll() is not None or time.monotonic() > deadline:
+        proc.kill()
+        pytest.fail(f"GCS emulator did not start: {log.read_text()[-2000:]}")
+      time.sleep(0.1)
+  saved = {k: os.environ.get(k) for k in emu.env}
+  os.environ.update(emu.env)
+  import gcsfs  # After the settings: gcsfs reads one of them at import.
+  try:
+    if gcsfs.GCSFileSystem is not gcsfs.core.GCSFileSystem:
+      pytest.fail("gcsfs was imported before the emulator settings were made "
+                  "(its zonal-bucket probe times out against an emulator)")
+    # fsspec caches filesystem instances: drop any made before the settings.
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    yield emu
+  finally:
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+    proc.terminate()
+    try:
+      proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
+
+
+@pytest.fixture
+def gcs_dir(gcs_emulator, request):
+  """A fresh `gs://` directory (a unique prefix in the emulator's bucket)."""
+  name = re.sub(r"[^\w-]", "_", request.node.name)[:40]
+  return f"gs://{GcsEmulator.BUCKET}/{name}-{uuid.uuid4().hex[:8]}"
