@@ -1,0 +1,187 @@
+"""Kind 5: a full disk mid-write is one line, exit 1, nothing left behind.
+
+Each test mounts a small tmpfs (root is available here and in CI) so the
+real filesystem runs out of space; without permission to mount, the tests
+skip and say so.
+"""
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import uuid
+
+import numpy as np
+import pytest
+
+from var_jax import cli
+from var_jax import io as var_io
+from var_jax.errors import WriteError
+
+
+@contextlib.contextmanager
+def _tmpfs(path, size):
+  path.mkdir(parents=True, exist_ok=True)
+  try:
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}",
+                           "tmpfs", str(path)], capture_output=True,
+                          text=True, timeout=30, check=False)
+  except (OSError, subprocess.SubprocessError) as e:
+    pytest.skip(f"cannot mount a {size} tmpfs to fill up ({e})")
+  if proc.returncode != 0:
+    pytest.skip(f"cannot mount a {size} tmpfs to fill up (mount says: "
+                f"{proc.stderr.strip() or proc.returncode}; needs root)")
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True,
+                   timeout=30, check=False)
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+  with _tmpfs(tmp_path / "fs", "1m") as fs:
+    yield fs
+
+
+def _fill(fs):
+  """Leaves (almost) no free space on `fs`; returns the filler's name."""
+  name = "filler.bin"
+  fd = os.open(fs / name, os.O_WRONLY | os.O_CREAT)
+  try:
+    with contextlib.suppress(OSError):
+      while True:
+        os.write(fd, b"\0" * 4096)
+  finally:
+    os.close(fd)
+  return name
+
+
+def _cli(capsys, *argv):
+  code = cli.main(["--no-compile-cache", *argv])
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def _assert_one_line(err, cmd, path):
+  # Progress bars (tqdm, redrawn with \r) are not messages.
+  lines = [ln for ln in err.replace("\r", "\n").splitlines()
+           if ln.strip() and not re.search(r"\d+%\|", ln)]
+  assert len(lines) == 1, err
+  assert lines[0] == (f"var-jax {cmd}: error: no space left on device "
+                      f"writing {path}"), lines[0]
+
+
+# The tiny model stores 16.2 MB of VQVAE and 2.8 MB of VAR: 17 MB holds the
+# first and runs out in the second.
+@pytest.mark.parametrize("size,part", [("1m", "vae"), ("17m", "var")],
+                         ids=["nothing-fits", "vae-fits-var-does-not"])
+def test_convert_out_on_a_full_disk(golden_dir, tmp_path, size, part):
+  # A fresh process: Orbax's background threads print on their own, so only
+  # the real stderr of a whole run shows whether tracebacks escape.
+  with _tmpfs(tmp_path / "fs", size) as fs:
+    out = fs / "model"
+    proc = subprocess.run(
+        [sys.executable, "-m", "var_jax.cli", "--no-compile-cache", "convert",
+         "--vae", str(golden_dir / "vae_tiny.pth"), "--var",
+         str(golden_dir / "var_tiny.pth"), "--out", str(out)],
+        capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    _assert_one_line(proc.stderr, "convert", out / part)
+    assert os.listdir(fs) == []  # No model, no .model.tmp-* directory.
+
+
+def test_convert_overwrite_on_a_full_disk_keeps_the_old_model(
+    golden_dir, tmp_path, capsys):
+  with _tmpfs(tmp_path / "fs", "2m") as fs:
+    out = fs / "model"
+    out.mkdir()
+    (out / "config.json").write_text('{"name": "old"}')
+    code, _, err = _cli(capsys, "convert", "--vae",
+                        str(golden_dir / "vae_tiny.pth"), "--out", str(out),
+                        "--overwrite")
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith(
+        f"no space left on device writing {out}/vae")
+    assert sorted(os.listdir(fs)) == ["model"]
+    assert (out / "config.json").read_text() == '{"name": "old"}'
+
+
+def test_encode_out_on_a_full_disk(random_digits_vae_dir, tiny_fs, tmp_path,
+                                   capsys):
+  imgs = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), np.uint8)
+  np.save(tmp_path / "imgs.npy", imgs)
+  filler = _fill(tiny_fs)
+  out = tiny_fs / "tok.npz"
+  code, _, err = _cli(capsys, "encode", "--ckpt", str(random_digits_vae_dir),
+                      "--images", str(tmp_path / "imgs.npy"), "--out",
+                      str(out))
+  assert code == 1
+  _assert_one_line(err, "encode", out)
+  assert os.listdir(tiny_fs) == [filler]
+
+
+def test_tokenize_out_on_a_full_disk(random_digits_vae_dir, tiny_fs, tmp_path,
+                                     capsys):
+  from PIL import Image
+  for k in range(2):
+    (tmp_path / "imgs" / f"c{k}").mkdir(parents=True)
+    Image.new("RGB", (64, 64), (k * 200, 0, 0)).save(
+        tmp_path / "imgs" / f"c{k}" / "x.png")
+  filler = _fill(tiny_fs)
+  out = tiny_fs / "tok.npz"
+  code, _, err = _cli(capsys, "tokenize", "--ckpt", str(random_digits_vae_dir),
+                      "--data", f"folder:{tmp_path / 'imgs'}", "--out",
+                      str(out))
+  assert code == 1
+  _assert_one_line(err, "tokenize", out)
+  assert os.listdir(tiny_fs) == [filler]
+
+
+def test_png_and_npz_writers_on_a_full_disk(tiny_fs):
+  """What `sample --out`, `edit --out` and `--save-npz` write through."""
+  filler = _fill(tiny_fs)
+  noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
+  for write, name in ((lambda p: var_io.save_png(p, noise), "grid.png"),
+                      (lambda p: var_io.save_npz(p, x=noise), "out.npz"),
+                      (lambda p: var_io.write_text(p, "x" * 10000),
+                       "config.json")):
+    with pytest.raises(WriteError) as e:
+      write(tiny_fs / name)
+    assert str(e.value) == (f"no space left on device writing "
+                            f"{tiny_fs / name}")
+    assert e.value.exit_code == 1
+  assert os.listdir(tiny_fs) == [filler]
+
+
+def test_an_existing_output_survives_a_failed_rewrite(tiny_fs):
+  target = tiny_fs / "grid.png"
+  var_io.save_png(target, np.zeros((4, 4, 3), np.uint8))
+  before = target.read_bytes()
+  filler = _fill(tiny_fs)
+  noise = np.random.default_rng(1).integers(0, 256, (128, 128, 3), np.uint8)
+  with pytest.raises(WriteError, match="no space left on device"):
+    var_io.save_png(target, noise)
+  assert target.read_bytes() == before
+  assert sorted(os.listdir(tiny_fs)) == sorted([filler, "grid.png"])
+
+
+def test_orbax_errors_are_recognised():
+  # Tensorstore's status text (as Orbax raises it) carries the errno.
+  e = ValueError('RESOURCE_EXHAUSTED: Error writing "w/0": Failed to write '
+                 "8 bytes to file 4: No space left on device "
+                 "[os_error_code='28']")
+  err = var_io.os_error_of(e)
+  assert err is not None and err.errno == 28
+  assert var_io.os_error_of(ValueError("shape mismatch")) is None
+  path = f"/nonexistent-{uuid.uuid4().hex}"
+  with pytest.raises(WriteError, match=f"no space left on device writing "
+                     f"{path}"):
+    with var_io.orbax_writes(path):
+      raise e
+  with pytest.raises(ValueError, match="shape mismatch"):
+    with var_io.orbax_writes(path):
+      raise ValueError("shape mismatch")
