@@ -1,11 +1,13 @@
 """End-to-end `var-jax train` runs in subprocesses (CPU, fake devices).
 
-One 6-step single-device run is the reference; runs on other meshes, two
-cooperating processes and a run SIGKILLed mid-save then resumed must all
-reproduce it.
+One 6-step single-device run of a small random model is the reference; runs
+on other meshes, two cooperating processes, a run SIGKILLed mid-save and a
+run stopped by a full disk, each then resumed, must all reproduce it. These
+runs are `slow`.
 """
 
 import json
+import contextlib
 import os
 import pathlib
 import socket
@@ -109,6 +111,7 @@ def reference(runs):
   return runs[None]
 
 
+@pytest.mark.slow
 def test_reference_run_logs(reference):
   recs = [json.loads(l) for l in
           (reference / "metrics.jsonl").read_text().splitlines()]
@@ -124,6 +127,7 @@ def test_reference_run_logs(reference):
       "4", "6"]  # Every 2 steps, newest 2 kept.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES)
 def test_mesh_matches_single_device(runs, mesh):
   ref, got = _losses(runs[None]), _losses(runs[mesh])
@@ -137,6 +141,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_single_device(tmp_path, vae_dir, reference):
   addr = f"127.0.0.1:{_free_port()}"
   procs = [subprocess.Popen(
@@ -157,6 +162,7 @@ def test_two_processes_match_single_device(tmp_path, vae_dir, reference):
     np.testing.assert_allclose(got_p[k], ref_p[k], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_save_then_resume_is_exact(tmp_path, vae_dir, reference):
   # Killed right after starting the async save of step 4: that checkpoint
   # may be incomplete, so the restart resumes from step 2 or 4.
@@ -204,6 +210,7 @@ def test_sharded_state_layout():
   assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_bench_train_prints_one_json_line():
   p = subprocess.run(
       [sys.executable, "-m", "var_jax.cli", "bench", "train", "--preset",
@@ -219,6 +226,7 @@ def test_bench_train_prints_one_json_line():
   assert rec["var_tflop_per_step"] > 0
 
 
+@pytest.mark.slow
 def test_token_cache_run_matches_images(tmp_path, vae_dir, reference):
   """`tokenize` then `train --data tokens:` repeats the image run exactly."""
   from var_jax import cli
@@ -246,3 +254,42 @@ def test_token_cache_errors(tmp_path, vae_dir, capsys):
                    "--data", data])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and needle in err[0], err
+
+
+@contextlib.contextmanager
+def _tmpfs(path: pathlib.Path, size: str):
+  """A small tmpfs at `path` (root only: skips otherwise)."""
+  path.mkdir()
+  p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                      str(path)], capture_output=True, text=True)
+  if p.returncode:
+    pytest.skip(f"cannot mount a tmpfs (needs root): {p.stderr.strip()}")
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.slow
+def test_full_disk_is_one_line_then_resume_is_exact(tmp_path, vae_dir,
+                                                     reference):
+  """A disk that holds one checkpoint (2.3 MB) but not two: one line naming
+  the path and the cause, exit 1, the step-2 checkpoint intact and no
+  temporary directories; after freeing space the rerun repeats the
+  uninterrupted run."""
+  with _tmpfs(tmp_path / "fs", "3m") as fs:
+    work = fs / "w"
+    err = _train(work, vae_dir, expect=1)
+    lines = [l for l in err.replace("\r", "\n").splitlines()
+             if l.strip() and "step/s" not in l and "it/s" not in l]
+    assert lines[-1] == ("var-jax train: error: no space left on device "
+                         f"writing {work}/checkpoints"), err[-3000:]
+    assert "Traceback" not in err and "Event loop is closed" not in err, err
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["2"]
+    subprocess.run(["mount", "-o", "remount,size=64m", str(fs)], check=True)
+    err = _train(work, vae_dir)
+    assert "steps 2->6" in err, err
+    assert _losses(work) == _losses(reference)
+    ref_p, got_p = _params(reference), _params(work)
+    for k in ref_p:
+      np.testing.assert_array_equal(got_p[k], ref_p[k], err_msg=k)

@@ -199,3 +199,60 @@ def test_bad_config_file_is_one_line(capsys, tmp_path):
   assert err[0] == (f"var-jax train: error: config {bad}: get_config() "
                     "returned int, not TrainConfig"), err[0]
   assert not (tmp_path / "w").exists()
+
+
+# ------------------------------------------------------------ nothing written
+@pytest.mark.parametrize("command,config", [("train", "train_tiny"),
+                                            ("train-vae", "train_vae_tiny")])
+def test_empty_data_root_writes_nothing(capsys, tmp_path, tiny_vae_dir,
+                                        command, config):
+  """Refused at start-up (a data root without class folders): one line, and
+  no workdir at all (no empty checkpoints/, metrics or events)."""
+  (tmp_path / "data").mkdir()
+  extra = ["--vae-ckpt", str(tiny_vae_dir)] if command == "train" else []
+  rc, err = _cli_error(capsys, [
+      command, "--config", config, "--workdir", str(tmp_path / "w"),
+      "--data", f"folder:{tmp_path / 'data'}"] + extra)
+  assert rc == 2 and len(err) == 1 and str(tmp_path / "data") in err[0], err
+  assert not (tmp_path / "w").exists()
+
+
+def test_resume_with_another_config_is_one_line(capsys, tmp_path,
+                                                tiny_vae_dir):
+  """A workdir holding a `train_tiny` checkpoint, resumed with
+  `train_digits`: one line naming the differing fields, before any array
+  is read, and the checkpoint left as it was."""
+  from var_jax.training import run as run_lib
+  from var_jax.training.trainer import VARTask
+  work = tmp_path / "w"
+  cfg = dataclasses.replace(load_config("train_tiny"),
+                            vae_ckpt=str(tiny_vae_dir))
+  r = run_lib.Run(cfg, work, VARTask)  # Real state and run record.
+  assert r.ckpts.maybe_save(2, r.state, r.record, force=True)
+  r.ckpts.close()
+  r.loader.close()
+  before = sorted(p.name for p in (work / "checkpoints").iterdir())
+  rc, err = _cli_error(capsys, [
+      "train", "--config", "train_digits", "--workdir", str(work),
+      "--vae-ckpt", str(tiny_vae_dir)])
+  assert rc == 2 and len(err) == 1, err
+  line = err[0]
+  assert line.startswith(f"var-jax train: error: {work}/checkpoints holds "
+                         "another run; differing: "), line
+  for field in ("model.name (checkpoint 'train_tiny', now 'digits')",
+                "model.var.depth (checkpoint 2, now 4)",
+                "total_steps (checkpoint 6, now"):
+    assert field in line, line
+  assert sorted(p.name for p in (work / "checkpoints").iterdir()) == before
+  # Fields that may change on resume (here: how often to save) are accepted.
+  assert "ckpt_every" not in line
+
+
+def test_run_record_differences_name_fields():
+  from var_jax.training.checkpointing import run_differences
+  saved = {"config": {"seed": 0, "ckpt_every": 2, "model": "a"},
+           "model": {"var": {"depth": 2}}}
+  now = {"config": {"seed": 1, "ckpt_every": 5, "model": "b"},
+         "model": {"var": {"depth": 2}}}
+  assert run_differences(saved, now, ["config.ckpt_every", "config.model"]
+                         ) == ["config.seed (checkpoint 0, now 1)"]
