@@ -111,7 +111,12 @@ def check_tree(path, stored: dict, wanted: dict, what: str) -> None:
 
 
 def _restore(path: epath.Path, ctor, cfg, what: str):
-  abstract = nnx.eval_shape(lambda: ctor(cfg, rngs=nnx.Rngs(0)))
+  try:
+    abstract = nnx.eval_shape(lambda: ctor(cfg, rngs=nnx.Rngs(0)))
+  except (ValueError, TypeError, ZeroDivisionError) as e:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise CheckpointError(f"{path.parent}/config.json describes a {what} that "
+                          f"cannot be built: {msg}") from None
   graphdef, state = nnx.split(abstract)
   target = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),

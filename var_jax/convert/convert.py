@@ -108,6 +108,8 @@ def convert_files(vae_path=None, var_path=None, out_dir=None,
   """
   if vae_path is None and var_path is None:
     raise load.ConvertError("nothing to convert: give --vae and/or --var")
+  if preset is not None:
+    get_preset(preset)  # An unknown name is refused before any reading.
   if out_dir is not None and as_path(out_dir).exists() and not overwrite:
     raise checkpoint.CheckpointError(
         f"{out_dir} already exists; pass --overwrite to replace it")
