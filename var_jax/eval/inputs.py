@@ -113,6 +113,17 @@ class NpzImages:
                       ) from None
 
 
+def _walk(folder):
+  """Image files under `folder` (any depth; hidden names skipped)."""
+  for p in folder.iterdir():
+    if p.name.startswith("."):
+      continue
+    if p.is_dir():
+      yield from _walk(p)
+    elif p.suffix.lower() in IMAGE_SUFFIXES:
+      yield p
+
+
 def _oriented_size(path) -> tuple[int, int]:
   """(H, W) from the header, after the EXIF rotation a decoder applies."""
   from PIL import Image
@@ -134,9 +145,7 @@ class FolderImages:
 
   def __init__(self, path, workers: int | None = None):
     self.path = as_path(path)
-    files = sorted((p for p in self.path.rglob("*")
-                    if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
-                   key=os.fspath)
+    files = sorted(_walk(self.path), key=os.fspath)
     if not files:
       raise DataError(f"{self.path}: no .png/.jpg/.jpeg images in this folder")
     self.files = files
@@ -170,9 +179,7 @@ class FolderImages:
   def _decode(self, path) -> np.ndarray:
     from var_jax.data.augment import CorruptImageError, decode_image
     try:
-      # Local files by path (the reader may want it); remote ones as bytes.
-      img = decode_image(os.fspath(path) if is_local(path)
-                         else path.read_bytes())
+      img = decode_image(path)
     except CorruptImageError as e:
       raise DataError(f"{path}: cannot decode ({e})") from None
     arr = np.asarray(img, np.uint8)
