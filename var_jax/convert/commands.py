@@ -86,13 +86,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-  from var_jax.convert.download import DownloadError, download
-  try:
-    cfg = download(args.model, args.out, cache_dir=args.cache_dir,
-                   pth_dir=args.pth_dir, overwrite=args.overwrite,
-                   preset=args.preset)
-  except DownloadError as e:
-    raise _user_error(str(e)) from None
+  from var_jax.convert.download import download
+  cfg = download(args.model, args.out, cache_dir=args.cache_dir,
+                 pth_dir=args.pth_dir, overwrite=args.overwrite,
+                 preset=args.preset)
   print(f"wrote {args.model} (VQVAE + VAR, scales "
         f"{list(cfg.var.patch_nums)}) to {args.out}")
   return 0
@@ -154,14 +151,11 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-  from var_jax.convert.verify import VerifyError, print_report, run_verify
+  from var_jax.convert.verify import print_report, run_verify
   if not 1 <= args.batch <= 64:
     raise _user_error(f"--batch must be in 1..64, got {args.batch}")
   if args.seed < 0:
     raise _user_error(f"--seed must be >= 0, got {args.seed}")
-  try:
-    report = run_verify(args.torch_repo, args.vae, args.var, args.batch,
-                        args.seed)
-  except VerifyError as e:
-    raise _user_error(str(e)) from None
+  report = run_verify(args.torch_repo, args.vae, args.var, args.batch,
+                      args.seed)
   return print_report(report)

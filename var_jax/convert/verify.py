@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from var_jax.convert import convert, load
+from var_jax.convert import convert
 from var_jax.models import quantizer
 from var_jax.models.transformer import VAR
 from var_jax.models.vqvae import VQVAE
@@ -138,4 +138,4 @@ def print_report(report: dict) -> int:
   return 0 if report["ok"] else 1
 
 
-__all__ = ["run_verify", "print_report", "VerifyError", "load"]
+__all__ = ["run_verify", "print_report", "VerifyError"]

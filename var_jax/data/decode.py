@@ -24,7 +24,6 @@ from PIL import Image, ImageOps
 
 # Alpha is composited over this colour (white).
 BACKGROUND = (255, 255, 255)
-BACKGROUND_NAME = "white"
 # Modes whose pixels carry alpha; palette/colour-key transparency is in info.
 _ALPHA_MODES = ("RGBA", "LA", "La", "RGBa", "PA")
 # TIFF tags: bits per sample and sample format (1 unsigned, 2 signed, 3 float).
