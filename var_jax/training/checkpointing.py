@@ -36,7 +36,8 @@ def _dir(path):
 
 
 def _first_line(e: BaseException) -> str:
-  msg = str(e).strip()
+  """'Type: first line of the message', without tensorstore's spec dump."""
+  msg = str(e).strip().split(" [tensorstore_spec=")[0]
   return f"{type(e).__name__}: {msg.splitlines()[0]}" if msg else type(e).__name__
 
 
@@ -105,7 +106,11 @@ class RunCheckpoints:
         max_to_keep=keep, save_interval_steps=1,
         enable_async_checkpointing=True, cleanup_tmp_directories=True,
         create=True)
-    self._mngr = self._open() if self.dir.exists() else None
+    try:
+      self._mngr = self._open() if self.dir.exists() else None
+    except OSError as e:  # E.g. a bucket that cannot be reached.
+      raise CheckpointError(io.describe_os_error(e, self.dir, "reading")
+                            ) from None
 
   def _open(self):
     logging.getLogger("absl").addFilter(_QUIET)  # Adding twice is a no-op.
