@@ -11,11 +11,12 @@ import sys
 
 import pytest
 # The hub's package logger gets a StreamHandler bound to the sys.stderr of the
-# moment huggingface_hub.utils is first imported. Imported here, at collection,
-# that is pytest's session-long stream; imported lazily inside a test that
-# uses capsys, it would be a stream closed after that test, and a later
-# hub warning would print a "Logging error" traceback instead.
-import huggingface_hub.utils  # noqa: F401  pylint: disable=unused-import
+# moment huggingface_hub.utils.logging is first imported (lazily, by the first
+# access to e.g. huggingface_hub.hf_hub_download). Imported here, at
+# collection, that is pytest's session-long stream; imported inside a test
+# that uses capsys, it would be that test's stream, closed afterwards, and a
+# later hub warning would print a "Logging error" traceback instead.
+import huggingface_hub.utils.logging  # noqa: F401  pylint: disable=unused-import
 from huggingface_hub import errors
 
 from var_jax import checkpoint, cli
