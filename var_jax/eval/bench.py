@@ -49,12 +49,40 @@ def _time_calls(fn, iters: int) -> float:
   return (time.perf_counter() - t0) / iters
 
 
-def _official(sd, images_BHWC, iters, warmup, threads):
-  """Seconds per batch of torch-fidelity's extractor on the same weights."""
+def _import_fidelity_inception():
+  """torch-fidelity's `FeatureExtractorInceptionV3` class.
+
+  The package's `__init__` imports every extractor, and the CLIP one needs
+  torchvision; when that import fails, the Inception module is imported on
+  its own (it needs only torch).
+  """
+  import importlib.util
+  import sys
+  import types
   try:
-    import torch
     from torch_fidelity.feature_extractor_inceptionv3 import (
         FeatureExtractorInceptionV3)
+    return FeatureExtractorInceptionV3
+  except ImportError:
+    spec = importlib.util.find_spec("torch_fidelity")
+    if spec is None or not spec.submodule_search_locations:
+      raise
+    for name in [m for m in sys.modules if m.startswith("torch_fidelity")]:
+      del sys.modules[name]
+    pkg = types.ModuleType("torch_fidelity")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    sys.modules["torch_fidelity"] = pkg
+    from torch_fidelity.feature_extractor_inceptionv3 import (
+        FeatureExtractorInceptionV3)
+    return FeatureExtractorInceptionV3
+
+
+def _official(sd, images_BHWC, iters, warmup, threads):
+  """(seconds per batch, threads, torch version, {feature: output}) of
+  torch-fidelity's extractor on the same weights and images."""
+  try:
+    import torch
+    FeatureExtractorInceptionV3 = _import_fidelity_inception()
   except ImportError as e:
     from var_jax.errors import UserError
     raise UserError(f"--official needs torch and torch-fidelity ({e}); "
@@ -72,11 +100,14 @@ def _official(sd, images_BHWC, iters, warmup, threads):
 
   def call():
     with torch.no_grad():
-      net(x)
+      return net(x)
 
-  for _ in range(warmup + 1):
+  for _ in range(warmup):
     call()
-  return _time_calls(call, iters), torch.get_num_threads(), torch.__version__
+  pool, logits = call()
+  outputs = {"pool": pool.numpy(), "logits_unbiased": logits.numpy()}
+  return (_time_calls(call, iters), torch.get_num_threads(), torch.__version__,
+          outputs)
 
 
 def run(args) -> int:
@@ -98,7 +129,7 @@ def run(args) -> int:
   images = np.random.default_rng(0).integers(
       0, 256, (args.batch, args.size, args.size, 3), dtype=np.uint8)
   t0 = time.perf_counter()
-  jax.block_until_ready(ext.step(images))
+  ours = jax.device_get(ext.step(images))
   compile_s = time.perf_counter() - t0
 
   def call():
@@ -116,9 +147,13 @@ def run(args) -> int:
       "images_per_s": round(args.batch / per_batch, 2),
   }
   if args.official:
-    t, threads, version = _official(sd, images, args.iters, args.warmup,
-                                    args.torch_threads)
+    t, threads, version, theirs = _official(sd, images, args.iters,
+                                            args.warmup, args.torch_threads)
+    err = {k: float(np.max(np.abs(ours[k] - v)) / np.max(np.abs(v)))
+           for k, v in theirs.items()}
     out.update({
+        "max_rel_err_vs_official": {k: float(f"{e:.3g}") for k, e in
+                                    err.items()},
         "official_s_per_batch": round(t, 4),
         "official_images_per_s": round(args.batch / t, 2),
         "official_torch_threads": threads, "torch": version,
