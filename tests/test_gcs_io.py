@@ -1,6 +1,6 @@
 """gs:// paths for real: var_jax.io and Orbax against a GCS emulator.
 
-The emulator (`gcp-storage-emulator`, in memory, 127.0.0.1) is started by the
+The emulator (fake-gcs-server, in memory, 127.0.0.1) is started by the
 `gcs_emulator` fixture; gcsfs (etils.epath's gs:// backend) and tensorstore
 (Orbax's array writes) are pointed at it by their emulator settings. What
 landed in the bucket is read back through the emulator's JSON API directly,
@@ -45,10 +45,10 @@ def test_npz_and_png_land_in_the_bucket(gcs_emulator, gcs_dir, empty_cwd):
   # Exactly the two files, no temporary names left behind.
   assert sorted(gcs_emulator.objects(p)) == [f"{p}/out/a.npz",
                                              f"{p}/out/img.png"]
-  with epath.Path(f"{gcs_dir}/out/a.npz").open("rb") as fh:
-    np.testing.assert_array_equal(np.load(pyio.BytesIO(fh.read()))["a"], a)
-  with epath.Path(f"{gcs_dir}/out/img.png").open("rb") as fh:
-    np.testing.assert_array_equal(np.asarray(Image.open(fh)), img)
+  got = np.load(pyio.BytesIO(gcs_emulator.read(f"{p}/out/a.npz")))
+  np.testing.assert_array_equal(got["a"], a)
+  got = Image.open(pyio.BytesIO(gcs_emulator.read(f"{p}/out/img.png")))
+  np.testing.assert_array_equal(np.asarray(got), img)
 
 
 def test_atomic_dir_creates_and_replaces(gcs_emulator, gcs_dir, empty_cwd):
