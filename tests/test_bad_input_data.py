@@ -229,7 +229,8 @@ def test_token_cache_parts_must_agree(tmp_path, change, match):
 
 @pytest.mark.parametrize("kw,match", [
     (dict(resolution=0), "resolution"), (dict(mid_reso=0.5), "mid_reso"),
-    (dict(mid_reso=float("nan")), "mid_reso"), (dict(max_shift=-1), "max_shift"),
+    (dict(mid_reso=float("nan")), "mid_reso"),
+    (dict(max_shift=-1), "max_shift"),
     (dict(num_workers=-2), "num_workers"), (dict(num_epochs=0), "num_epochs"),
     (dict(log_every=0), "log_every"),
 ])

@@ -16,7 +16,7 @@ import pytest
 # collection, that is pytest's session-long stream; imported inside a test
 # that uses capsys, it would be that test's stream, closed afterwards, and a
 # later hub warning would print a "Logging error" traceback instead.
-import huggingface_hub.utils.logging  # noqa: F401  pylint: disable=unused-import
+import huggingface_hub.utils.logging  # noqa: F401
 from huggingface_hub import errors
 
 from var_jax import checkpoint, cli

@@ -124,7 +124,8 @@ def atomic_file(path, write) -> epath.Path:
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
     if is_local(path):
-      fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=os.fspath(path.parent))
+      fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.",
+                                 dir=os.fspath(path.parent))
       try:
         with os.fdopen(fd, "wb") as fh:
           write(fh)
@@ -212,7 +213,8 @@ def atomic_dir(out_dir, overwrite: bool = False):
   if is_local(out):
     out = out.absolute()
   if out.exists() and not overwrite:
-    raise CheckpointError(f"{out} already exists; pass --overwrite to replace it")
+    raise CheckpointError(
+        f"{out} already exists; pass --overwrite to replace it")
   tmp = None
   try:
     out.parent.mkdir(parents=True, exist_ok=True)

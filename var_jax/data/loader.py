@@ -221,7 +221,7 @@ def make_loader(spec: str, *, split: str, resolution: int, global_batch: int,
                 manual_dir: str | None = None, shuffle: bool = True,
                 num_epochs: int | None = None, mid_reso: float = 1.125,
                 max_shift: int = 0, log_every: int = 100) -> Loader:
-  """Builds the batch iterator for `spec` ('folder:PATH', 'tfds:NAME', 'digits').
+  """Builds the batch iterator for `spec` (folder:PATH, tfds:NAME, digits).
 
   Args:
     spec: data source, see `sources.open_source`.
