@@ -32,6 +32,13 @@ def add_parser(bench_subparsers) -> None:
                  help="scale loop form (default: the sampler's default)")
   p.add_argument("--layer-loop", choices=("unrolled", "scan"), default=None,
                  help="block loop (default: the sampler's default)")
+  p.add_argument("--refiner-preset", metavar="PRESET",
+                 help="collaborative decoding: --preset is the drafter, this "
+                      "preset (random weights, same tokenizer) the refiner")
+  p.add_argument("--draft-steps", type=int, metavar="N",
+                 help="scales the drafter draws (with --refiner-preset)")
+  p.add_argument("--cfg-until", type=int, metavar="SCALE",
+                 help="drop guidance from this scale index on")
   p.add_argument("--cfg", type=float, default=1.5, help="guidance scale")
   p.add_argument("--top-k", type=int, default=900)
   p.add_argument("--top-p", type=float, default=0.96)
@@ -60,6 +67,48 @@ def _time_decoder(vae, var_cfg, batch, iters):
   return (time.perf_counter() - t0) / iters
 
 
+def _memory(compiled) -> dict:
+  """Bytes of the compiled program (XLA's memory analysis), where known."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # Not every backend implements it.  pylint: disable=broad-except
+    return {}
+  if m is None:
+    return {}
+  out = {}
+  for key, attr in (("temp_bytes", "temp_size_in_bytes"),
+                    ("argument_bytes", "argument_size_in_bytes"),
+                    ("output_bytes", "output_size_in_bytes"),
+                    ("peak_bytes", "peak_memory_in_bytes")):
+    v = getattr(m, attr, None)
+    if v is not None and v >= 0:
+      out[key] = int(v)
+  return out
+
+
+def _models(args):
+  """(ModelConfig, VQVAE, VAR, drafter or None); checked before building."""
+  from var_jax import checkpoint
+  from var_jax.config import get_preset
+  from var_jax.errors import CheckpointError, UserError
+  if (args.refiner_preset is None) != (args.draft_steps is None):
+    raise UserError("--refiner-preset and --draft-steps go together")
+  if args.refiner_preset is None:
+    cfg, vae, var = checkpoint.bench_models(args.ckpt, args.preset)
+    return cfg, vae, var, None
+  try:
+    ref_cfg = get_preset(args.refiner_preset)
+  except ValueError as e:
+    raise CheckpointError(str(e)) from None
+  cfg, vae, drafter = checkpoint.bench_models(args.ckpt, args.preset)
+  if ref_cfg.var is None or ref_cfg.vae != cfg.vae:
+    raise UserError(f"--refiner-preset {args.refiner_preset} does not share "
+                    f"the tokenizer of the drafter ({cfg.name})")
+  from flax import nnx
+  from var_jax.models.transformer import VAR
+  return cfg, vae, VAR(ref_cfg.var, rngs=nnx.Rngs(2)), drafter
+
+
 def run(args) -> int:
   from var_jax.sampling import flops as sflops
   from var_jax.sampling.sampler import (DEFAULT_FORM, DEFAULT_LAYER_LOOP,
@@ -69,14 +118,16 @@ def run(args) -> int:
   if args.batch < 1 or args.iters < 1:
     from var_jax.errors import UserError
     raise UserError("--batch and --iters must be >= 1")
-  from var_jax import checkpoint
-  cfg, vae, var = checkpoint.bench_models(args.ckpt, args.preset)
   opts = SampleOptions(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
                        dtype=args.dtype, form=args.form or DEFAULT_FORM,
-                       layer_loop=args.layer_loop or DEFAULT_LAYER_LOOP)
-  sampler = Sampler(vae, var, opts)
+                       layer_loop=args.layer_loop or DEFAULT_LAYER_LOOP,
+                       cfg_until=args.cfg_until, draft_steps=args.draft_steps)
+  cfg, vae, var, drafter = _models(args)
+  sampler = Sampler(vae, var, opts, drafter=drafter)
+  var_cfg, drafter_cfg = var.cfg, None if drafter is None else drafter.cfg
+  del var, drafter  # The sampler holds what it needs (halves peak memory).
   labels = np.random.default_rng(args.seed).integers(
-      0, var.cfg.num_classes, args.batch).astype(np.int32)
+      0, var_cfg.num_classes, args.batch).astype(np.int32)
   ids = np.arange(args.batch, dtype=np.int32)
 
   t0 = time.perf_counter()
@@ -92,12 +143,17 @@ def run(args) -> int:
   if not np.isfinite(np.asarray(out[1])).all():
     raise RuntimeError("sampled images are not finite")
 
-  fl = sflops.sample_flops(var.cfg, vae.cfg)
+  resolved = sampler.opts.resolved(len(var_cfg.patch_nums))
+  fl = sflops.sample_flops(var_cfg, vae.cfg, drafter=drafter_cfg,
+                           draft_steps=args.draft_steps,
+                           cfg_until=resolved.cfg_until)
   achieved = fl["total"] * args.batch / batch_s
   dev = jax.devices()[0]
   peak = tflops.device_peak(dev, args.dtype)
   rec = {
       "bench": "sample", "impl": "var_jax", "preset": cfg.name,
+      "refiner_preset": args.refiner_preset, "draft_steps": args.draft_steps,
+      "cfg_until": args.cfg_until,
       "batch": args.batch, "dtype": args.dtype, "form": opts.form,
       "layer_loop": opts.layer_loop,
       "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p,
@@ -111,8 +167,9 @@ def run(args) -> int:
       "achieved_tflop_per_s": round(achieved / 1e12, 4),
       "mfu": "n/a" if peak is None else round(achieved / peak, 4),
   }
+  rec.update(_memory(fn.compiled))
   if args.time_decoder:
-    dec_s = _time_decoder(vae, var.cfg, args.batch, args.iters)
+    dec_s = _time_decoder(vae, var_cfg, args.batch, args.iters)
     rec["decoder_s_per_img"] = round(dec_s / args.batch, 4)
   if not args.no_matmul_peak:
     mm = tflops.measure_matmul_peak(args.dtype)

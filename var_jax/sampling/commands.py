@@ -116,8 +116,9 @@ def parse_schedule(flag, text, kind):
   try:
     vals = [kind(v) for v in str(text).split(",")]
   except ValueError:
-    raise _user_error(f"{flag} must be a {kind.__name__} or a comma-separated "
-                      f"list of them (one per scale), got {text!r}") from None
+    raise _user_error(f"{flag} must be one {kind.__name__} value or a "
+                      f"comma-separated list (one per scale), got {text!r}"
+                      ) from None
   return vals[0] if len(vals) == 1 else tuple(vals)
 
 
@@ -224,7 +225,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
   cfg, _, var, sampler = _load(args)
   n_cls = var.cfg.num_classes
   ncol = args.ncol
-  if args.labels:
+  if args.labels is not None:
     labels = _parse_labels(args.labels, n_cls)
   elif n_cls <= 100:
     labels = [c for c in range(n_cls) for _ in range(args.per_class)]

@@ -10,27 +10,44 @@ image) are left out.
 from __future__ import annotations
 
 from var_jax.config import VARConfig, VQVAEConfig
+from var_jax.models.scales import layout
 
 
-def var_sample_flops(cfg: VARConfig) -> float:
+def var_sample_flops(cfg: VARConfig, scales=None, cfg_until=None,
+                     prefill: bool = False) -> float:
   """Transformer FLOPs of one sample with classifier-free guidance.
 
-  Each sample runs two rows (conditional and null class). Scale `si` feeds
-  its `l = pn * pn` new tokens through every block; with the KV cache their
+  Each guided scale runs two rows per sample (conditional and null class),
+  a scale at or after `cfg_until` one row. Scale `si` feeds its
+  `l = pn * pn` new tokens through every block; with the KV cache their
   queries attend to the `end = start + l` keys seen so far. The AdaLN and
   head-norm linears run once per row and scale; `word_embed` builds the next
   scale's input once per sample (it is repeated for the two rows after).
+
+  Args:
+    cfg: the transformer.
+    scales: the scales this model draws (default: all).
+    cfg_until: first scale without guidance (default: none).
+    prefill: the first of `scales` is entered by one block-causal pass over
+      the tokens of every earlier scale too (collaborative decoding's
+      refiner): those tokens run through the blocks but need no head.
   """
   c, f, v, d = cfg.embed_dim, cfg.mlp_dim, cfg.vocab_size, cfg.depth
+  lay = layout(cfg.patch_nums)
+  scales = range(lay.num_scales) if scales is None else scales
+  until = lay.num_scales if cfg_until is None else cfg_until
   ada = 2 * c * 6 * c * (1 if cfg.shared_aln else d)
-  total, end = 0, 0
-  for si, pn in enumerate(cfg.patch_nums):
-    l = pn * pn
-    end += l
-    per_token = d * (2 * (4 * c * c + 2 * c * f) + 4 * end * c) + 2 * c * v
-    total += 2 * (l * per_token + ada + 2 * c * 2 * c)
-    if si > 0:
-      total += l * 2 * cfg.cvae * c
+  body = lambda end: d * (2 * (4 * c * c + 2 * c * f) + 4 * end * c)
+  total = 0
+  for si in scales:
+    l, end = lay.lengths[si], lay.ends[si]
+    rows = 2 if si < until else 1
+    blocks = l * body(end)
+    embed = l * 2 * cfg.cvae * c if si > 0 else 0
+    if prefill and si == scales[0]:
+      blocks += sum(lay.lengths[j] * body(lay.ends[j]) for j in range(si))
+      embed = (end - lay.first_l) * 2 * cfg.cvae * c
+    total += rows * (blocks + l * 2 * c * v + ada + 2 * c * 2 * c) + embed
   return float(total)
 
 
@@ -98,7 +115,20 @@ def tokenizer_flops(cfg: VQVAEConfig) -> float:
   return float(total)
 
 
-def sample_flops(var_cfg: VARConfig, vae_cfg: VQVAEConfig) -> dict:
-  """{'transformer', 'decoder', 'total'} FLOPs per sampled image."""
-  t, dec = var_sample_flops(var_cfg), decoder_flops(vae_cfg)
+def sample_flops(var_cfg: VARConfig, vae_cfg: VQVAEConfig, *,
+                 drafter: VARConfig | None = None, draft_steps=None,
+                 cfg_until=None) -> dict:
+  """{'transformer', 'decoder', 'total'} FLOPs per sampled image.
+
+  With `drafter`, collaborative decoding: the drafter's scales
+  0..draft_steps-1 plus the refiner `var_cfg`'s prefill and later scales.
+  """
+  if drafter is None:
+    t = var_sample_flops(var_cfg, cfg_until=cfg_until)
+  else:
+    k = len(var_cfg.patch_nums)
+    t = (var_sample_flops(drafter, range(draft_steps), cfg_until) +
+         var_sample_flops(var_cfg, range(draft_steps, k), cfg_until,
+                          prefill=True))
+  dec = decoder_flops(vae_cfg)
   return {"transformer": t, "decoder": dec, "total": t + dec}
