@@ -169,14 +169,30 @@ def test_other_fetch_failures_say_what_failed(monkeypatch, tmp_path, capsys):
   import huggingface_hub
 
   def fail(*a, **k):
-    raise OSError(28, "No space left on device")
+    raise OSError(5, "Input/output error")
 
   monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
   code, _, err = run(capsys, "download", "--model", "d16", "--out",
                      str(tmp_path / "m"))
   assert code == 2 and err.count("\n") == 1
   assert ("fetching FoundationVision/var/vae_ch160v4096z32.pth failed: "
-          "OSError: [Errno 28] No space left on device") in err
+          "OSError: [Errno 5] Input/output error") in err
+
+
+def test_full_disk_while_fetching_names_the_cache(monkeypatch, tmp_path,
+                                                  capsys):
+  import huggingface_hub
+
+  def fail(*a, **k):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
+  code, _, err = run(capsys, "download", "--model", "d16", "--out",
+                     str(tmp_path / "m"), "--cache-dir", str(tmp_path / "hf"))
+  assert code == 1 and err.count("\n") == 1
+  assert (f"no space left on device writing {tmp_path / 'hf'} (fetching "
+          "FoundationVision/var/vae_ch160v4096z32.pth") in err
+  assert not (tmp_path / "m").exists()
 
 
 def test_missing_package_says_how_to_install(monkeypatch, tmp_path, capsys):

@@ -8,15 +8,20 @@ paths, so `download(..., fetch=...)` takes any function that returns them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import pathlib
 import sys
 from typing import Callable
-from var_jax.errors import DownloadError
+
+from var_jax.errors import DownloadError, WriteError
+from var_jax.io import describe_os_error
 
 REPO = "FoundationVision/var"
 VAE_FILE = "vae_ch160v4096z32.pth"
 MODELS = ("d16", "d20", "d24", "d30", "d36")
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                errno.EPERM)
 
 
 def checkpoint_files(model: str) -> tuple[str, str]:
@@ -135,8 +140,23 @@ def fetch_files(model: str, cache_dir=None,
         paths.append(pathlib.Path(huggingface_hub.hf_hub_download(
             REPO, name, **kwargs)))
     except fetch_error_types() as e:
+      disk = _disk_error(e)
+      if disk is not None:
+        # A full or read-only disk is the user's to fix, not the network's.
+        where = pth_dir or cache_dir or huggingface_hub.constants.HF_HUB_CACHE
+        raise WriteError(describe_os_error(disk, where) +
+                         f" (fetching {REPO}/{name}; a rerun resumes the "
+                         "partial download)") from None
       raise DownloadError(describe_fetch_error(e, f"{REPO}/{name}")) from None
   return paths[0], paths[1]
+
+
+def _disk_error(e: BaseException) -> OSError | None:
+  """The local-disk OSError (full, quota, read-only, denied) behind `e`."""
+  for x in _chain(e):
+    if isinstance(x, OSError) and x.errno in _DISK_ERRNOS:
+      return x
+  return None
 
 
 def download(model: str, out, *, cache_dir=None, pth_dir=None,
@@ -183,6 +203,8 @@ def download(model: str, out, *, cache_dir=None, pth_dir=None,
   log(f"fetching {model} from huggingface.co/{REPO}")
   try:
     vae_path, var_path = (fetch or fetch_files)(model, cache_dir, pth_dir)
+  except WriteError:
+    raise
   except fetch_error_types() as e:
     # fetch_files already explains its errors; this covers other fetchers.
     raise DownloadError(describe_fetch_error(e, f"{REPO} ({model})")) from None
