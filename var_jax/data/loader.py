@@ -37,7 +37,7 @@ class SkipCounter:
   An example whose image cannot be decoded is skipped, never replaced by a
   made-up one, and counted; the first skip and every `log_every`-th are
   logged with the file and the reason. Training fills the batch slot with
-  the next example of the permutation (with that example's own label, so
+  the next example in dataset order (with that example's own label, so
   shapes and resume stay deterministic); `tokenize` just leaves it out.
   Thread-safe.
   """
