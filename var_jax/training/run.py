@@ -1,7 +1,7 @@
 """The run skeleton both trainers plug into: data -> step -> metrics ->
 checkpoints -> exported model directory.
 
-A trainer supplies a *task* (`trainer.VARTask`, `vae_trainer.VAETask`): its
+A trainer supplies a `Task` (`trainer.VARTask`, `vae_trainer.VAETask`): its
 model config, state spec and initial state, its jitted step, and what its
 model directory holds. Everything else is here, once: config checks, the
 mesh, the loader, resume (after comparing the stored run record with this
@@ -46,6 +46,50 @@ def open_loader(cfg, resolution: int, *, split: str = "train",
       process_count=jax.process_count(), start_step=start_step,
       num_workers=cfg.data_workers, data_dir=cfg.tfds_data_dir,
       mid_reso=cfg.mid_reso, **kw)
+
+
+class Task:
+  """What a trainer plugs into `Run` (subclass it; defaults are no-ops).
+
+  Attributes set by the subclass: `command` ('train', 'train-vae'),
+  `model_cfg` (the exported `ModelConfig`), `patch_nums` (names per-scale
+  metrics), `spec` (`state.StateSpec`), `batch_keys` (loader fields the step
+  takes; may be set in `attach`).
+  """
+
+  command = ""
+
+  def attach(self, loader, total: int) -> None:
+    """Checks the opened data and builds the step (nothing written yet)."""
+
+  def init_state(self) -> dict:
+    """The state of a fresh run, in its shards."""
+    raise NotImplementedError
+
+  def step(self, state, batch: dict, step: int):
+    """One optimizer step: (new state, device metrics)."""
+    raise NotImplementedError
+
+  def export_trees(self, state):
+    """(tokenizer tree, VAR parameters or None) for the model directory."""
+    raise NotImplementedError
+
+  def describe(self) -> str:
+    """Extra words for the start line (', 64px, lpips')."""
+    return ""
+
+  def log_extras(self, step: int, dt: float, first: bool) -> dict:
+    """Extra values for a logged step (MFU, progressive stage)."""
+    del step, dt, first
+    return {}
+
+  def evaluate(self, state, note) -> dict:
+    """Values measured after export, added to the last record."""
+    del state, note
+    return {}
+
+  def close(self) -> None:
+    """Releases what `attach` opened."""
 
 
 class Run:

@@ -73,7 +73,7 @@ def resolve_sources(cfg: TrainConfig) -> Sources:
   return Sources(dataclasses.replace(model_cfg, vae=vae_cfg), d, None)
 
 
-class VARTask:
+class VARTask(run_lib.Task):
   """VAR's state, step and model directory for `run.Run`."""
 
   command = "train"
@@ -138,9 +138,6 @@ class VARTask:
     return self.step_fn(state, self.vae_state, batch,
                         *step_lib.step_inputs(lr, wd, w_L, step), self.key)
 
-  def describe(self) -> str:
-    return ""
-
   def log_extras(self, step: int, dt: float, first: bool) -> dict:
     return {"mfu": "n/a" if first else self._mfu(dt),
             "prog_si": self.step_hparams(step)[3]}
@@ -158,13 +155,6 @@ class VARTask:
 
   def export_trees(self, state):
     return self.vae_state, state["params"]
-
-  def evaluate(self, state, note) -> dict:
-    del state, note
-    return {}
-
-  def close(self) -> None:
-    pass
 
 
 def train(cfg: TrainConfig, workdir, *, mesh_spec: str | None = None) -> dict:
