@@ -75,7 +75,7 @@ def tokenizer_flops(vae_graphdef, vae_state, resolution: int) -> float | None:
 def measure_matmul_peak(dtype: str = "float32", n: int = 2048,
                         iters: int = 10) -> float:
   """Achieved FLOP/s of a square matmul chain on the default device."""
-  dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+  dt = jnp.dtype(dtype)
   a = jax.random.normal(jax.random.key(0), (n, n), dt)
 
   @jax.jit
