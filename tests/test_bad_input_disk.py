@@ -185,3 +185,19 @@ def test_orbax_errors_are_recognised():
   with pytest.raises(ValueError, match="shape mismatch"):
     with var_io.orbax_writes(path):
       raise ValueError("shape mismatch")
+
+
+def test_outputs_that_can_never_be_written_are_named(tmp_path):
+  (tmp_path / "d.png").mkdir()
+  with pytest.raises(WriteError, match=r"d.png is a directory; give a file"):
+    var_io.save_png(tmp_path / "d.png", np.zeros((2, 2, 3), np.uint8))
+  (tmp_path / "f").write_text("x")
+  with pytest.raises(WriteError, match=r"a parent of .*f/x.png is a file"):
+    var_io.save_png(tmp_path / "f" / "x.png", np.zeros((2, 2, 3), np.uint8))
+  # The same caught before any work, for commands that check their --out.
+  from var_jax.errors import UserError
+  with pytest.raises(UserError, match="--out must end in .png"):
+    var_io.check_output_file(tmp_path / "x.jpg", ".png")
+  with pytest.raises(UserError, match="f is a file, not a directory"):
+    var_io.check_output_file(tmp_path / "f" / "x.png", ".png")
+  assert sorted(os.listdir(tmp_path)) == ["d.png", "f"]

@@ -132,7 +132,11 @@ def test_missing_trees(models, tmp_path):
     (["encode", "--images", "{x}", "--out", "{t}/t.npz", "--batch", "-3"],
      "--batch must be at least 1, got -3"),
     (["encode", "--images", "{x}", "--out", "{t}"],
-     "--out must be an .npz file path"),
+     "--out must end in .npz"),
+    (["encode", "--images", "{x}", "--out", "{t}/dir.npz"],
+     "dir.npz is a directory; give a file name"),
+    (["encode", "--images", "{x}", "--out", "{t}/x.npy/t.npz"],
+     "x.npy is a file, not a directory"),
     (["encode", "--images", "{t}/empty.npy", "--out", "{t}/t.npz"],
      "holds no images"),
     (["verify", "--torch-repo", "{t}", "--vae", "{x}", "--batch", "0"],
@@ -147,6 +151,7 @@ def test_missing_trees(models, tmp_path):
 def test_flags_out_of_domain(tmp_path, capsys, argv, match):
   np.save(tmp_path / "x.npy", np.zeros((1, 64, 64, 3), np.uint8))
   np.save(tmp_path / "empty.npy", np.zeros((0, 64, 64, 3), np.uint8))
+  (tmp_path / "dir.npz").mkdir()
   argv = [a.format(x=tmp_path / "x.npy", t=tmp_path) for a in argv]
   before = sorted(p.name for p in tmp_path.iterdir())
   code, _, err = _run(capsys, *argv)

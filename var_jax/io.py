@@ -58,6 +58,10 @@ def _umask_mode(full: int) -> int:
 
 def describe_os_error(e: OSError, path, doing: str = "writing") -> str:
   """One line: "<cause> <doing> <path>", e.g. no space left on device."""
+  if e.errno == errno.EISDIR:
+    return f"{path} is a directory; give a file name"
+  if e.errno == errno.ENOTDIR:
+    return f"a parent of {path} is a file, not a directory"
   if e.errno == errno.ENOSPC:
     cause = "no space left on device"
   elif e.errno == errno.EDQUOT:
@@ -106,6 +110,13 @@ def _unique_sibling(path: epath.Path, tag: str) -> epath.Path:
   return path.parent / f".{path.name}.{tag}-{uuid.uuid4().hex[:10]}"
 
 
+def _make_parent(path: epath.Path) -> None:
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+  except FileExistsError:  # mkdir met a file where a directory must be.
+    raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
+
+
 def atomic_file(path, write) -> epath.Path:
   """Calls `write(binary file object)` on a temporary name, then renames.
 
@@ -122,7 +133,7 @@ def atomic_file(path, write) -> epath.Path:
   """
   path = as_path(path)
   try:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     if is_local(path):
       fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.",
                                  dir=os.fspath(path.parent))
@@ -149,6 +160,35 @@ def atomic_file(path, write) -> epath.Path:
   except OSError as e:
     raise WriteError(describe_os_error(e, path)) from None
   return path
+
+
+def check_output_file(path, suffix: str | None = None, flag: str = "--out"):
+  """Refuses an output file path that can never be written, before any work.
+
+  Args:
+    path: the output file (local or `gs://`).
+    suffix: required ending (e.g. ".npz"), or None.
+    flag: the flag name used in messages.
+
+  Returns:
+    The path as an `epath.Path`.
+
+  Raises:
+    UserError: wrong suffix, an existing directory, or a parent that is a
+      file.
+  """
+  from var_jax.errors import UserError
+  p = as_path(path)
+  if suffix is not None and not os.fspath(p).endswith(suffix):
+    raise UserError(f"{flag} must end in {suffix}, got {path}")
+  if p.is_dir():
+    raise UserError(f"{flag} {path} is a directory; give a file name")
+  parent = p.parent
+  while not parent.exists() and parent != parent.parent:
+    parent = parent.parent
+  if parent.exists() and not parent.is_dir():
+    raise UserError(f"{flag} {path}: {parent} is a file, not a directory")
+  return p
 
 
 def write_text(path, text: str) -> epath.Path:
@@ -217,7 +257,7 @@ def atomic_dir(out_dir, overwrite: bool = False):
         f"{out} already exists; pass --overwrite to replace it")
   tmp = None
   try:
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(out)
     if is_local(out):
       tmp = epath.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-",
                                         dir=os.fspath(out.parent)))

@@ -121,12 +121,10 @@ def cmd_encode(args: argparse.Namespace) -> int:
   import jax.numpy as jnp
   from flax import nnx
   from var_jax.checkpoint import load_model
-  from var_jax.io import as_path
+  from var_jax.io import check_output_file
   if args.batch < 1:
     raise _user_error(f"--batch must be at least 1, got {args.batch}")
-  out = as_path(args.out)
-  if not str(out).endswith(".npz") or out.is_dir():
-    raise _user_error(f"--out must be an .npz file path, got {args.out}")
+  out = check_output_file(args.out, ".npz")
   cfg, vae, _ = load_model(args.ckpt, need_var=False)
   imgs = load_images_u8(args.images, cfg.vae.resolution)
   if len(imgs) == 0:

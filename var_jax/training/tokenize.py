@@ -17,17 +17,6 @@ import numpy as np
 from var_jax.errors import DataError, UserError
 
 
-def _check_out(out):
-  """The output must be a `.npz` file path that is not a directory."""
-  from var_jax.io import as_path
-  p = as_path(out)
-  if not os.fspath(p).endswith(".npz"):
-    raise UserError(f"--out must end in .npz, got {out}")
-  if p.is_dir():
-    raise UserError(f"--out {out} is a directory")
-  return p
-
-
 def _log_stderr(msg: str) -> None:
   print(msg, file=sys.stderr)
 
@@ -63,14 +52,14 @@ def tokenize_dataset(ckpt, spec: str, split: str, out, *, batch: int = 64,
   from var_jax import checkpoint
   from var_jax.data.loader import SkipCounter
   from var_jax.data.sources import AugConfig, CorruptImageError, open_source
-  from var_jax.io import save_npz
+  from var_jax.io import check_output_file, save_npz
   from var_jax.models.vqvae import jit_tokenizer
 
   if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
     raise UserError(f"batch must be an integer >= 1, got {batch!r}")
   if num_workers is not None and num_workers < 0:
     raise UserError(f"num_workers must be >= 0, got {num_workers}")
-  out = _check_out(out)
+  out = check_output_file(out, ".npz")
   if spec.startswith("tokens:"):
     raise UserError("--data is already a token cache; tokenize reads images")
   cfg, vae, _ = checkpoint.load_model(ckpt, need_var=False)
