@@ -70,11 +70,10 @@ def deep_full_scale(img: Image.Image) -> float | None:
 
 def _to_8bit(img: Image.Image, full: float | None) -> Image.Image:
   """A deep single-channel image -> mode "L", `full` mapping to 255."""
+  if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
+    return img
   if full is None:
     full = deep_full_scale(img)
-  if full is None or img.mode not in ("I", "F") and not img.mode.startswith(
-      "I;16"):
-    return img
   x = np.asarray(img, np.float64)
   x = np.clip(np.nan_to_num(x, nan=0.0) * (255.0 / full), 0.0, 255.0)
   return Image.fromarray(np.round(x).astype(np.uint8), mode="L")
