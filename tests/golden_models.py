@@ -1,10 +1,15 @@
-"""Loading the golden tiny models through the real converter path."""
+"""The golden tiny models (loaded through the real converter path), and
+small random models for tests that need no reference numbers."""
 
 import functools
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from var_jax.config import get_preset
+from var_jax.config import VARConfig, get_preset
+from var_jax.configs.models import DIGITS_VAE
 from var_jax.convert import load
 from var_jax.convert.convert import read_official
 from var_jax.convert.mapping import var_rules, vqvae_rules
@@ -29,3 +34,62 @@ def golden_var(golden_dir, preset="tiny"):
   var = VAR(cfg, rngs=nnx.Rngs(0))
   load.load_official(var, var_rules(cfg), sd, "VAR", cfg.patch_nums)
   return var
+
+
+# Small random models for equivalence tests that need no reference numbers
+# (two sampler forms agree, a split batch equals the whole, one device equals
+# four): 64px, 4 scales (30 tokens), 2 blocks of width 64, so they compile and
+# run in a fraction of the golden 256px models' time.
+SMALL_VAE = DIGITS_VAE
+
+
+def small_var_config(shared_aln: bool = False) -> VARConfig:
+  return VARConfig(depth=2, embed_dim=64, num_heads=2, num_classes=10,
+                   vocab_size=SMALL_VAE.vocab_size, cvae=SMALL_VAE.z_channels,
+                   patch_nums=SMALL_VAE.v_patch_nums, shared_aln=shared_aln,
+                   attn_l2_norm=True, cond_drop_rate=0.0, drop_path_rate=0.0)
+
+
+def _random_model(ctor, seed: int):
+  """`ctor()`'s module with every parameter random and non-trivial (as the
+  golden models have: the constructors' zeros, ones and 1e-5 gains would
+  make many logits tie and an equivalence test prove little).
+
+  Built from `nnx.eval_shape` and filled with numpy: constructing eagerly
+  compiles one XLA program per parameter shape (about a minute on a busy
+  2-core machine). Weights ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.1^2),
+  biases and the rest ~ N(0, 0.1^2); buffers (codebook usage) start at 0.
+  """
+  graph, state = nnx.split(nnx.eval_shape(ctor))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, v):
+    name = str(path[-1])
+    shape, dtype = v.shape, v.dtype
+    if not isinstance(v, nnx.Param):
+      return v.replace(jnp.zeros(shape, dtype))
+    x = rng.standard_normal(shape)
+    if name == "scale":
+      x = 1 + 0.1 * x
+    elif len(shape) >= 2 and name not in ("pos_1LC", "pos_start"):
+      x = x / np.sqrt(np.prod(shape[:-1]) / (shape[0] if name.startswith(
+          ("mat_", "fc", "proj_", "ada_")) else 1))
+    else:
+      x = 0.1 * x
+    return v.replace(jnp.asarray(x, dtype))
+
+  flat = [(p, fill(p, v)) for p, v in nnx.to_flat_state(state)]
+  return nnx.merge(graph, nnx.from_flat_state(flat))
+
+
+@functools.lru_cache(maxsize=None)
+def small_vae(seed: int = 0) -> VQVAE:
+  """A random 64px tokenizer (DIGITS_VAE layout: 4 scales, 512 codes)."""
+  return _random_model(lambda: VQVAE(SMALL_VAE, rngs=nnx.Rngs(0)), seed)
+
+
+@functools.lru_cache(maxsize=None)
+def small_var(seed: int = 0, shared_aln: bool = False) -> VAR:
+  """A random 2-block VAR over `small_vae`'s tokens (10 classes)."""
+  cfg = small_var_config(shared_aln)
+  return _random_model(lambda: VAR(cfg, rngs=nnx.Rngs(0)), seed + 1)
