@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image
 
 from var_jax import checkpoint, cli

@@ -1,4 +1,4 @@
-"""Collaborative decoding, per-scale schedules and cfg_until against the reference.
+"""Collaborative decoding, per-scale schedules, cfg_until vs the reference.
 
 The golden CoDe outputs (`code_tiny_io.npz`) come from czg1225/CoDe's
 `autoregressive_infer_cfg_draft` / `_refine` with `var_tiny.pth` as the
@@ -87,8 +87,8 @@ def test_per_scale_filter_equals_official_masks(golden):
 
   @jax.jit
   def masks(logits, ks, ps, budgets):
-    return jax.lax.map(lambda a: filtering.keep_mask(logits, a[0], (a[1], a[2])),
-                       (ks, ps, budgets))
+    one = lambda a: filtering.keep_mask(logits, a[0], (a[1], a[2]))
+    return jax.lax.map(one, (ks, ps, budgets))
 
   out = np.asarray(masks(g["logits"], ks, ps, budgets))
   for i, (k, p) in enumerate(settings):
@@ -161,8 +161,8 @@ def test_cfg_until_drops_the_null_rows(golden_dir, golden):
     np.testing.assert_array_equal(out.idx[si], io[f"greedy_cfg1.5_idx_{si}"])
   plain0 = Sampler(vae, var, SampleOptions(cfg=0.0, collect_logits=True,
                                            **GREEDY))(labels)
-  drop0 = Sampler(vae, var, SampleOptions(cfg=0.0, cfg_until=1,
-                                          collect_logits=True, **GREEDY))(labels)
+  drop0 = Sampler(vae, var, SampleOptions(
+      cfg=0.0, cfg_until=1, collect_logits=True, **GREEDY))(labels)
   for si in range(10):
     assert_tokens_equal(drop0.idx[si], plain0.idx[si], plain0.logits[si],
                         name=f"idx_{si}")

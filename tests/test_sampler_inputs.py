@@ -154,7 +154,7 @@ def model_dir(golden_dir, tmp_path_factory):
     (["--cfg", "nan"], "--cfg must be a finite number"),
     (["--top-p", "nan"], "--top-p in [0, 1]"),
     (["--top-k", "1,2"], "--top-k has 2 values but the model has 10 scales"),
-    (["--top-k", "a"], "--top-k must be one int value or a comma-separated list"),
+    (["--top-k", "a"], "--top-k must be one int value or a comma-separated"),
     (["--temperature", "0"], "--temperature must be a finite number > 0"),
     (["--cfg-until", "12"], "--cfg-until must be in [0, 10]"),
     (["--draft-steps", "4"], "--drafter-ckpt and --draft-steps go together"),

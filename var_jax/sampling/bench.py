@@ -71,7 +71,7 @@ def _memory(compiled) -> dict:
   """Bytes of the compiled program (XLA's memory analysis), where known."""
   try:
     m = compiled.memory_analysis()
-  except Exception:  # Not every backend implements it.  pylint: disable=broad-except
+  except Exception:  # pylint: disable=broad-except  (not on every backend)
     return {}
   if m is None:
     return {}
@@ -94,19 +94,19 @@ def _models(args):
   if (args.refiner_preset is None) != (args.draft_steps is None):
     raise UserError("--refiner-preset and --draft-steps go together")
   if args.refiner_preset is None:
-    cfg, vae, var = checkpoint.bench_models(args.ckpt, args.preset)
-    return cfg, vae, var, None
+    model_config, vae, var = checkpoint.bench_models(args.ckpt, args.preset)
+    return model_config, vae, var, None
   try:
     ref_cfg = get_preset(args.refiner_preset)
   except ValueError as e:
     raise CheckpointError(str(e)) from None
-  cfg, vae, drafter = checkpoint.bench_models(args.ckpt, args.preset)
-  if ref_cfg.var is None or ref_cfg.vae != cfg.vae:
+  model_config, vae, drafter = checkpoint.bench_models(args.ckpt, args.preset)
+  if ref_cfg.var is None or ref_cfg.vae != model_config.vae:
     raise UserError(f"--refiner-preset {args.refiner_preset} does not share "
-                    f"the tokenizer of the drafter ({cfg.name})")
+                    f"the tokenizer of the drafter ({model_config.name})")
   from flax import nnx
   from var_jax.models.transformer import VAR
-  return cfg, vae, VAR(ref_cfg.var, rngs=nnx.Rngs(2)), drafter
+  return model_config, vae, VAR(ref_cfg.var, rngs=nnx.Rngs(2)), drafter
 
 
 def run(args) -> int:
@@ -122,7 +122,7 @@ def run(args) -> int:
                        dtype=args.dtype, form=args.form or DEFAULT_FORM,
                        layer_loop=args.layer_loop or DEFAULT_LAYER_LOOP,
                        cfg_until=args.cfg_until, draft_steps=args.draft_steps)
-  cfg, vae, var, drafter = _models(args)
+  model_config, vae, var, drafter = _models(args)
   sampler = Sampler(vae, var, opts, drafter=drafter)
   var_cfg, drafter_cfg = var.cfg, None if drafter is None else drafter.cfg
   del var, drafter  # The sampler holds what it needs (halves peak memory).
@@ -151,7 +151,7 @@ def run(args) -> int:
   dev = jax.devices()[0]
   peak = tflops.device_peak(dev, args.dtype)
   rec = {
-      "bench": "sample", "impl": "var_jax", "preset": cfg.name,
+      "bench": "sample", "impl": "var_jax", "preset": model_config.name,
       "refiner_preset": args.refiner_preset, "draft_steps": args.draft_steps,
       "cfg_until": args.cfg_until,
       "batch": args.batch, "dtype": args.dtype, "form": opts.form,

@@ -112,7 +112,7 @@ def register(sub) -> None:
 
 # ------------------------------------------------------------------ helpers
 def parse_schedule(flag, text, kind):
-  """'600' -> 600, '1.1,1.1,1' -> (1.1, 1.1, 1.0): one value or one per scale."""
+  """'600' -> 600, '1.1,1.1,1' -> (1.1, 1.1, 1.0): a value or one per scale."""
   try:
     vals = [kind(v) for v in str(text).split(",")]
   except ValueError:
@@ -155,7 +155,9 @@ def _as_flag(msg):
 
 
 def _load(args):
-  """(ModelConfig, VQVAE, refiner or only VAR, Sampler), all checked.
+  """(ModelConfig, VQVAE, the VAR (the refiner with a drafter), Sampler).
+
+  Every flag is checked before the models are read.
 
   With --drafter-ckpt both model directories are read and their tokenizers
   compared (config and weights) before anything runs.
@@ -170,7 +172,7 @@ def _load(args):
     check_seed(args.seed)
   except ValueError as e:
     raise _user_error(_as_flag(str(e))) from None
-  cfg, vae, var = checkpoint.load_model(args.ckpt, need_var=True)
+  model_config, vae, var = checkpoint.load_model(args.ckpt, need_var=True)
   drafter = None
   if args.drafter_ckpt is not None:
     _, d_vae, drafter = checkpoint.load_model(args.drafter_ckpt, need_var=True)
@@ -179,7 +181,7 @@ def _load(args):
     sampler = Sampler(vae, var, opts, drafter=drafter)
   except ValueError as e:
     raise _user_error(_as_flag(str(e))) from None
-  return cfg, vae, var, sampler
+  return model_config, vae, var, sampler
 
 
 def _parse_labels(text, num_classes):
@@ -222,7 +224,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
   import numpy as np
   from var_jax.sampling import images as image_io
   _check_positive(per_class=args.per_class, num=args.num, batch=args.batch)
-  cfg, _, var, sampler = _load(args)
+  model_config, _, var, sampler = _load(args)
   n_cls = var.cfg.num_classes
   ncol = args.ncol
   if args.labels is not None:
@@ -242,7 +244,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                       labels=np.asarray(labels, np.int32),
                       **{f"idx_{i}": a.astype(np.int32)
                          for i, a in enumerate(idx)})
-  print(f"wrote {len(labels)} samples of {cfg.name} to {args.out} "
+  print(f"wrote {len(labels)} samples of {model_config.name} to {args.out} "
         f"({dt:.1f} s including compilation)")
   return 0
 

@@ -42,7 +42,7 @@ def box_mask(size: int, box: Sequence[float], inpaint: bool) -> np.ndarray:
 
 
 def _bilinear_axis(n_in: int, n_out: int):
-  """Taps and weights of PyTorch's bilinear resize along one axis, in float32."""
+  """Taps and weights of PyTorch's bilinear resize along one axis (float32)."""
   scale = np.float64(np.float32(n_in) / np.float32(n_out))
   # PyTorch's kernel rounds scale * (dst + 0.5) - 0.5 once (a fused
   # multiply-add), which float64 followed by one cast reproduces.

@@ -4,8 +4,10 @@ The keep-mask follows the official `sample_with_top_k_top_p_`: top-k keeps
 every logit not below the k-th largest (ties survive), then top-p sorts the
 survivors ascending and drops the prefix whose softmax mass is at most
 1 - top_p, never the largest. Both are computed without sorting (bisection
-on the float bit patterns), which is several times faster on CPU. Everything here works on float32 logits with any
-leading shape; the vocabulary is the last axis.
+on the float bit patterns), which is several times faster on CPU. Everything
+here works on float32 logits with any leading shape; the vocabulary is the
+last axis. The temperature (CoDe's per-scale `temp`) divides the filtered
+logits just before the draw.
 """
 
 from __future__ import annotations

@@ -300,7 +300,7 @@ def run_scan(var, layers, quant, opts, table, labels_B, state, ids_B, edit):
   lmax, seq = lay.lmax, lay.seq_len
   cond = cond_rows(var, labels_B, True)
   lvl_pos = var.lvl_pos()
-  # Zero rows past L let the last scale's (unused) next-input slice stay in range.
+  # Zero rows past L keep the last scale's (unused) next-input slice in range.
   lvl_pad = jnp.pad(lvl_pos, ((0, 0), (0, lmax), (0, 0)))
   sos = var.sos(cond)
   x0 = jnp.pad(sos, ((0, 0), (0, lmax - sos.shape[1]), (0, 0)))

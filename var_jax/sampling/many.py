@@ -7,8 +7,9 @@ A `meta.json` beside the chunks refuses to resume with other settings. When
 every chunk exists they are joined into the ADM evaluation format (`arr_0`,
 uint8 (N, H, W, 3)), written atomically, and the parts are removed.
 
-Sample i always has class classes[i // per_class] and the per-token keys of global
-index i, so the result does not depend on the batch size or device count.
+Sample i always has class classes[i // per_class] and the per-token keys of
+global index i, so the result does not depend on the batch size or device
+count.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def _check_meta(parts, meta: dict) -> None:
   if path.exists():
     old = json.loads(path.read_text())
     if old != meta:
-      diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+      diff = sorted(k for k in set(old) | set(meta)
+                    if old.get(k) != meta.get(k))
       raise UserError(f"{parts} holds an interrupted run with other settings "
                       f"({', '.join(diff)}); delete it or use the same flags")
 
