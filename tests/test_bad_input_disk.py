@@ -6,6 +6,7 @@ skip and say so.
 """
 
 import contextlib
+import logging
 import os
 import re
 import subprocess
@@ -185,6 +186,29 @@ def test_orbax_errors_are_recognised():
   with pytest.raises(ValueError, match="shape mismatch"):
     with var_io.orbax_writes(path):
       raise ValueError("shape mismatch")
+
+
+def _orbax_record(msg, exc=None):
+  return logging.LogRecord(
+      "absl", logging.ERROR, "/site-packages/orbax/checkpoint/async.py", 1,
+      msg, None, (type(exc), exc, None) if exc is not None else None)
+
+
+def test_orbax_echoes_of_an_io_fault_are_dropped():
+  # Orbax's finalize thread logs the fault with its traceback attached; the
+  # message itself carries no errno.
+  keep = var_io._DropOrbaxIoErrors().filter
+  full = ValueError("RESOURCE_EXHAUSTED: [os_error_code='28']")
+  finalize = ("[wait_until_finished] Save Finalize thread (save_finalize) "
+              "failed.")
+  assert not keep(_orbax_record(finalize, full))
+  assert not keep(_orbax_record("write failed", OSError(28, "No space")))
+  # Other faults, and other loggers' records, stay visible.
+  assert keep(_orbax_record(finalize, ValueError("shape mismatch")))
+  assert keep(_orbax_record("something else"))
+  other = _orbax_record(finalize, full)
+  other.pathname = "/site-packages/mylib/x.py"
+  assert keep(other)
 
 
 def test_outputs_that_can_never_be_written_are_named(tmp_path):

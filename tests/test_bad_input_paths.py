@@ -9,6 +9,7 @@ bucket.
 """
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from var_jax import io as var_io
 from var_jax.convert.pth import read_pth
 from var_jax.data.decode import decode_image
 from var_jax.data.sources import AugConfig, FolderSource, TokenSource
-from var_jax.errors import CheckpointError
+from var_jax.errors import CheckpointError, UserError
 
 
 @pytest.fixture
@@ -116,3 +117,35 @@ def test_encode_writes_its_tokens_to_the_bucket(bucket, capsys):
   z = np.load(store / "out" / "tok.npz")
   assert z["idx_0"].shape == (2, 1)
   assert isinstance(var_io.as_path(f"{gs}/x"), epath.Path)
+
+
+@pytest.mark.parametrize("scheme,package,hint", [
+    ("gs", "gcsfs", "pip install 'var-jax[gcs]'"),
+    ("s3", "s3fs", "pip install s3fs")])
+def test_a_remote_path_without_its_backend_is_one_line(
+    tmp_path, monkeypatch, capsys, scheme, package, hint):
+  # None in sys.modules is what find_spec reports as "not installed".
+  monkeypatch.setitem(sys.modules, package, None)
+  monkeypatch.setenv("EPATH_USE_TF", "0")
+  monkeypatch.chdir(tmp_path)
+  out = f"{scheme}://bkt/x.npz"
+  with pytest.raises(UserError) as e:
+    var_io.save_npz(out, a=np.zeros(1))
+  assert str(e.value) == f"{out}: {scheme}:// paths need {package}: {hint}"
+  # From the CLI: one line and exit 2, before the images are even read.
+  code = cli.main(["encode", "--images", "missing.npy", "--out", out])
+  _, err = capsys.readouterr()
+  assert code == 2 and err == f"var-jax encode: error: {e.value}\n"
+  assert os.listdir(tmp_path) == []
+
+
+def test_an_unknown_scheme_is_one_line(tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(UserError, match=r"^foo://bkt/x.npz: unsupported scheme "
+                     r"foo:// \(supported: local paths, gs://, s3://\)$"):
+    var_io.save_npz("foo://bkt/x.npz", a=np.zeros(1))
+  code = cli.main(["convert", "--vae", "foo://bkt/vae.pth", "--out",
+                   str(tmp_path / "m")])
+  _, err = capsys.readouterr()
+  assert code == 2 and err.count("\n") == 1 and "unsupported scheme" in err
+  assert os.listdir(tmp_path) == []

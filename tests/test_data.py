@@ -2,6 +2,7 @@
 
 import io
 import logging
+import sys
 
 import numpy as np
 import pytest
@@ -208,6 +209,19 @@ def test_digits():
   va.close()
   shifted = _take(make_loader("digits", split="train", max_shift=4, **kw), 1)
   assert shifted[0]["images"].shape == (8, 64, 64, 3)
+
+
+def test_digits_without_scikit_learn_says_how_to_install(monkeypatch):
+  # None in sys.modules makes the import fail as if it were not installed.
+  for name in ("sklearn", "sklearn.datasets", "sklearn.svm"):
+    monkeypatch.setitem(sys.modules, name, None)
+  hint = r"needs scikit-learn: pip install 'var-jax\[digits\]'$"
+  with pytest.raises(DataError, match="^the digits data source " + hint):
+    make_loader("digits", split="train", resolution=64, global_batch=8,
+                seed=0)
+  from var_jax.data import digits_eval
+  with pytest.raises(DataError, match="^the digits classifier check " + hint):
+    digits_eval.train_classifier()
 
 
 # --- TFDS: the read path needs no TensorFlow ---------------------------------

@@ -12,7 +12,7 @@ from flax import nnx
 
 from var_jax.config import get_preset
 from var_jax.convert import load
-from var_jax.convert.mapping import var_rules, vqvae_rules
+from var_jax.models.official_names import var_rules, vqvae_rules
 from var_jax.models.transformer import VAR
 from var_jax.models.vqvae import VQVAE
 

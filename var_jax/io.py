@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib.util
 import logging
 import os
 import re
@@ -32,15 +33,53 @@ from etils import epath
 from var_jax.errors import CheckpointError, WriteError
 
 
+# Remote schemes: the fsspec package epath needs and how to install it.
+_REMOTE = {"gs": ("gcsfs", "pip install 'var-jax[gcs]'"),
+           "s3": ("s3fs", "pip install s3fs")}
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def _tf_serves_remote() -> bool:
+  """True when epath would use TensorFlow's file system instead of fsspec."""
+  return (os.environ.get("EPATH_USE_TF", "").lower()
+          not in ("false", "no", "f", "0")
+          and importlib.util.find_spec("tensorflow") is not None)
+
+
+def check_scheme(path) -> None:
+  """Refuses a `scheme://` path that epath cannot open here, as one line.
+
+  Raises:
+    UserError: an unknown scheme, or gs:// / s3:// without its backend
+      package (gcsfs / s3fs).
+  """
+  from var_jax.errors import UserError
+  text = os.fspath(path)
+  if is_local(text):
+    return
+  m = _SCHEME.match(text)
+  scheme = m.group(1).lower() if m else None
+  if scheme not in _REMOTE:
+    shown = f"{scheme}://" if scheme else "this kind of path"
+    raise UserError(f"{text}: unsupported scheme {shown} (supported: local "
+                    "paths, gs://, s3://)")
+  package, hint = _REMOTE[scheme]
+  if (importlib.util.find_spec(package) is None
+      and not _tf_serves_remote()):
+    raise UserError(f"{text}: {scheme}:// paths need {package}: {hint}")
+
+
 def as_path(path) -> epath.Path:
   """A user-given path (str, pathlib or epath) as an `epath.Path`.
 
   `~` is expanded for local paths; `gs://bucket/x` stays a cloud path.
+
+  Raises:
+    UserError: a `scheme://` path this installation cannot open (unknown
+      scheme, or no gcsfs / s3fs), before anything touches it.
   """
-  if isinstance(path, epath.Path):
-    p = path
-  else:
-    p = epath.Path(os.fspath(path))
+  check_scheme(path)
+  p = path if isinstance(path, epath.Path) else epath.Path(os.fspath(path))
   return p.expanduser() if is_local(p) else p
 
 
@@ -294,6 +333,11 @@ class _DropOrbaxIoErrors(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
     if record.levelno < logging.ERROR or "orbax" not in record.pathname:
       return True
+    # E.g. "Save Finalize thread (save_finalize) failed.": no errno in the
+    # message, the fault is in the attached exception.
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is not None and os_error_of(exc) is not None:
+      return False
     msg = record.getMessage()
     return not (_OS_ERROR_CODE.search(msg) or any(
         needle in msg for needle, _ in _STATUS_ERRNO)

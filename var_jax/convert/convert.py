@@ -10,9 +10,9 @@ from flax import nnx
 from var_jax import checkpoint
 from var_jax.config import ModelConfig, get_preset
 from var_jax.convert import load
-from var_jax.convert.mapping import var_rules, vqvae_rules
 from var_jax.convert.pth import read_pth
 from var_jax.io import as_path
+from var_jax.models.official_names import var_rules, vqvae_rules
 from var_jax.models.transformer import VAR
 from var_jax.models.vqvae import VQVAE
 

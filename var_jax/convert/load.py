@@ -12,9 +12,9 @@ import numpy as np
 from flax import nnx
 
 from var_jax.config import PATCH_NUMS_256, PATCH_NUMS_512, VARConfig, VQVAEConfig
-from var_jax.models.official_names import Rule, to_official, var_rules, vqvae_rules
-from var_jax.models.attention import level_ids
 from var_jax.errors import ConvertError
+from var_jax.models.official_names import Rule, to_official
+from var_jax.models.scales import layout
 
 
 _WRAPPERS = ("module.", "_orig_mod.")
@@ -67,9 +67,9 @@ def _check_derived(rules, sd, patch_nums, what):
       continue
     a = np.asarray(sd[r.official])
     if r.official == "lvl_1L":
-      ok = np.array_equal(a.reshape(-1), level_ids(patch_nums))
+      ok = np.array_equal(a.reshape(-1), layout(patch_nums).level_ids())
     elif r.official == "attn_bias_for_masking":
-      lvl = level_ids(patch_nums)
+      lvl = layout(patch_nums).level_ids()
       want_open = lvl[:, None] >= lvl[None, :]
       ok = np.array_equal(a.reshape(len(lvl), len(lvl)) == 0, want_open)
     else:  # zero_k_bias
@@ -139,14 +139,8 @@ def load_official(model: nnx.Module, rules: list[Rule], sd: dict, what: str,
   nnx.update(model, state)
 
 
-def export_official(model: nnx.Module, rules: list[Rule]) -> dict:
-  """Our parameters (or gradients with the same tree) in official names."""
-  flat = {p: v for p, v in nnx.to_flat_state(nnx.state(model))}
-  return export_flat({p: np.asarray(v[...]) for p, v in flat.items()}, rules)
-
-
 def export_flat(flat: dict, rules: list[Rule]) -> dict:
-  """Like export_official, for a {path: array} dict (e.g. a gradient tree)."""
+  """Our parameters (or gradients), a {path: array} dict, in official names."""
   out = {}
   for r in rules:
     if r.derived or r.path not in flat:

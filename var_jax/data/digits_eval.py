@@ -38,10 +38,15 @@ def rendered_digits(split: str, resolution: int):
 
 
 def train_classifier(resolution: int = 64):
-  """An RBF SVM on the rendered train split; returns (clf, val accuracy)."""
-  from sklearn.svm import SVC
+  """An RBF SVM on the rendered train split; returns (clf, val accuracy).
+
+  Raises:
+    DataError: scikit-learn is not installed.
+  """
+  from var_jax.data.sources import import_sklearn
+  svm = import_sklearn("svm", "the digits classifier check")
   x, y = rendered_digits("train", resolution)
-  clf = SVC(gamma="scale", C=10.0).fit(to_features(x), y)
+  clf = svm.SVC(gamma="scale", C=10.0).fit(to_features(x), y)
   xv, yv = rendered_digits("val", resolution)
   return clf, float((clf.predict(to_features(xv)) == yv).mean())
 

@@ -9,6 +9,7 @@ undecodable example so the loader can skip and count it.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import io
 import logging
 import os
@@ -272,14 +273,32 @@ def _split_root(path, split: str):
   return p
 
 
+def import_sklearn(module: str, what: str):
+  """`sklearn.<module>`, imported on first use (scikit-learn is an extra).
+
+  Raises:
+    DataError: scikit-learn is not installed; names the pip extra.
+  """
+  try:
+    return importlib.import_module(f"sklearn.{module}")
+  except ImportError:
+    raise DataError(f"{what} needs scikit-learn: "
+                    "pip install 'var-jax[digits]'") from None
+
+
 class DigitsSource:
-  """scikit-learn's bundled 8x8 digits; every 10th image is the 'val' split."""
+  """scikit-learn's bundled 8x8 digits; every 10th image is the 'val' split.
+
+  Raises:
+    DataError: an unknown split, or scikit-learn is not installed.
+  """
 
   def __init__(self, split: str, aug: AugConfig):
-    from sklearn.datasets import load_digits  # Lazy: sklearn is slow to import.
     if split not in ("train", "val"):
       raise DataError(f"digits has splits 'train' and 'val', not {split!r}")
-    data = load_digits()
+    # Lazy: scikit-learn is optional and slow to import.
+    datasets = import_sklearn("datasets", "the digits data source")
+    data = datasets.load_digits()
     held_out = np.arange(len(data.target)) % 10 == 0
     keep = held_out if split == "val" else ~held_out
     self.indices = np.flatnonzero(keep)  # Positions in the full 1797 set.
