@@ -10,6 +10,8 @@ checked to stay empty: a `gs://` path must never become `./gs:/...`.
 
 import io as pyio
 import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +21,7 @@ from etils import epath
 from PIL import Image
 
 from var_jax import io
-from var_jax.errors import CheckpointError
+from var_jax.errors import CheckpointError, UserError
 
 
 def _prefix(gcs_dir: str) -> str:
@@ -97,6 +99,24 @@ def jax_tree_scale(tree, s):
 def test_scheme_paths_are_never_local(empty_cwd):
   assert not io.is_local(io.as_path("gs://bucket/run"))
   assert os.fspath(io.as_path("gs://bucket/run")) == "gs://bucket/run"
-  # A scheme no backend knows fails; it is not written as ./foo:/bucket/...
-  with pytest.raises(Exception):
+  # A scheme no backend knows is refused; never written as ./foo:/bucket/...
+  with pytest.raises(UserError, match="unsupported scheme foo://"):
     io.save_npz("foo://bucket/x.npz", a=np.zeros(2))
+
+
+# The command line in a fresh interpreter where gcsfs cannot be imported, as
+# after `pip install var-jax` without the gcs extra.
+_NO_GCSFS = ("import sys; sys.modules['gcsfs'] = None; "
+             "from var_jax import cli; sys.exit(cli.main(sys.argv[1:]))")
+
+
+@pytest.mark.parametrize("out,expect", [
+    ("gs://bucket/x.png", "gs:// paths need gcsfs: pip install 'var-jax[gcs]'"),
+    ("foo://bucket/x.png", "unsupported scheme foo://"),
+])
+def test_cli_names_a_missing_backend_in_one_line(empty_cwd, out, expect):
+  p = subprocess.run([sys.executable, "-c", _NO_GCSFS, "sample", "--out", out],
+                     capture_output=True, text=True, timeout=300)
+  lines = p.stderr.strip().splitlines()
+  assert p.returncode == 2 and len(lines) == 1, p.stderr[-2000:]
+  assert lines[0].startswith("var-jax sample: error: ") and expect in lines[0]
