@@ -8,6 +8,7 @@ import pytest
 from var_jax.models import attention
 
 PN_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+PN_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)  # The d36 / tiny_saln512 list.
 
 
 def _reference(q, k, v, bias, scale, dtype):
@@ -25,10 +26,14 @@ def test_segments_cover_rows_and_merge_small_scales():
   assert segs == ((0, 91, 0), (91, 155, 6), (155, 255, 7), (255, 424, 8),
                   (424, 680, 9))
   assert attention.segments((1, 2)) == ((0, 5, 0),)
+  segs = attention.segments(PN_512)
+  assert segs[0][0] == 0 and segs[-1][1] == 2240
+  assert all(a[1] == b[0] for a, b in zip(segs, segs[1:]))
 
 
 @pytest.mark.parametrize("pn,dtype,tol", [
-    (PN_256, jnp.float32, 1e-5), ((1, 2, 3, 4, 6, 9), jnp.float32, 1e-5),
+    (PN_256, jnp.float32, 1e-5), (PN_512, jnp.float32, 1e-5),
+    ((1, 2, 3, 4, 6, 9), jnp.float32, 1e-5),
     ((1, 2, 4), jnp.float32, 1e-5), (PN_256, jnp.bfloat16, 2e-2)])
 def test_values_and_gradients_match_masked_softmax(pn, dtype, tol):
   l = sum(p * p for p in pn)
