@@ -2,13 +2,17 @@
 
 The real fetch needs huggingface.co; here `huggingface_hub.hf_hub_download`
 (or the whole fetch) is replaced by one that returns the golden tiny .pth
-files or raises the exceptions the hub and HTTP clients really raise.
+files or raises the exceptions the hub and HTTP clients really raise. A
+CoDe pair is served as the golden drafter (`var_tiny.pth`) and refiner
+(`var_tiny_refiner.pth`), official-layout files written by torch.save, under
+the release's names.
 """
 
 import importlib
 import logging
 import sys
 
+import numpy as np
 import pytest
 # The hub's package logger gets a StreamHandler bound to the sys.stderr of the
 # moment huggingface_hub.utils.logging is first imported (lazily, by the first
@@ -36,8 +40,12 @@ def fake_hub(golden_dir, monkeypatch):
   """hf_hub_download serving the golden files; records each call."""
   import huggingface_hub
   calls = []
+  drafter = golden_dir / "var_tiny.pth"
+  refiner = golden_dir / "var_tiny_refiner.pth"
   local = {dl.VAE_FILE: golden_dir / "vae_tiny.pth",
-           "var_d16.pth": golden_dir / "var_tiny.pth"}
+           "var_d16.pth": drafter, "var_d30.pth": drafter,
+           "var_d20.pth": refiner, "drafter_6.pth": drafter,
+           "refiner_6.pth": refiner}
 
   def hf_hub_download(repo_id, filename, **kwargs):
     calls.append((repo_id, filename, kwargs))
@@ -220,3 +228,117 @@ def test_checks_before_fetching(tmp_path, capsys, monkeypatch):
                      str(tmp_path / "n"), "--pth-dir", str(tmp_path / "n"))
   assert code == 2 and "--pth-dir must differ from --out" in err
   assert not (tmp_path / "n").exists()
+
+
+# --- Collaborative decoding pairs (OUT/drafter, OUT/refiner) -----------------
+
+def _pair_fetch(golden_dir, calls):
+  def fetch(drafter, refiner, steps, cache_dir, pth_dir):
+    calls.append((drafter, refiner, steps, cache_dir, pth_dir))
+    return (golden_dir / "vae_tiny.pth", golden_dir / "var_tiny.pth",
+            golden_dir / "var_tiny_refiner.pth")
+  return fetch
+
+
+def test_code_pair_converts_and_samples_like_the_reference(golden_dir, golden,
+                                                           tmp_path):
+  # The path a user takes: download the pair, load both directories, sample
+  # with collaborative decoding; the tokens and images are the reference's.
+  from test_sampler_golden import GREEDY, _nchw_to_nhwc, assert_tokens_equal
+
+  from var_jax.sampling.code import check_same_tokenizer
+  from var_jax.sampling.sampler import SampleOptions, Sampler
+  calls, out = [], tmp_path / "pair"
+  d_cfg, r_cfg = dl.download_pair(
+      out, steps=6, cache_dir="C", presets=("tiny", None),
+      fetch=_pair_fetch(golden_dir, calls), log=lambda _: None)
+  assert calls == [("d30", "d16", 6, "C", None)]
+  assert sorted(p.name for p in out.iterdir()) == ["drafter", "refiner"]
+  assert d_cfg.var == get_preset("tiny").var
+  assert (r_cfg.var.depth, r_cfg.var.embed_dim) == (1, 64)
+  _, vae_d, drafter = checkpoint.load_model(out / "drafter")
+  r_loaded, vae, refiner = checkpoint.load_model(out / "refiner")
+  assert r_loaded == r_cfg
+  check_same_tokenizer(vae_d, vae)
+  g, labels = golden("code_tiny_io"), golden("var_tiny_io")["label"]
+  opts = SampleOptions(cfg=1.5, draft_steps=6, **GREEDY)
+  got = Sampler(vae, refiner, opts, drafter=drafter)(labels, seed=0)
+  for si in range(10):
+    assert_tokens_equal(got.idx[si], g[f"code_cfg1.5_N6_idx_{si}"],
+                        name=f"idx_{si}")
+  err = np.abs(np.asarray(got.images_BHWC)
+               - _nchw_to_nhwc(g["code_cfg1.5_N6_img"])).max()
+  assert err <= 1e-3, err
+
+
+def test_pair_that_cannot_share_a_tokenizer_writes_nothing(golden_dir,
+                                                           tmp_path):
+  # A 512px refiner has another scale list: refused after reading, before
+  # either directory is written.
+  def fetch(*_):
+    return (golden_dir / "vae_tiny.pth", golden_dir / "var_tiny.pth",
+            golden_dir / "var_tiny_saln512.pth")
+
+  with pytest.raises(ConvertError, match=r"drafter and refiner differ in "
+                     r"patch_nums: \(1, 2, 3, 4, 5, 6, 8, 10, 13, 16\) vs"):
+    dl.download_pair(tmp_path / "pair", drafter="d30", refiner="d16",
+                     presets=(None, None), fetch=fetch, log=lambda _: None)
+  assert not (tmp_path / "pair").exists()
+
+
+def test_code_release_file_names():
+  assert dl.code_files(8) == ("drafter_8.pth", "refiner_8.pth")
+  for n in (1, 5, 10):
+    with pytest.raises(dl.DownloadError, match=f"--code 6, 7, 8, 9, not {n}"):
+      dl.code_files(n)
+
+
+@pytest.mark.parametrize("argv,files,steps", [
+    (("--code", "6"), [("FoundationVision/var", dl.VAE_FILE),
+                       ("Zigeng/VAR_CoDe", "drafter_6.pth"),
+                       ("Zigeng/VAR_CoDe", "refiner_6.pth")], "6"),
+    (("--model", "d30", "--refiner", "d20"),
+     [("FoundationVision/var", dl.VAE_FILE),
+      ("FoundationVision/var", "var_d30.pth"),
+      ("FoundationVision/var", "var_d20.pth")], "N (1..9)"),
+], ids=["code", "training-free"])
+def test_cli_pair_through_fake_hub(fake_hub, tmp_path, capsys, argv, files,
+                                   steps):
+  out = tmp_path / "pair"
+  code, stdout, err = run(capsys, "download", *argv, "--out", str(out),
+                          "--preset", "tiny,")
+  assert code == 0, err
+  assert [(r, f) for r, f, _ in fake_hub] == files
+  assert stdout.splitlines()[-1] == (
+      f"wrote {out}/drafter and {out}/refiner; sample with var-jax sample "
+      f"--ckpt {out}/refiner --drafter-ckpt {out}/drafter --draft-steps "
+      f"{steps}")
+  assert checkpoint.load_model(out / "drafter")[0].var == get_preset("tiny").var
+  assert checkpoint.load_model(out / "refiner")[0].var.depth == 1
+  # Existing directories are refused before anything is fetched.
+  code, _, err = run(capsys, "download", *argv, "--out", str(out),
+                     "--preset", "tiny,")
+  assert code == 2 and f"{out}/drafter already exists" in err
+  assert len(fake_hub) == 3
+
+
+@pytest.mark.parametrize("argv,match", [
+    (("--code", "5"), "CoDe publishes pairs for --code 6, 7, 8, 9, not 5"),
+    (("--code", "6", "--refiner", "d20"), "--refiner goes with --model"),
+    (("--code", "6", "--model", "d30"), "not allowed with argument"),
+    (("--refiner", "d16"), "one of the arguments --model --code is required"),
+    (("--code", "8", "--pth-dir", "OUT/drafter/pth"),
+     "--pth-dir must differ from --out and lie outside it"),
+])
+def test_cli_pair_flags_are_checked_before_fetching(fake_hub, tmp_path,
+                                                    capsys, argv, match):
+  out = tmp_path / "pair"
+  argv = [a.replace("OUT", str(out)) for a in argv]
+  if "argument" in match:  # argparse's own refusal: exit 2, usage + line.
+    with pytest.raises(SystemExit) as e:
+      cli.main(["download", *argv, "--out", str(out)])
+    assert e.value.code == 2 and match in capsys.readouterr().err
+  else:
+    code, _, err = run(capsys, "download", *argv, "--out", str(out))
+    assert code == 2 and err.count("\n") == 1 and match in err, err
+  assert fake_hub == [] and not out.exists()

@@ -31,17 +31,32 @@ def register(sub) -> None:
       "download", help="fetch a released model from Hugging Face, convert it",
       description="Downloads vae_ch160v4096z32.pth and var_<model>.pth from "
                   "huggingface.co/FoundationVision/var and converts them "
-                  "into a model directory.")
-  p.add_argument("--model", required=True, choices=("d16", "d20", "d24",
-                                                    "d30", "d36"))
-  p.add_argument("--out", required=True, help="output model directory")
+                  "into a model directory. With --code N or --refiner, "
+                  "writes a collaborative-decoding pair instead: "
+                  "OUT/drafter and OUT/refiner, two model directories for "
+                  "`var-jax sample --ckpt OUT/refiner --drafter-ckpt "
+                  "OUT/drafter --draft-steps N`.")
+  g = p.add_mutually_exclusive_group(required=True)
+  g.add_argument("--model", choices=("d16", "d20", "d24", "d30", "d36"),
+                 help="a released model (with --refiner: the drafter)")
+  g.add_argument("--code", type=int, metavar="N",
+                 help="CoDe's fine-tuned pair for N draft steps (6, 7, 8 or "
+                      "9): drafter_N.pth (d30) and refiner_N.pth (d16) from "
+                      "huggingface.co/Zigeng/VAR_CoDe")
+  p.add_argument("--refiner", choices=("d16", "d20", "d24", "d30", "d36"),
+                 help="with --model: the training-free pair of two released "
+                      "models (OUT/drafter is --model, OUT/refiner this one)")
+  p.add_argument("--out", required=True, help="output model directory (with "
+                 "--code or --refiner: the directory that gets drafter/ and "
+                 "refiner/)")
   p.add_argument("--cache-dir", help="huggingface_hub cache directory "
                  "(default: its own, e.g. ~/.cache/huggingface/hub)")
   p.add_argument("--pth-dir", help="keep the .pth files as plain files in "
                  "this directory instead of the huggingface_hub cache")
   p.add_argument("--overwrite", action="store_true",
                  help="replace an existing output directory")
-  # Tests check small local files against another preset (e.g. tiny).
+  # Tests check small local files against another preset (e.g. tiny); for
+  # a pair "DRAFTER,REFINER", an empty name meaning "as the tensors say".
   p.add_argument("--preset", help=argparse.SUPPRESS)
   p.set_defaults(func=cmd_download)
 
@@ -86,7 +101,26 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-  from var_jax.convert.download import download
+  from var_jax.convert.download import download, download_pair
+  if args.code is not None and args.refiner:
+    raise _user_error("--refiner goes with --model (the training-free pair); "
+                      "CoDe's --code pairs are a d30 drafter and a d16 "
+                      "refiner")
+  if args.code is not None or args.refiner:
+    presets = None
+    if args.preset is not None:
+      presets = tuple(n or None for n in (args.preset.split(",") + [""])[:2])
+    d_cfg, _ = download_pair(
+        args.out, steps=args.code, drafter=args.model or "d30",
+        refiner=args.refiner or "d16", cache_dir=args.cache_dir,
+        pth_dir=args.pth_dir, overwrite=args.overwrite, presets=presets)
+    out = args.out.rstrip("/")
+    steps = (args.code if args.code is not None else
+             f"N (1..{len(d_cfg.var.patch_nums) - 1})")
+    print(f"wrote {out}/drafter and {out}/refiner; sample with var-jax "
+          f"sample --ckpt {out}/refiner --drafter-ckpt {out}/drafter "
+          f"--draft-steps {steps}")
+    return 0
   cfg = download(args.model, args.out, cache_dir=args.cache_dir,
                  pth_dir=args.pth_dir, overwrite=args.overwrite,
                  preset=args.preset)

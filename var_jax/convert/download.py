@@ -1,8 +1,10 @@
 """`var-jax download`: fetch the released checkpoints and convert them.
 
-The fetch (huggingface_hub, repository FoundationVision/var) is the only part
-that needs the network; everything after it is `convert_files` on local
-paths, so `download(..., fetch=...)` takes any function that returns them.
+The fetch (huggingface_hub, repositories FoundationVision/var and, for
+collaborative decoding's fine-tuned pairs, Zigeng/VAR_CoDe) is the only part
+that needs the network; everything after it is conversion of local paths, so
+`download(..., fetch=...)` and `download_pair(..., fetch=...)` take any
+function that returns them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,14 @@ from var_jax.io import describe_os_error
 REPO = "FoundationVision/var"
 VAE_FILE = "vae_ch160v4096z32.pth"
 MODELS = ("d16", "d20", "d24", "d30", "d36")
+# CoDe (czg1225/CoDe README): a d30 drafter and a d16 refiner fine-tuned
+# together for N draft steps, as drafter_{N}.pth / refiner_{N}.pth.
+CODE_REPO = "Zigeng/VAR_CoDe"
+CODE_STEPS = (6, 7, 8, 9)
+CODE_MODELS = ("d30", "d16")
+# The pair's configs must agree in these for one image and one tokenizer
+# (the sampler's `code.check_pair`, which convert/ cannot import).
+_PAIR_FIELDS = ("patch_nums", "vocab_size", "cvae", "num_classes")
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
                 errno.EPERM)
 
@@ -30,6 +40,18 @@ def checkpoint_files(model: str) -> tuple[str, str]:
     raise DownloadError(f"unknown model {model!r}; released: "
                         f"{', '.join(MODELS)}")
   return VAE_FILE, f"var_{model}.pth"
+
+
+def code_files(steps: int) -> tuple[str, str]:
+  """(drafter file, refiner file) of CoDe's fine-tuned pair for `steps`.
+
+  Raises:
+    DownloadError: CoDe publishes no pair for that number of draft steps.
+  """
+  if steps not in CODE_STEPS:
+    raise DownloadError(f"CoDe publishes pairs for --code "
+                        f"{', '.join(map(str, CODE_STEPS))}, not {steps}")
+  return f"drafter_{steps}.pth", f"refiner_{steps}.pth"
 
 
 def _loaded_types(spec) -> tuple[type, ...]:
@@ -113,6 +135,41 @@ def _quiet_hub_retries():
     logger.removeFilter(drop)
 
 
+def _import_hub():
+  try:
+    import huggingface_hub
+  except ImportError:
+    raise DownloadError("downloading needs the huggingface_hub package: "
+                        "pip install huggingface_hub") from None
+  return huggingface_hub
+
+
+def _hub_file(repo: str, name: str, cache_dir, pth_dir) -> pathlib.Path:
+  """One file of a hub repository, downloaded or found in the cache.
+
+  Raises:
+    WriteError: the local disk is full or read-only (names the directory).
+    DownloadError: the hub cannot be reached or refuses (one line).
+  """
+  huggingface_hub = _import_hub()
+  kwargs = {"cache_dir": cache_dir}
+  if pth_dir is not None:
+    kwargs["local_dir"] = str(pth_dir)
+  try:
+    with _quiet_hub_retries():
+      return pathlib.Path(huggingface_hub.hf_hub_download(repo, name,
+                                                          **kwargs))
+  except fetch_error_types() as e:
+    disk = _disk_error(e)
+    if disk is not None:
+      # A full or read-only disk is the user's to fix, not the network's.
+      where = pth_dir or cache_dir or huggingface_hub.constants.HF_HUB_CACHE
+      raise WriteError(describe_os_error(disk, where) +
+                       f" (fetching {repo}/{name}; a rerun resumes the "
+                       "partial download)") from None
+    raise DownloadError(describe_fetch_error(e, f"{repo}/{name}")) from None
+
+
 def fetch_files(model: str, cache_dir=None,
                 pth_dir=None) -> tuple[pathlib.Path, pathlib.Path]:
   """Downloads (or finds in the hub cache) the model's two .pth files.
@@ -125,30 +182,31 @@ def fetch_files(model: str, cache_dir=None,
   Returns:
     (VQVAE path, VAR path).
   """
-  try:
-    import huggingface_hub
-  except ImportError:
-    raise DownloadError("downloading needs the huggingface_hub package: "
-                        "pip install huggingface_hub") from None
-  paths = []
-  for name in checkpoint_files(model):
-    kwargs = {"cache_dir": cache_dir}
-    if pth_dir is not None:
-      kwargs["local_dir"] = str(pth_dir)
-    try:
-      with _quiet_hub_retries():
-        paths.append(pathlib.Path(huggingface_hub.hf_hub_download(
-            REPO, name, **kwargs)))
-    except fetch_error_types() as e:
-      disk = _disk_error(e)
-      if disk is not None:
-        # A full or read-only disk is the user's to fix, not the network's.
-        where = pth_dir or cache_dir or huggingface_hub.constants.HF_HUB_CACHE
-        raise WriteError(describe_os_error(disk, where) +
-                         f" (fetching {REPO}/{name}; a rerun resumes the "
-                         "partial download)") from None
-      raise DownloadError(describe_fetch_error(e, f"{REPO}/{name}")) from None
-  return paths[0], paths[1]
+  _import_hub()
+  vae_name, var_name = checkpoint_files(model)
+  return (_hub_file(REPO, vae_name, cache_dir, pth_dir),
+          _hub_file(REPO, var_name, cache_dir, pth_dir))
+
+
+def fetch_pair_files(drafter: str, refiner: str, steps: int | None,
+                     cache_dir=None, pth_dir=None):
+  """(VQVAE, drafter, refiner) paths of a pair, downloaded or cached.
+
+  Args:
+    drafter, refiner: released models (d16..d36) when `steps` is None.
+    steps: CoDe's fine-tuned pair for this many draft steps (the drafter
+      and refiner names are then not used).
+    cache_dir, pth_dir: as `fetch_files`.
+  """
+  _import_hub()
+  vae = _hub_file(REPO, VAE_FILE, cache_dir, pth_dir)
+  if steps is not None:
+    d_name, r_name = code_files(steps)
+    return (vae, _hub_file(CODE_REPO, d_name, cache_dir, pth_dir),
+            _hub_file(CODE_REPO, r_name, cache_dir, pth_dir))
+  return (vae, _hub_file(REPO, checkpoint_files(drafter)[1], cache_dir,
+                         pth_dir),
+          _hub_file(REPO, checkpoint_files(refiner)[1], cache_dir, pth_dir))
 
 
 def _disk_error(e: BaseException) -> OSError | None:
@@ -179,7 +237,6 @@ def download(model: str, out, *, cache_dir=None, pth_dir=None,
   Returns:
     The written ModelConfig.
   """
-  from var_jax import checkpoint
   from var_jax.config import get_preset
   from var_jax.convert.convert import convert_files
   # Every check that needs no network comes before the (large) download.
@@ -189,24 +246,148 @@ def download(model: str, out, *, cache_dir=None, pth_dir=None,
     get_preset(preset)
   except ValueError as e:
     raise DownloadError(str(e)) from None
+  _check_outputs([out], out, pth_dir, overwrite)
+  log(f"fetching {model} from huggingface.co/{REPO}")
+  vae_path, var_path = _run_fetch(fetch or fetch_files, f"{REPO} ({model})",
+                                  model, cache_dir, pth_dir)
+  return convert_files(vae_path, var_path, out, preset=preset,
+                       overwrite=overwrite, log=log)
+
+
+def _check_outputs(dirs, out, pth_dir, overwrite: bool) -> None:
+  """Refuses existing model dirs and a --pth-dir that collides with --out."""
+  from var_jax import checkpoint
   from var_jax.io import as_path, is_local
-  if as_path(out).exists() and not overwrite:
-    raise checkpoint.CheckpointError(
-        f"{out} already exists; pass --overwrite to replace it")
-  if pth_dir is not None and not is_local(pth_dir):
+  for d in dirs:
+    if as_path(d).exists() and not overwrite:
+      raise checkpoint.CheckpointError(
+          f"{d} already exists; pass --overwrite to replace it")
+  if pth_dir is None:
+    return
+  if not is_local(pth_dir):
     raise DownloadError(f"--pth-dir must be a local directory (the hub "
                         f"writes it), got {pth_dir}")
-  if pth_dir is not None and is_local(out) and (
-      pathlib.Path(pth_dir).expanduser().resolve()
-      == pathlib.Path(out).expanduser().resolve()):
-    raise DownloadError("--pth-dir must differ from --out")
-  log(f"fetching {model} from huggingface.co/{REPO}")
+  if is_local(out):
+    pth = pathlib.Path(pth_dir).expanduser().resolve()
+    top = pathlib.Path(out).expanduser().resolve()
+    # Inside --out, the download would create the directory the conversion
+    # then refuses (or, with --overwrite, replaces).
+    if pth == top or top in pth.parents:
+      raise DownloadError("--pth-dir must differ from --out and lie "
+                          "outside it")
+
+
+def _run_fetch(fetch: Callable, what: str, *args):
   try:
-    vae_path, var_path = (fetch or fetch_files)(model, cache_dir, pth_dir)
+    return fetch(*args)
   except WriteError:
     raise
   except fetch_error_types() as e:
     # fetch_files already explains its errors; this covers other fetchers.
-    raise DownloadError(describe_fetch_error(e, f"{REPO} ({model})")) from None
-  return convert_files(vae_path, var_path, out, preset=preset,
-                       overwrite=overwrite, log=log)
+    raise DownloadError(describe_fetch_error(e, what)) from None
+
+
+def check_pair(drafter_cfg, refiner_cfg) -> None:
+  """Checks that two VARConfigs can share one image and one tokenizer.
+
+  Raises:
+    ConvertError: they differ in the scale list, vocabulary, code width or
+      class count (named, with both values).
+  """
+  from var_jax.errors import ConvertError
+  for field in _PAIR_FIELDS:
+    a, b = getattr(drafter_cfg, field), getattr(refiner_cfg, field)
+    if a != b:
+      raise ConvertError(f"the drafter and refiner differ in {field}: {a} "
+                         f"vs {b}; collaborative decoding needs one "
+                         "tokenizer and one scale list")
+
+
+def download_pair(out, *, steps: int | None = None, drafter: str = "d30",
+                  refiner: str = "d16", cache_dir=None, pth_dir=None,
+                  overwrite: bool = False, presets=None,
+                  fetch: Callable | None = None, log=print):
+  """Fetches and converts a drafter/refiner pair into OUT/drafter, OUT/refiner.
+
+  Each is an ordinary model directory (the VQVAE plus one VAR), written
+  atomically; both are checked before either is written, and a failure
+  while writing the refiner removes the new drafter, so a failed run never
+  leaves half a pair.
+
+  Args:
+    out: directory to hold `drafter/` and `refiner/` (local or gs://).
+    steps: CoDe's fine-tuned pair for this many draft steps (6..9, from
+      Zigeng/VAR_CoDe: a d30 drafter and a d16 refiner); None: the
+      training-free pair of released models `drafter` and `refiner`.
+    drafter, refiner: released models (d16..d36), used when steps is None.
+    cache_dir, pth_dir: as `download`.
+    overwrite: replace existing OUT/drafter and OUT/refiner.
+    presets: (drafter preset, refiner preset) the files must match, default
+      the models'; None in either place means "as the tensors say" (tests
+      pass small local files).
+    fetch: `(drafter, refiner, steps, cache_dir, pth_dir) -> (vae,
+      drafter, refiner paths)`; default `fetch_pair_files`.
+    log: progress lines.
+
+  Returns:
+    (drafter ModelConfig, refiner ModelConfig) as written.
+
+  Raises:
+    DownloadError: an unknown model or step count, a bad --pth-dir, or a
+      failed fetch.
+    ConvertError, PthError: files that do not fit their preset, or a pair
+      that cannot share one tokenizer (see `check_pair`).
+    CheckpointError: OUT/drafter or OUT/refiner exists (before fetching).
+    WriteError: writing failed; neither directory is left new.
+  """
+  from var_jax import checkpoint
+  from var_jax.config import ModelConfig, get_preset
+  from var_jax.convert import convert
+  from var_jax.io import _rmtree, as_path
+  # Every check that needs no network comes before the (large) download.
+  if steps is not None:
+    code_files(steps)
+    drafter, refiner = CODE_MODELS
+  else:
+    checkpoint_files(drafter), checkpoint_files(refiner)
+  presets = (drafter, refiner) if presets is None else tuple(presets)
+  for name in presets:
+    if name is not None:
+      try:
+        get_preset(name)
+      except ValueError as e:
+        raise DownloadError(str(e)) from None
+  out = as_path(out)
+  dirs = (out / "drafter", out / "refiner")
+  _check_outputs(dirs, out, pth_dir, overwrite)
+  what = (f"{CODE_REPO} (N={steps})" if steps is not None
+          else f"{REPO} ({drafter} + {refiner})")
+  log(f"fetching {what} from huggingface.co")
+  paths = _run_fetch(fetch or fetch_pair_files, what, drafter, refiner,
+                     steps, cache_dir, pth_dir)
+  log(f"reading {paths[0]}")
+  vae_sd = convert.read_official(paths[0], "vae")
+  sds, cfgs = [], []
+  for path, preset in zip(paths[1:], presets):
+    log(f"reading {path}")
+    sds.append(convert.read_official(path, "var"))
+    vae_cfg, var_cfg = convert.infer_configs(vae_sd, sds[-1], preset)
+    cfgs.append(ModelConfig(name=preset or "converted", vae=vae_cfg,
+                            var=var_cfg))
+  check_pair(cfgs[0].var, cfgs[1].var)
+  # Both mapped (every key and shape checked) before anything is written;
+  # the state dicts go as soon as they are mapped (d30 alone is 8 GB).
+  states = []
+  for i, cfg in enumerate(cfgs):
+    states.append(convert.official_states(vae_sd, sds[i], cfg.vae, cfg.var))
+    sds[i] = None
+  for i, (d, cfg) in enumerate(zip(dirs, cfgs)):
+    log(f"writing {d}")
+    try:
+      checkpoint.save_model(d, cfg, *states[i], overwrite=overwrite)
+    except BaseException:
+      if i:
+        _rmtree(dirs[0], settle=0)  # Never half a pair.
+      raise
+    states[i] = None
+  return cfgs[0], cfgs[1]
