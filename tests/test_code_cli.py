@@ -28,6 +28,7 @@ def dirs(golden_dir, tmp_path_factory):
   return root / "drafter", root / "refiner", root / "other_vae"
 
 
+@pytest.mark.slow  # Compiles a drafter/refiner program (minutes on 2 cores).
 def test_sample_cli_code_matches_official(dirs, golden, tmp_path):
   g = golden("code_tiny_io")
   drafter, refiner, _ = dirs
@@ -45,6 +46,7 @@ def test_sample_cli_code_matches_official(dirs, golden, tmp_path):
   assert Image.open(png).size == (2 * 256 + 6, 256 + 4)
 
 
+@pytest.mark.slow  # Compiles a drafter/refiner program (minutes on 2 cores).
 def test_edit_cli_with_a_drafter_keeps_the_given_tokens(dirs, golden,
                                                         tmp_path):
   g = golden("var_tiny_io")
@@ -77,6 +79,7 @@ def test_drafter_with_another_tokenizer_is_one_line(dirs, tmp_path, capsys):
   assert not out.exists()
 
 
+@pytest.mark.slow  # Compiles a drafter/refiner program (minutes on 2 cores).
 def test_bench_sample_with_a_refiner_prints_one_json_line():
   out = subprocess.run(
       [sys.executable, "-m", "var_jax.cli", "bench", "sample", "--preset",

@@ -87,6 +87,7 @@ def test_missing_checkpoint_is_one_line(tmp_path, capsys):
   assert rc == 2 and "not a var-jax model directory" in err
 
 
+@pytest.mark.slow  # Several compiled samplers / subprocesses (minutes).
 def test_stochastic_forms_splits_and_dtypes_agree(golden_dir):
   vae, var = golden_vae(golden_dir), golden_var(golden_dir)
   labels = [1, 4, 10]
@@ -169,6 +170,7 @@ def test_sample_many_resumes_and_is_batch_invariant(golden_dir, tmp_path):
   np.testing.assert_array_equal(np.load(out)["arr_0"], ref)
 
 
+@pytest.mark.slow  # Several compiled samplers / subprocesses (minutes).
 def test_sample_many_on_four_devices_matches(model_dir, tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu")
