@@ -65,16 +65,15 @@ def assert_close_rel(actual, expected, rel=1e-4, name="array"):
 
 @pytest.fixture(scope="session")
 def random_digits_vae_dir(tmp_path_factory):
-  """A model directory holding a randomly initialised digits tokenizer."""
-  from flax import nnx
+  """A model directory holding a random digits tokenizer (DIGITS_VAE, every
+  parameter non-trivial; `golden_models.small_vae`, built in seconds)."""
+  from golden_models import SMALL_VAE, small_vae
 
   from var_jax import checkpoint
   from var_jax.config import ModelConfig
-  from var_jax.configs.models import DIGITS_VAE
-  from var_jax.models.vqvae import VQVAE
   d = tmp_path_factory.mktemp("vae") / "digits_vae"
-  checkpoint.save_model(d, ModelConfig("digits_vae", DIGITS_VAE),
-                        vae=VQVAE(DIGITS_VAE, rngs=nnx.Rngs(0)))
+  checkpoint.save_model(d, ModelConfig("digits_vae", SMALL_VAE),
+                        vae=small_vae())
   return d
 
 
