@@ -111,6 +111,24 @@ def test_convert_overwrite_on_a_full_disk_keeps_the_old_model(
     assert (out / "config.json").read_text() == '{"name": "old"}'
 
 
+def test_download_pair_on_a_full_disk_leaves_no_half_pair(golden_dir,
+                                                          tmp_path):
+  # The tiny drafter directory takes 19.1 MB, the refiner 16.9 MB: 25 MB
+  # holds the first and runs out in the second, which then takes the new
+  # drafter with it.
+  from var_jax.convert import download as dl
+  g = golden_dir
+  fetch = lambda *_: (g / "vae_tiny.pth", g / "var_tiny.pth",
+                      g / "var_tiny_refiner.pth")
+  with _tmpfs(tmp_path / "fs", "25m") as fs:
+    with pytest.raises(WriteError) as e:
+      dl.download_pair(fs / "pair", steps=6, presets=("tiny", None),
+                       fetch=fetch, log=lambda _: None)
+    assert str(e.value).startswith(
+        f"no space left on device writing {fs / 'pair' / 'refiner'}")
+    assert os.listdir(fs) == []
+
+
 def test_encode_out_on_a_full_disk(random_digits_vae_dir, tiny_fs, tmp_path,
                                    capsys):
   imgs = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), np.uint8)

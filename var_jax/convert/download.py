@@ -381,6 +381,7 @@ def download_pair(out, *, steps: int | None = None, drafter: str = "d30",
   for i, cfg in enumerate(cfgs):
     states.append(convert.official_states(vae_sd, sds[i], cfg.vae, cfg.var))
     sds[i] = None
+  created = not out.exists()
   for i, (d, cfg) in enumerate(zip(dirs, cfgs)):
     log(f"writing {d}")
     try:
@@ -388,6 +389,9 @@ def download_pair(out, *, steps: int | None = None, drafter: str = "d30",
     except BaseException:
       if i:
         _rmtree(dirs[0], settle=0)  # Never half a pair.
+      if created:
+        with contextlib.suppress(OSError):
+          out.rmdir()  # Only when empty: ours, made by this run.
       raise
     states[i] = None
   return cfgs[0], cfgs[1]
