@@ -86,3 +86,12 @@ def test_too_few_points_for_k3():
   x = np.zeros((3, 4), np.float32)
   with pytest.raises(DataError, match="more than 3"):
     M.precision_recall(x, x)
+
+
+def test_blocked_covariance_is_np_cov(adm):
+  x = adm["sample_spatial"]
+  s = M.compute_statistics(x, block=128)  # 800 rows: 7 blocks.
+  want = np.cov(x, rowvar=False)
+  assert s.sigma.dtype == np.float64 and s.mu.dtype == np.float32
+  np.testing.assert_allclose(s.sigma, want, rtol=0, atol=1e-12 * np.abs(want).max())
+  np.testing.assert_array_equal(s.mu, np.mean(x, axis=0))

@@ -34,6 +34,8 @@ def add_parser(bench_subparsers) -> None:
   p.add_argument("--iters", type=int, default=2, help="timed batches")
   p.add_argument("--warmup", type=int, default=1,
                  help="untimed batches after compilation")
+  p.add_argument("--chunk", type=int, default=None,
+                 help="images per device step (default: the extractor's)")
   p.add_argument("--official", action="store_true",
                  help="also time torch-fidelity's extractor (torch CPU)")
   p.add_argument("--torch-threads", type=int, default=None,
@@ -125,7 +127,8 @@ def run(args) -> int:
     sd = ci.read_inception_state_dict(args.inception)
   model = ci.convert_state_dict(sd, where=args.inception or "random weights",
                                 dtype=jnp.dtype(args.dtype))
-  ext = FeatureExtractor(model, batch=args.batch, names=ADM_FEATURES)
+  ext = FeatureExtractor(model, batch=args.batch, names=ADM_FEATURES,
+                         chunk=args.chunk)
   images = np.random.default_rng(0).integers(
       0, 256, (args.batch, args.size, args.size, 3), dtype=np.uint8)
   t0 = time.perf_counter()
@@ -140,7 +143,8 @@ def run(args) -> int:
   per_batch = _time_calls(call, args.iters)
   out = {
       "bench": "eval", "batch": args.batch, "size": args.size,
-      "dtype": args.dtype, "devices": jax.local_device_count(),
+      "dtype": args.dtype, "chunk": ext.chunk,
+      "devices": jax.local_device_count(),
       "platform": jax.devices()[0].platform,
       "compile_s": round(compile_s, 2),
       "s_per_batch": round(per_batch, 4),

@@ -26,6 +26,9 @@ from var_jax.errors import DataError
 # of this size, so the block size is part of the definition.
 ROW_BLOCK = 10000
 COL_BLOCK = 10000
+# Rows computed at once inside a block (memory only; results do not depend
+# on it).
+SUB_BLOCK = 1024
 NHOOD = 3  # k, counting the point itself at index 0.
 IS_SPLIT = 5000
 
@@ -42,16 +45,35 @@ class FIDStatistics:
     return int(np.atleast_1d(self.mu).shape[0])
 
 
-def compute_statistics(acts_ND: np.ndarray) -> FIDStatistics:
-  """`Evaluator.compute_statistics`: mean in the features' dtype (float32
-  features give a float32 mean, as numpy does) and `np.cov(rowvar=False)`,
-  which is float64."""
+def compute_statistics(acts_ND: np.ndarray,
+                       block: int = 4096) -> FIDStatistics:
+  """`Evaluator.compute_statistics`: `np.mean(acts, 0)` (in the features'
+  dtype, float32 for float32 features, as numpy gives it) and
+  `np.cov(acts, rowvar=False)` (float64).
+
+  The covariance is np.cov's float64 arithmetic (mean removed, X^T X /
+  (N - 1)) summed over blocks of `block` rows, so that 50k x 2048 features
+  need no 0.8 GB float64 copy (np.cov makes two); it agrees with np.cov to
+  float64 rounding.
+
+  Raises:
+    DataError: fewer than 2 feature vectors.
+  """
   acts_ND = np.asarray(acts_ND)
   if acts_ND.ndim != 2 or len(acts_ND) < 2:
     raise DataError(f"statistics need at least 2 feature vectors, got shape "
                     f"{acts_ND.shape}")
-  return FIDStatistics(np.mean(acts_ND, axis=0),
-                       np.cov(acts_ND, rowvar=False))
+  n, d = acts_ND.shape
+  avg = np.zeros((d,), np.float64)
+  for i in range(0, n, block):
+    avg += acts_ND[i:i + block].sum(axis=0, dtype=np.float64)
+  avg /= n
+  cov = np.zeros((d, d), np.float64)
+  for i in range(0, n, block):
+    x = acts_ND[i:i + block].astype(np.float64) - avg
+    cov += x.T @ x
+  cov /= n - 1
+  return FIDStatistics(np.mean(acts_ND, axis=0), cov)
 
 
 def frechet_distance(a: FIDStatistics, b: FIDStatistics,
@@ -156,73 +178,118 @@ def _distances_f32(u_MD, v_ND):
 
 
 def pairwise_distances(u_MD, v_ND) -> jax.Array:
-  """Squared distances (M, N) float32, float16 unless that overflows."""
+  """Squared distances (M, N) float32, float16 unless that overflows (one
+  `DistanceBlock.pairwise_distances` call)."""
   d, finite = _distances_f16(u_MD, v_ND)
   return d if bool(finite) else _distances_f32(u_MD, v_ND)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _smallest(d_MN, k: int):
-  return -jax.lax.top_k(-d_MN, k)[0]
+def _distances(u, v, f32: bool):
+  if f32:
+    return _distances_f32(u, v), jnp.bool_(True)
+  return _distances_f16(u, v)
+
+
+@functools.partial(jax.jit, static_argnames=("keep", "f32"))
+def _smallest_part(u_MD, v_ND, keep: int, f32: bool):
+  """The `keep` smallest distances of each row of u to v, and whether all
+  distances were finite."""
+  d, finite = _distances(u_MD, v_ND, f32)
+  return -jax.lax.top_k(-d, keep)[0], finite
+
+
+@functools.partial(jax.jit, static_argnames=("f32",))
+def _covered_part(u_MD, v_ND, radii_u_M, radii_v_N, f32: bool):
+  """(rows of u inside some ball of v, columns of v inside some ball of u,
+  all distances finite) — `DistanceBlock.less_thans`."""
+  d, finite = _distances(u_MD, v_ND, f32)
+  rows_in = jnp.any(d <= radii_v_N[None, :], axis=1)
+  cols_in = jnp.any(d <= radii_u_M[:, None], axis=0)
+  return rows_in, cols_in, finite
+
+
+def _per_block(fn, rows: int, sub: int):
+  """`fn(row_part, f32)` over row parts of one evaluator block.
+
+  The evaluator decides float16 or float32 once per (rows x cols) block: if
+  any float16 distance of the block is not finite, the whole block is redone
+  in float32. The block is computed `sub` rows at a time (a 10000 x 10000
+  block in one piece would hold 1.5 GB), the decision kept per block.
+  """
+  outs = [fn(i, False) for i in range(0, rows, sub)]
+  if not all(bool(o[-1]) for o in outs):
+    outs = [fn(i, True) for i in range(0, rows, sub)]
+  return [o[:-1] for o in outs]
 
 
 def manifold_radii(feats_ND: np.ndarray, k: int = NHOOD,
-                   row_block: int = ROW_BLOCK,
-                   col_block: int = COL_BLOCK) -> np.ndarray:
+                   row_block: int = ROW_BLOCK, col_block: int = COL_BLOCK,
+                   sub_block: int = SUB_BLOCK) -> np.ndarray:
   """`ManifoldEstimator.manifold_radii`: per point, the (k+1)-th smallest
   squared distance to its own set (itself counted at index 0), float32 (N,).
 
-  Column blocks are merged by keeping each row's k+1 smallest values, so a
+  Each row keeps only its k+1 smallest distances across column blocks, so a
   50k x 50k matrix never sits in memory.
+
+  Raises:
+    DataError: k or fewer points.
   """
+  feats_ND = np.asarray(feats_ND, np.float32)
   n = len(feats_ND)
   if n <= k:
     raise DataError(f"precision/recall need more than {k} images per set, "
                     f"got {n}")
   radii = np.zeros((n,), np.float32)
-  keep = k + 1
   for r0 in range(0, n, row_block):
-    rows = jnp.asarray(feats_ND[r0:r0 + row_block])
+    rows = feats_ND[r0:r0 + row_block]
     best = None
     for c0 in range(0, n, col_block):
-      d = pairwise_distances(rows, jnp.asarray(feats_ND[c0:c0 + col_block]))
-      cand = _smallest(d, min(keep, d.shape[1]))
-      best = cand if best is None else _smallest(
-          jnp.concatenate([best, cand], axis=1), keep)
-    radii[r0:r0 + row_block] = np.asarray(best[:, k])
+      cols = jnp.asarray(feats_ND[c0:c0 + col_block])
+      keep = min(k + 1, len(cols))
+      parts = _per_block(
+          lambda i, f32: _smallest_part(jnp.asarray(rows[i:i + sub_block]),
+                                        cols, keep=keep, f32=f32),
+          len(rows), sub_block)
+      cand = np.concatenate([np.asarray(p[0]) for p in parts])
+      best = cand if best is None else np.sort(
+          np.concatenate([best, cand], axis=1), axis=1)[:, :k + 1]
+    radii[r0:r0 + row_block] = best[:, k]
   return radii
-
-
-@jax.jit
-def _covered(d_MN, radii_rows_M, radii_cols_N):
-  rows_in = jnp.any(d_MN <= radii_cols_N[None, :], axis=1)
-  cols_in = jnp.any(d_MN <= radii_rows_M[:, None], axis=0)
-  return rows_in, cols_in
 
 
 def precision_recall(ref_ND: np.ndarray, sample_ND: np.ndarray,
                      k: int = NHOOD, row_block: int = ROW_BLOCK,
-                     col_block: int = COL_BLOCK) -> tuple[float, float]:
+                     col_block: int = COL_BLOCK,
+                     sub_block: int = SUB_BLOCK) -> tuple[float, float]:
   """`Evaluator.compute_prec_recall`: (precision, recall) of the samples.
 
-  Precision: the fraction of samples inside some reference point's k-NN ball;
-  recall: the fraction of reference points inside some sample's ball.
+  Precision: the fraction of samples inside some reference point's k-NN
+  ball; recall: the fraction of reference points inside some sample's ball
+  (a point is inside when its squared distance is <= the radius).
+
+  Raises:
+    DataError: feature widths differ, or a set has k or fewer points.
   """
   ref_ND = np.asarray(ref_ND, np.float32)
   sample_ND = np.asarray(sample_ND, np.float32)
   if ref_ND.shape[1:] != sample_ND.shape[1:]:
     raise DataError(f"precision/recall: reference features have width "
                     f"{ref_ND.shape[1:]}, samples {sample_ND.shape[1:]}")
-  r_ref = manifold_radii(ref_ND, k, row_block, col_block)
-  r_sam = manifold_radii(sample_ND, k, row_block, col_block)
+  r_ref = manifold_radii(ref_ND, k, row_block, col_block, sub_block)
+  r_sam = manifold_radii(sample_ND, k, row_block, col_block, sub_block)
   ref_in = np.zeros((len(ref_ND),), bool)
   sam_in = np.zeros((len(sample_ND),), bool)
   for r0 in range(0, len(ref_ND), row_block):
-    rows = jnp.asarray(ref_ND[r0:r0 + row_block])
+    rows, rr = ref_ND[r0:r0 + row_block], r_ref[r0:r0 + row_block]
     for c0 in range(0, len(sample_ND), col_block):
-      d = pairwise_distances(rows, jnp.asarray(sample_ND[c0:c0 + col_block]))
-      a, b = _covered(d, jnp.asarray(r_ref[r0:r0 + row_block]),
-                      jnp.asarray(r_sam[c0:c0 + col_block]))
-      ref_in[r0:r0 + row_block] |= np.asarray(a)
-      sam_in[c0:c0 + col_block] |= np.asarray(b)
+      cols = jnp.asarray(sample_ND[c0:c0 + col_block])
+      rc = jnp.asarray(r_sam[c0:c0 + col_block])
+      parts = _per_block(
+          lambda i, f32: _covered_part(
+              jnp.asarray(rows[i:i + sub_block]), cols,
+              jnp.asarray(rr[i:i + sub_block]), rc, f32=f32),
+          len(rows), sub_block)
+      for i, (a, b) in zip(range(0, len(rows), sub_block), parts):
+        ref_in[r0 + i:r0 + i + len(a)] |= np.asarray(a)
+        sam_in[c0:c0 + len(b)] |= np.asarray(b)
   return float(np.mean(sam_in)), float(np.mean(ref_in))
