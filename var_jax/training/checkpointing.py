@@ -78,24 +78,6 @@ def run_differences(saved: dict, now: dict, ignore=()) -> list[str]:
           for k in keys if a.get(k) != b.get(k)]
 
 
-class _DropFaultTracebacks(logging.Filter):
-  """Drops Orbax's ERROR records that carry an I/O fault's traceback.
-
-  A failed async save is logged by Orbax's finalize thread with the whole
-  traceback before `wait_until_finished` raises it; the run reports it once
-  itself, as one line naming the path and the cause.
-  """
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    exc = record.exc_info[1] if record.exc_info else None
-    return not (record.levelno >= logging.ERROR and exc is not None
-                and "orbax" in record.pathname
-                and io.os_error_of(exc) is not None)
-
-
-_QUIET = _DropFaultTracebacks()
-
-
 class RunCheckpoints:
   """Periodic checkpoints of one training run under `workdir/checkpoints`."""
 
@@ -113,7 +95,6 @@ class RunCheckpoints:
                             ) from None
 
   def _open(self):
-    logging.getLogger("absl").addFilter(_QUIET)  # Adding twice is a no-op.
     return ocp.CheckpointManager(self.dir, item_names=("state", "meta"),
                                  options=self._options)
 
