@@ -74,3 +74,21 @@ def test_vae_flops_match_xla_cost_analysis(fn, method):
     pytest.skip("no XLA cost analysis on this backend")
   # XLA also counts elementwise work; the analytic count is matmuls/convs.
   assert abs(fn(cfg) / cost["flops"] - 1) < 0.05, (fn(cfg), cost["flops"])
+
+
+def test_code_and_cfg_until_flops():
+  d16, d30 = get_preset("d16").var, get_preset("d30").var
+  full = flops.var_sample_flops(d30)
+  # Without guidance every scale runs one row instead of two (word_embed,
+  # once per sample either way, is the small rest).
+  assert 0.49 < flops.var_sample_flops(d30, cfg_until=0) / full < 0.51
+  # The drafter's share of the scales plus the refiner's prefill and tail.
+  vae = get_preset("d30").vae
+  by_n = [flops.sample_flops(d16, vae, drafter=d30, draft_steps=n)
+          ["transformer"] for n in range(1, 10)]
+  assert flops.var_sample_flops(d16) < by_n[0] and by_n[-1] < full
+  assert by_n == sorted(by_n)  # More drafted scales, more work.
+  # N = K - 1 with the drafter as its own refiner: the plain count plus the
+  # refiner's recomputation of scales 0..K-2 (no heads) at its last scale.
+  same = flops.sample_flops(d30, vae, drafter=d30, draft_steps=9)
+  assert same["transformer"] > full
