@@ -51,14 +51,9 @@ def segments(patch_nums) -> tuple[tuple[int, int, int], ...]:
   return tuple(out)
 
 
-def level_ids(patch_nums) -> np.ndarray:
-  """int32 (L,) scale index of each position (the official `lvl_1L`)."""
-  return scales.layout(tuple(patch_nums)).level_ids()
-
-
 def block_causal_bias(patch_nums) -> np.ndarray:
   """(L, L) additive mask: a token sees its own scale and all coarser ones."""
-  lvl = level_ids(patch_nums)
+  lvl = scales.layout(tuple(patch_nums)).level_ids()
   return np.where(lvl[:, None] >= lvl[None, :], 0.0, NEG).astype(np.float32)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from var_jax.config import VARConfig
-from var_jax.models import attention
+from var_jax.models import attention, scales
 
 FSDP = "fsdp"
 
@@ -27,7 +27,10 @@ def _normal(key, shape, std):
 
 
 def _param(value, sharding):
-  return nnx.Param(value, out_sharding=sharding)
+  # The sharding names are metadata: the trainer places the state through
+  # jit(out_shardings=...), so nothing is sharded eagerly at construction
+  # (and Flax's global flax_always_shard_variable is left as it is).
+  return nnx.Param(value, out_sharding=sharding, eager_sharding=False)
 
 
 def layer_norm(x, eps):
@@ -230,7 +233,7 @@ class VAR(nnx.Module):
   # ------------------------------------------------------------ embeddings
   def lvl_pos(self) -> jax.Array:
     """(1, L, C): level embedding + absolute position, added to every input."""
-    lvl = jnp.asarray(attention.level_ids(self.cfg.patch_nums))
+    lvl = jnp.asarray(scales.layout(self.cfg.patch_nums).level_ids())
     return self.lvl_embed(lvl)[None] + self.pos_1LC[...]
 
   def block_cond(self, cond_BD):
