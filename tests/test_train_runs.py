@@ -6,8 +6,9 @@ run stopped by a full disk, each then resumed, must all reproduce it. These
 runs are `slow`.
 """
 
-import json
 import contextlib
+import dataclasses
+import json
 import os
 import pathlib
 import socket
@@ -95,20 +96,23 @@ MESHES = ("data=4", "data=2,fsdp=2")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, vae_dir):
-  """The reference and the 4-device runs, side by side (they compile mostly
-  on one core each)."""
-  dirs = {m: tmp_path_factory.mktemp("run") for m in (None,) + MESHES}
-  procs = {m: _start(d, vae_dir, *(("--mesh", m) if m else ()),
-                     devices=4 if m else 1) for m, d in dirs.items()}
-  for p in procs.values():
-    _finish(p)
-  return dirs
+def reference(tmp_path_factory, vae_dir):
+  """The uninterrupted single-device run."""
+  d = tmp_path_factory.mktemp("run")
+  _train(d, vae_dir)
+  return d
 
 
 @pytest.fixture(scope="module")
-def reference(runs):
-  return runs[None]
+def runs(tmp_path_factory, vae_dir, reference):
+  """The reference and the 4-device runs (these two side by side: they
+  compile mostly on one core each)."""
+  dirs = {m: tmp_path_factory.mktemp("run") for m in MESHES}
+  procs = {m: _start(d, vae_dir, "--mesh", m, devices=4)
+           for m, d in dirs.items()}
+  for p in procs.values():
+    _finish(p)
+  return {None: reference, **dirs}
 
 
 @pytest.mark.slow
@@ -242,18 +246,54 @@ def test_token_cache_run_matches_images(tmp_path, vae_dir, reference):
     assert abs(got[s] - ref[s]) <= 1e-5 * abs(ref[s]), (s, got[s], ref[s])
 
 
+def _cache(path, pns=(1, 2, 3, 4), L=None, top=0, **fields):
+  """A token cache of 8 sequences (one global batch of train_tiny);
+  `fields` add or replace stored arrays."""
+  L = sum(p * p for p in pns) if L is None else L
+  arrays = dict(tokens=np.full((8, L), top, np.int32),
+                labels=np.zeros(8, np.int32), patch_nums=np.asarray(pns),
+                num_classes=10, vocab_size=512)
+  arrays.update(fields)
+  np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+  return f"tokens:{path}"
+
+
 def test_token_cache_errors(tmp_path, vae_dir, capsys):
+  """A cache the model cannot take is one line naming the field; nothing is
+  written. The digits tokenizer: scales 1,2,3,4, vocab 512, 10 classes."""
   from var_jax import cli
-  bad = tmp_path / "bad.npz"
-  np.savez(bad, tokens=np.zeros((4, 7), np.int32), labels=np.zeros(4),
-           patch_nums=np.asarray([1, 2, 3, 4]), num_classes=10)
-  for data, needle in ((f"tokens:{tmp_path}/none.npz", "not found"),
-                       (f"tokens:{bad}", "do not fit scales")):
+  from var_jax.checkpoint import load_config
+  assert load_config(vae_dir).vae.vocab_size == 512
+  cases = (
+      (f"tokens:{tmp_path}/none.npz", "not found"),
+      (_cache(tmp_path / "a.npz", L=7), "do not fit scales"),
+      (_cache(tmp_path / "b.npz", pns=(1, 2, 3, 5)),
+       "patch_nums (1, 2, 3, 5) in the cache, (1, 2, 3, 4) in the model"),
+      (_cache(tmp_path / "c.npz", vocab_size=4096),
+       "vocab_size 4096 in the cache, 512 in the model"),
+      # Written before caches stored vocab_size: the ids are checked.
+      (_cache(tmp_path / "d.npz", vocab_size=None, top=600),
+       "vocab_size: token ids up to 600 in the cache"),
+      (_cache(tmp_path / "e.npz", num_classes=11),
+       "num_classes 11 in the cache, 10 in the model"),
+  )
+  for data, needle in cases:
     rc = cli.main(["train", "--config", "train_tiny", "--vae-ckpt",
                    str(vae_dir), "--workdir", str(tmp_path / "w"),
                    "--data", data])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and needle in err[0], err
+    assert rc == 2 and len(err) == 1 and needle in err[0], (needle, err)
+    assert not (tmp_path / "w").exists()
+  # An old cache whose ids fit the model is accepted (the run starts).
+  from var_jax.data.sources import TokenSource
+  from var_jax.training.trainer import resolve_sources, token_cache_differences
+  from var_jax.training.config import TrainConfig, load_config as load_run
+  cfg = load_run("train_tiny", TrainConfig)
+  model = resolve_sources(dataclasses.replace(cfg, vae_ckpt=str(vae_dir))).cfg
+  _cache(tmp_path / "f.npz", vocab_size=None, top=511)
+  ok = TokenSource(tmp_path / "f.npz")
+  assert ok.vocab_size is None
+  assert token_cache_differences(ok, model) == []
 
 
 @contextlib.contextmanager

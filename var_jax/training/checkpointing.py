@@ -135,6 +135,10 @@ class RunCheckpoints:
       raise CheckpointError(f"cannot resume from {self.dir}/{step}: "
                             f"{_first_line(e)}") from None
 
+  def due(self, step: int, *, force: bool = False) -> bool:
+    """Whether `maybe_save(step, ...)` saves (unless `step` is saved)."""
+    return force or step % self.every == 0
+
   def maybe_save(self, step: int, state, record: dict, *,
                  force: bool = False) -> bool:
     """Starts an async save every `every` steps (or when forced).
@@ -142,7 +146,7 @@ class RunCheckpoints:
     Raises:
       WriteError: this or an earlier async save failed (full disk, ...).
     """
-    if not force and step % self.every:
+    if not self.due(step, force=force):
       return False
     try:
       with io.orbax_writes(self.dir):  # Quiets Orbax's thread echoes.

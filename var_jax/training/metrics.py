@@ -8,7 +8,9 @@ with `TrainingDiverged`.
 Paths are `etils.epath` paths: a local workdir gets a line-buffered append
 of `metrics.jsonl`; on cloud storage, which cannot append, the file is
 rewritten whole (existing lines + new ones, atomically) at most every
-`_REMOTE_FLUSH_S` seconds and at the end. TensorBoard events go through
+`_REMOTE_FLUSH_S` seconds, at every `flush()` (the run calls it when it saves
+a checkpoint, so the lines of every step up to the newest checkpoint survive
+a kill) and at the end. TensorBoard events go through
 tensorboardX, which writes `gs://` itself (google-cloud-storage).
 """
 
@@ -133,6 +135,18 @@ class MetricsWriter:
           self._tb.add_scalar(f"train/{k}", v, step)
     self._bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}",
                           refresh=False)
+
+  def flush(self) -> None:
+    """Makes every line written so far durable (a remote log is rewritten).
+
+    Raises:
+      WriteError: the log or the events cannot be written.
+    """
+    if not self.enabled:
+      return
+    with _named_os_errors(self.path):
+      self._log.flush()
+      self._tb.flush()
 
   def advance(self, n: int = 1) -> None:
     if self._bar is not None:

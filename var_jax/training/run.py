@@ -174,8 +174,17 @@ class Run:
       now = time.perf_counter()
       pending = (step, m, now - t_prev, step == self.start)
       t_prev = now
+      final = step + 1 == self.total
+      if not final and self.ckpts.due(step + 1):
+        # A resume from this checkpoint never redoes the steps it holds:
+        # their lines must be durable first (a remote log is otherwise
+        # rewritten only every minute). The final step's line waits for
+        # the evaluation after export, as in every run.
+        self._write(writer, step, self._checked(step, m), *pending[2:])
+        writer.flush()
+        pending = None
       saved = self.ckpts.maybe_save(step + 1, self.state, self.record,
-                                    force=step + 1 == self.total)
+                                    force=final)
       if saved and step + 1 == fault:
         os.kill(os.getpid(), signal.SIGKILL)
     if pending is not None:

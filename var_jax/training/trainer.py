@@ -73,6 +73,33 @@ def resolve_sources(cfg: TrainConfig) -> Sources:
   return Sources(dataclasses.replace(model_cfg, vae=vae_cfg), d, None)
 
 
+def token_cache_differences(src, model_cfg: ModelConfig) -> list[str]:
+  """What of a token cache (`data.sources.TokenSource`) the model cannot take.
+
+  Returns one '<field> <cache's> in the cache, <model's> in the model' per
+  differing field: `patch_nums` must be equal, `vocab_size` equal (caches
+  written before it was stored: every token id below the model's), and the
+  cache's `num_classes` at most the model's (as for image data).
+  """
+  var, out = model_cfg.var, []
+  if tuple(src.patch_nums) != tuple(var.patch_nums):
+    out.append(f"patch_nums {tuple(src.patch_nums)} in the cache, "
+               f"{tuple(var.patch_nums)} in the model")
+  vocab = model_cfg.vae.vocab_size
+  if src.vocab_size is None:
+    top = int(src.tokens_NL.max()) if src.tokens_NL.size else -1
+    if top >= vocab:
+      out.append(f"vocab_size: token ids up to {top} in the cache (written "
+                 f"without its vocab_size), {vocab} in the model")
+  elif src.vocab_size != vocab:
+    out.append(f"vocab_size {src.vocab_size} in the cache, {vocab} in the "
+               "model")
+  if src.num_classes > var.num_classes:
+    out.append(f"num_classes {src.num_classes} in the cache, "
+               f"{var.num_classes} in the model")
+  return out
+
+
 class VARTask(run_lib.Task):
   """VAR's state, step and model directory for `run.Run`."""
 
@@ -94,15 +121,15 @@ class VARTask(run_lib.Task):
   def attach(self, loader, total: int) -> None:
     """Checks the data against the model; compiles nothing yet."""
     var_cfg, cfg = self.model_cfg.var, self.cfg
+    self.tokens = loader.yields_tokens
+    if self.tokens:
+      diff = token_cache_differences(loader.source, self.model_cfg)
+      if diff:
+        raise DataError(f"token cache {cfg.data} does not fit model "
+                        f"{self.model_cfg.name}: {'; '.join(diff)}")
     if loader.num_classes > var_cfg.num_classes:
       raise DataError(f"{cfg.data} has {loader.num_classes} classes but the "
                       f"model has {var_cfg.num_classes}")
-    self.tokens = loader.yields_tokens
-    if self.tokens and tuple(loader.source.patch_nums) != tuple(
-        var_cfg.patch_nums):
-      raise DataError(f"{cfg.data} was tokenized at scales "
-                      f"{loader.source.patch_nums}, the model uses "
-                      f"{var_cfg.patch_nums}")
     self.total = total
     self.batch_keys = ("tokens" if self.tokens else "images", "labels")
     self.step_fn = step_lib.make_train_step(
