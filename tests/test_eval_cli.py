@@ -265,3 +265,13 @@ def test_digits_sample_many_then_eval_sharded_equals_single(weights, tmp_path,
     a, c = np.load(tmp_path / f"a_{part}.npz"), np.load(tmp_path / f"c_{part}.npz")
     for k in ("pool", "spatial", "logits_unbiased"):
       assert_close_rel(c[k], a[k], rel=1e-5, name=f"{part}/{k}")
+
+
+def test_bench_eval_prints_one_json_line(capsys):
+  rc = cli.main(["bench", "eval", "--random-init", "--batch", "2", "--size",
+                 "16", "--iters", "1", "--warmup", "0"])
+  out = capsys.readouterr().out.strip().splitlines()
+  assert rc == 0 and len(out) == 1
+  res = json.loads(out[0])
+  assert res["bench"] == "eval" and res["batch"] == 2
+  assert res["images_per_s"] > 0 and res["s_per_batch"] > 0

@@ -4,8 +4,9 @@ Times the jitted, sharded extractor (resize to 299, InceptionV3, the three
 ADM features) on random uint8 images, after compilation and warmup, and
 prints one JSON line. `--official` times torch-fidelity's
 `FeatureExtractorInceptionV3` in the same process on the same images with the
-same weights (needs torch and torch-fidelity installed) and adds its figure
-and the ratio.
+same weights (needs torch and torch-fidelity installed) and adds its figure,
+the ratio, and the largest difference between the two networks' `pool_3`
+and unbiased logits (relative to their max magnitude).
 """
 
 from __future__ import annotations

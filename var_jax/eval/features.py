@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
-import time
 
 import jax
 import numpy as np
@@ -244,11 +243,3 @@ def write_cache(path, feats: dict, meta: dict) -> None:
   from var_jax.io import save_npz
   save_npz(path, meta=np.asarray(json.dumps(meta, sort_keys=True)),
            **{k: np.asarray(feats[k], np.float32) for k in ADM_FEATURES})
-
-
-def timed(fn, *args, **kwargs):
-  """(result, seconds)."""
-  t0 = time.perf_counter()
-  result = fn(*args, **kwargs)
-  return result, time.perf_counter() - t0
-
