@@ -256,3 +256,23 @@ def test_run_record_differences_name_fields():
          "model": {"var": {"depth": 2}}}
   assert run_differences(saved, now, ["config.ckpt_every", "config.model"]
                          ) == ["config.seed (checkpoint 0, now 1)"]
+
+
+@pytest.mark.parametrize("command", ["train", "train-vae", "tokenize"])
+def test_data_help_lists_what_the_folder_reader_takes(capsys, monkeypatch,
+                                                      command):
+  """--help names exactly the extensions a folder source lists, and how
+  images are read."""
+  import re
+
+  from var_jax.data.sources import IMG_EXTENSIONS
+  monkeypatch.setenv("COLUMNS", "2000")  # One line per flag: no hyphen breaks.
+  with pytest.raises(SystemExit):
+    cli.main([command, "--help"])
+  text = " ".join(capsys.readouterr().out.split())
+  listed = re.search(r"\(folder: ([^,]*), any case;", text)
+  assert listed, text
+  assert sorted(listed.group(1).split()) == sorted(IMG_EXTENSIONS)
+  assert ("images are read as a viewer shows them: EXIF orientation applied, "
+          "16/32-bit scaled to 8 bits, transparency composited over white)"
+          in text)

@@ -6,14 +6,21 @@ import dataclasses
 
 from var_jax.config import COMPUTE_DTYPES
 
+# How every image-reading command reads a folder (data.decode.decode_image).
+_FOLDER_HELP = (" (folder: .jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp, "
+                "any case; images are read as a viewer shows them: EXIF "
+                "orientation applied, 16/32-bit scaled to 8 bits, "
+                "transparency composited over white)")
 _DATA_HELP = "folder:PATH | tfds:NAME | digits (default: the config's)"
 _WORKDIR_HELP = ("checkpoints, metrics.jsonl, tb/ and the final model/ (a "
                  "local path or gs://...)")
 
 
-def _add_run_flags(p, *, batch_what: str) -> None:
+def _add_run_flags(p, *, batch_what: str, tokens: bool) -> None:
   """The flags every training command shares (config, data, run, mesh)."""
-  p.add_argument("--data", help=_DATA_HELP)
+  data = (_DATA_HELP.replace("digits", "digits | tokens:PATH.npz", 1)
+          if tokens else _DATA_HELP)
+  p.add_argument("--data", help=data + _FOLDER_HELP)
   p.add_argument("--workdir", required=True, help=_WORKDIR_HELP)
   p.add_argument("--steps", type=int, help="run length in optimizer steps "
                  "(schedule horizon; default: the config's)")
@@ -38,7 +45,7 @@ def register(subparsers) -> None:
   p.add_argument("--config", required=True,
                  help="a config file (configs/train_d16.py) or a bundled name "
                       "(train_d16, d16, train_tiny)")
-  _add_run_flags(p, batch_what="examples")
+  _add_run_flags(p, batch_what="examples", tokens=True)
   w = p.add_mutually_exclusive_group()
   w.add_argument("--vae-ckpt", help="model directory holding the tokenizer")
   w.add_argument("--init-ckpt", help="model directory (tokenizer + VAR) to "
@@ -57,7 +64,7 @@ def register(subparsers) -> None:
                  help="a config file (configs/train_vae_digits.py) or a "
                       "bundled name (train_vae_digits, train_vae_imagenet, "
                       "train_vae_tiny)")
-  _add_run_flags(p, batch_what="images")
+  _add_run_flags(p, batch_what="images", tokens=False)
   p.add_argument("--lpips-weights", help="LPIPS VGG weights: FILE.npz or "
                  "VGG16.pth,LPIPS_VGG.pth (torchvision vgg16-397923af.pth "
                  "and lpips' vgg.pth)")
@@ -104,7 +111,7 @@ def _register_tokenize(subparsers) -> None:
   p.add_argument("--ckpt", required=True, help="model directory with the "
                  "tokenizer")
   p.add_argument("--data", required=True, help="folder:PATH | tfds:NAME | "
-                 "digits")
+                 "digits" + _FOLDER_HELP)
   p.add_argument("--split", default="train")
   p.add_argument("--out", required=True, help="output .npz")
   p.add_argument("--batch", type=int, default=64)
@@ -125,6 +132,7 @@ def _tokenize(args) -> int:
     except ValueError:
       raise UserError(f"--scales must be integers, got {args.scales!r}"
                       ) from None
+  # n counts the decodable images only (the others are named on stderr).
   n = tokenize_dataset(args.ckpt, args.data, args.split, args.out,
                        batch=args.batch, patch_nums=scales)
   print(f"wrote {n} token sequences to {args.out}")
