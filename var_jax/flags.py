@@ -27,3 +27,12 @@ def add_bench_model_args(p) -> None:
   src.add_argument("--random-init", action="store_true",
                    help="random weights for the VAR and the tokenizer")
   src.add_argument("--ckpt", help="model directory to take the weights from")
+
+
+def add_batch_dtype_args(p, *, batch: int, batch_help: str,
+                         dtype_help: str) -> None:
+  """--batch (default `batch`) and --dtype (float32 | bfloat16, default
+  float32): how much and in what precision a benchmark (or eval) computes."""
+  p.add_argument("--batch", type=int, default=batch, help=batch_help)
+  p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                 default="float32", help=dtype_help)

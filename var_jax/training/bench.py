@@ -18,15 +18,14 @@ import numpy as np
 
 def add_parser(bench_subparsers) -> None:
   """Adds `train` to a `bench` command's sub-parsers."""
-  from var_jax.flags import add_bench_model_args
+  from var_jax.flags import add_batch_dtype_args, add_bench_model_args
   p = bench_subparsers.add_parser(
       "train", help="time VAR training steps (one JSON line)",
       description="Times the jitted training step of a preset on random "
                   "images and prints one JSON line.")
   add_bench_model_args(p)
-  p.add_argument("--batch", type=int, default=4, help="global batch size")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"),
-                 default="float32", help="matmul compute dtype")
+  add_batch_dtype_args(p, batch=4, batch_help="global batch size",
+                       dtype_help="matmul compute dtype")
   p.add_argument("--steps", type=int, default=3, help="timed steps")
   p.add_argument("--warmup", type=int, default=1,
                  help="untimed steps after compilation")
