@@ -4,7 +4,8 @@ A scikit-learn classifier, trained on the real 8x8 digits and knowing nothing
 of our models, labels generated samples; the tokenizer's reconstruction PSNR
 is measured on the held-out split. Both go through the same 64px rendering
 the training data uses (`augment.digits_to_image`), brought back to 8x8 by
-area averaging, so the classifier sees real and generated digits alike.
+area averaging, so the classifier sees real and generated digits alike. The
+PSNR is the one training logs (`models.vqvae.psnr`).
 """
 
 from __future__ import annotations
@@ -57,24 +58,26 @@ def agreement(clf, images_BHWC, labels_B) -> float:
   return float((pred == np.asarray(labels_B)).mean())
 
 
-def psnr(a, b) -> float:
-  """PSNR in dB of images in [0, 1]."""
-  mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b)) ** 2))
-  return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
-
-
 def tokenizer_psnr(vae, resolution: int, batch: int = 64) -> float:
-  """Reconstruction PSNR of the tokenizer on the held-out digits."""
+  """Reconstruction PSNR (dB) of the tokenizer on the held-out digits.
+
+  The training metric's definition, `models.vqvae.psnr` (images in
+  [-1, 1]; reconstructions clipped to it; peak 1 on the [0, 1] scale; one
+  value per image), averaged over the images.
+  """
   import jax
   from flax import nnx
+
+  from var_jax.models.vqvae import psnr
   x, _ = rendered_digits("val", resolution)
+  x = x * 2 - 1  # [0, 1] -> the models' [-1, 1].
   graph, state = nnx.split(vae)
 
   @jax.jit
-  def recon(state, x_BHWC):
+  def psnr_B(state, x_BHWC):
     m = nnx.merge(graph, state)
-    return (m.decode(m.img_to_fhats(x_BHWC * 2 - 1)[-1]) + 1) / 2
+    return psnr(m.decode(m.img_to_fhats(x_BHWC)[-1]), x_BHWC)
 
-  out = np.concatenate([np.asarray(recon(state, x[i:i + batch]))
-                        for i in range(0, len(x), batch)])
-  return psnr(out, x)
+  return float(np.mean(np.concatenate([
+      np.asarray(psnr_B(state, x[i:i + batch]))
+      for i in range(0, len(x), batch)])))
