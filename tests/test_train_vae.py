@@ -243,6 +243,7 @@ def test_patchgan_grid(res, layers):
   assert out.shape == (2, side, side, 1)
 
 
+@pytest.mark.slow  # 206 s measured alone (machine under load).
 def test_gan_lpips_step():
   """One adversarial step: its critic terms and VQGAN's adaptive weight equal
   the same quantities recomputed from the initial state by plain autodiff
