@@ -13,6 +13,14 @@
    classifier, trained on the real digits, assigns to the requested class.
 4. `--install` stores the model directory in float16 inside the package and
    measures the report again on the stored weights.
+5. `--refiner` then trains the collaborative-decoding refiner the same way
+   (`var-jax tokenize` with the tokenizer, `var-jax train --config
+   train_digits_refiner`: half the depth, half the steps) and prints the
+   quality/speed table of `tools/digits_code_table.py`; with `--install` its
+   transformer (no tokenizer copy: it is the bundled one) is stored in
+   float16 as `var_jax/assets/digits_refiner`, which `var-jax sample --fast`
+   uses. `--refiner-only` does only this, on the bundled model (how the
+   shipped refiner was made).
 
 Re-running resumes each stage from its checkpoints; finished stages are
 skipped. Both stages run on the CPU.
@@ -30,6 +38,7 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ASSET = ROOT / "var_jax" / "assets" / "digits"
+REFINER_ASSET = ROOT / "var_jax" / "assets" / "digits_refiner"
 
 
 def _run(argv: list[str]) -> float:
@@ -94,6 +103,45 @@ def install(model_dir: pathlib.Path, per_class: int) -> dict:
   return report
 
 
+def install_refiner(model_dir: pathlib.Path) -> None:
+  """Stores the refiner's transformer (float16, no tokenizer) in the package.
+
+  The tokenizer is the bundled one (checked here, weights and config), so
+  only `config.json` and `var/` ship.
+  """
+  import jax
+  import numpy as np
+  from flax import nnx
+  from var_jax import checkpoint
+  from var_jax.sampling import code
+  cfg, vae, var = checkpoint.load_model(model_dir, need_var=True)
+  _, bundled_vae, _ = checkpoint.load_model(None, need_var=False)
+  code.check_same_tokenizer(bundled_vae, vae, "bundled", "refiner")
+  half = jax.tree.map(lambda a: np.asarray(a, np.float16),
+                      nnx.state(var).to_pure_dict())
+  checkpoint.save_model(REFINER_ASSET, cfg, None, half, overwrite=True)
+
+
+def refiner_stage(exe, workdir: pathlib.Path, tokenizer: pathlib.Path,
+                  install: bool, per_class: int) -> None:
+  """Trains the CoDe refiner on `tokenizer`'s codes, prints the table."""
+  cache = workdir / "refiner_tokens.npz"
+  if not cache.exists():
+    _run(exe + ["tokenize", "--ckpt", str(tokenizer), "--data", "digits",
+                "--out", str(cache)])
+  ref_dir = workdir / "refiner"
+  t = _stage(ref_dir, exe + ["train", "--config", "train_digits_refiner",
+                             "--data", f"tokens:{cache}", "--vae-ckpt",
+                             str(tokenizer), "--workdir", str(ref_dir)])
+  print(f"refiner trained in {t:.0f} s", file=sys.stderr)
+  if install:
+    install_refiner(ref_dir / "model")
+    print(f"installed into {REFINER_ASSET} (float16)", file=sys.stderr)
+  _run([sys.executable, str(ROOT / "tools" / "digits_code_table.py"),
+        "--refiner", str(REFINER_ASSET if install else ref_dir / "model"),
+        "--per-class", str(per_class)])
+
+
 def main() -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", required=True, type=pathlib.Path)
@@ -101,8 +149,15 @@ def main() -> int:
                  help="samples per class for the classifier check")
   p.add_argument("--install", action="store_true",
                  help="copy the result into var_jax/assets/digits")
+  p.add_argument("--refiner", action="store_true",
+                 help="also train the CoDe refiner and print the table")
+  p.add_argument("--refiner-only", action="store_true",
+                 help="only the refiner, on the bundled model's tokenizer")
   args = p.parse_args()
   exe = [sys.executable, "-m", "var_jax.cli"]
+  if args.refiner_only:
+    refiner_stage(exe, args.workdir, ASSET, args.install, args.per_class)
+    return 0
   vae_dir, var_dir = args.workdir / "vae", args.workdir / "var"
   t_vae = _stage(vae_dir, exe + ["train-vae", "--config", "train_vae_digits",
                                  "--data", "digits", "--workdir",
@@ -124,6 +179,10 @@ def main() -> int:
     shipped = install(var_dir / "model", args.per_class)
     print(json.dumps(shipped))
     print(f"installed into {ASSET} (float16)", file=sys.stderr)
+  if args.refiner:
+    # With --install the fresh tokenizer is now the bundled one.
+    refiner_stage(exe, args.workdir, ASSET if args.install
+                  else vae_dir / "model", args.install, args.per_class)
   return 0
 
 
