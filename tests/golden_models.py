@@ -12,7 +12,7 @@ from var_jax.config import VARConfig, get_preset
 from var_jax.configs.models import DIGITS_VAE
 from var_jax.convert import load
 from var_jax.convert.convert import read_official
-from var_jax.convert.mapping import var_rules, vqvae_rules
+from var_jax.models.official_names import var_rules, vqvae_rules
 from var_jax.models.transformer import VAR
 from var_jax.models.vqvae import VQVAE
 

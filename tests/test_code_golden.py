@@ -16,7 +16,7 @@ from test_sampler_golden import GREEDY, _nchw_to_nhwc, assert_tokens_equal
 
 from var_jax.convert import load
 from var_jax.convert.convert import read_official
-from var_jax.convert.mapping import var_rules
+from var_jax.models.official_names import var_rules
 from var_jax.models.transformer import VAR
 from var_jax.sampling import filtering
 from var_jax.sampling.sampler import SampleOptions, Sampler

@@ -191,3 +191,30 @@ def test_sample_many_batch_not_dividing_devices_writes_nothing(model_dir,
   assert r.returncode == 2 and len(err) == 1, r.stderr
   assert "multiple of the 3 local devices" in err[0]
   assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["sample", "--out", "{d}"], "--out {d} is a directory"),
+    (["sample", "--out", "{d}/x.png", "--save-npz", "{d}/x.png"],
+     "--save-npz must end in .npz"),
+    (["sample", "--out", "{d}/file.txt/x.png"], "is a file, not a directory"),
+    (["edit", "--image", "{d}/in.png", "--box", "0,0,1,1", "--out", "{d}"],
+     "is a directory"),
+    (["sample-many", "--out", "{d}/samples.png"], "--out must end in .npz"),
+])
+def test_unwritable_outputs_are_refused_before_the_model_loads(
+    tmp_path, capsys, monkeypatch, argv, needle):
+  from var_jax import checkpoint
+
+  def no_loading(*a, **k):
+    raise AssertionError("the model was loaded before --out was checked")
+
+  monkeypatch.setattr(checkpoint, "load_model", no_loading)
+  (tmp_path / "file.txt").write_text("x")
+  before = sorted(p.name for p in tmp_path.iterdir())
+  d = str(tmp_path)
+  rc = cli.main([a.format(d=d) for a in argv])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and err.count("\n") == 0, err
+  assert needle.format(d=d) in err
+  assert sorted(p.name for p in tmp_path.iterdir()) == before

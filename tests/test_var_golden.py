@@ -18,7 +18,7 @@ from flax import nnx
 from golden_models import golden_var
 
 from var_jax.convert.load import export_flat
-from var_jax.convert.mapping import var_rules
+from var_jax.models.official_names import var_rules
 
 
 def official_loss(logits_BLV, targets_BL):

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from var_jax.config import COMPUTE_DTYPES
+
 
 def register(sub) -> None:
   p = sub.add_parser(
@@ -14,7 +16,10 @@ def register(sub) -> None:
                   "evaluator does (TF 2015-12-05 InceptionV3, in JAX). "
                   "Prints one JSON line on stdout and a table on stderr.")
   p.add_argument("samples", help="ADM .npz (arr_0 uint8 (N, H, W, 3), as "
-                 "sample-many writes) or a folder of PNG/JPEG images")
+                 "sample-many writes) or a folder of PNG/JPEG images. Images "
+                 "are read as a viewer shows them: EXIF orientation applied, "
+                 "16/32-bit images scaled to 8 bits, palette/CMYK/gray "
+                 "converted, transparency composited over white.")
   p.add_argument("--ref", help="reference batch: ADM .npz (arr_0 and/or "
                  "precomputed mu, sigma, mu_s, sigma_s, e.g. "
                  "VIRTUAL_imagenet256_labeled.npz) or an image folder")
@@ -27,7 +32,7 @@ def register(sub) -> None:
                  "$VAR_JAX_INCEPTION or torch hub's checkpoint folder")
   p.add_argument("--batch", type=int, default=64,
                  help="images per step over all local devices (default 64)")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+  p.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32",
                  help="activation dtype (float32 for the reference numbers)")
   p.add_argument("--sample-cache", help="npz to keep the samples' features "
                  "in (read if present, written otherwise)")

@@ -19,15 +19,14 @@ import numpy as np
 
 def add_parser(bench_subparsers) -> None:
   """Adds `sample` to a `bench` command's sub-parsers."""
-  from var_jax.flags import add_bench_model_args
+  from var_jax.flags import add_batch_dtype_args, add_bench_model_args
   p = bench_subparsers.add_parser(
       "sample", help="time class-conditional sampling (one JSON line)",
       description="Times the jitted sampler (KV cache, CFG, top-k/top-p, "
                   "VQVAE decoder) of a preset and prints one JSON line.")
   add_bench_model_args(p)
-  p.add_argument("--batch", type=int, default=8, help="images per call")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"),
-                 default="float32", help="transformer compute dtype")
+  add_batch_dtype_args(p, batch=8, batch_help="images per call",
+                       dtype_help="transformer compute dtype")
   p.add_argument("--form", choices=("unrolled", "scan"), default=None,
                  help="scale loop form (default: the sampler's default)")
   p.add_argument("--layer-loop", choices=("unrolled", "scan"), default=None,

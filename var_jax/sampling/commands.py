@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from var_jax.config import COMPUTE_DTYPES
+
 
 def _user_error(msg):
   from var_jax.errors import UserError
@@ -42,7 +44,7 @@ def _add_sampling_flags(p, *, cfg, top_k, top_p):
                  help="random seed in [0, 2**32) (default 0)")
   p.add_argument("--more-smooth", action="store_true",
                  help="Gumbel-softmax smoothing (for viewing, not for FID)")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+  p.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32",
                  help="transformer compute dtype (sampling stays float32)")
   p.add_argument("--form", choices=("unrolled", "scan"), default=None,
                  help="scale loop form (default: the faster one)")
@@ -69,6 +71,11 @@ def register(sub) -> None:
   p.add_argument("--ncol", type=int, help="grid columns")
   p.add_argument("--out", default="samples.png", help="grid PNG to write")
   p.add_argument("--save-npz", help="also write idx_0.. and images here")
+  p.add_argument("--fast", action="store_true",
+                 help="collaborative decoding with the bundled pair: the "
+                      "digits VAR draws the first scales, a half-depth "
+                      f"refiner the rest (--draft-steps, default "
+                      f"{FAST_DRAFT_STEPS}); not with --ckpt/--drafter-ckpt")
   p.set_defaults(func=cmd_sample)
 
   p = sub.add_parser(
@@ -90,8 +97,12 @@ def register(sub) -> None:
       description="Keeps the image's tokens outside (inpaint) or inside "
                   "(outpaint) the box at every scale and generates the rest.")
   _add_sampling_flags(p, cfg=3.0, top_k=900, top_p=0.95)
-  p.add_argument("--image", required=True, help="input image (any size; "
-                 "resized and center-cropped to the model's resolution)")
+  p.add_argument("--image", required=True, help="input image (any size and "
+                 "Pillow format; resized and center-cropped to the model's "
+                 "resolution). Images are read as a viewer shows them: EXIF "
+                 "orientation applied, 16/32-bit images scaled to 8 bits, "
+                 "palette/CMYK/gray converted, transparency composited over "
+                 "white.")
   p.add_argument("--box", required=True, help="y0,x0,y1,x1 as fractions in "
                  "[0, 1] of the side, or pixels of the model resolution")
   p.add_argument("--mode", choices=("inpaint", "outpaint"), default="inpaint")
@@ -154,6 +165,31 @@ def _as_flag(msg):
   return msg
 
 
+# `var-jax sample --fast`: the bundled digits VAR drafts, the shipped refiner
+# (tools/train_default_model.py --refiner) draws the rest.
+FAST_DRAFT_STEPS = 2
+
+
+def _load_fast(args, opts):
+  """(ModelConfig, VQVAE, refiner, Sampler) of the bundled CoDe pair."""
+  from var_jax import checkpoint
+  from var_jax.models.transformer import VAR
+  from var_jax.sampling.sampler import Sampler
+  if args.ckpt is not None or args.drafter_ckpt is not None:
+    raise _user_error("--fast samples with the bundled digits pair; it does "
+                      "not combine with --ckpt or --drafter-ckpt")
+  model_config, vae, drafter = checkpoint.load_model(None, need_var=True)
+  d = checkpoint.DEFAULT_MODEL.with_name("digits_refiner")
+  # The refiner ships without a tokenizer copy: it is the bundled one.
+  cfg = checkpoint.load_config(d)
+  refiner = checkpoint._restore(d / "var", VAR, cfg.var, "VAR")  # pylint: disable=protected-access
+  try:
+    return model_config, vae, refiner, Sampler(vae, refiner, opts,
+                                               drafter=drafter)
+  except ValueError as e:
+    raise _user_error(_as_flag(str(e))) from None
+
+
 def _load(args):
   """(ModelConfig, VQVAE, the VAR (the refiner with a drafter), Sampler).
 
@@ -165,13 +201,18 @@ def _load(args):
   from var_jax import checkpoint
   from var_jax.sampling import code
   from var_jax.sampling.sampler import Sampler, check_seed
-  if (args.drafter_ckpt is None) != (args.draft_steps is None):
+  fast = getattr(args, "fast", False)
+  if not fast and (args.drafter_ckpt is None) != (args.draft_steps is None):
     raise _user_error("--drafter-ckpt and --draft-steps go together")
-  opts = options_from_flags(args, draft_steps=args.draft_steps)
+  steps = args.draft_steps
+  opts = options_from_flags(args, draft_steps=FAST_DRAFT_STEPS
+                            if fast and steps is None else steps)
   try:
     check_seed(args.seed)
   except ValueError as e:
     raise _user_error(_as_flag(str(e))) from None
+  if fast:
+    return _load_fast(args, opts)
   model_config, vae, var = checkpoint.load_model(args.ckpt, need_var=True)
   drafter = None
   if args.drafter_ckpt is not None:
@@ -195,6 +236,15 @@ def _parse_labels(text, num_classes):
     raise _user_error(f"--labels must be class ids in [0, {num_classes}] "
                       f"({num_classes} = unconditional); got {text!r}")
   return labels
+
+
+def _check_outputs(args, suffix=None):
+  """Refuses --out / --save-npz paths that can never be written, before the
+  model is loaded (nothing is written by the check)."""
+  from var_jax.io import check_output_file
+  check_output_file(args.out, suffix)
+  if getattr(args, "save_npz", None):
+    check_output_file(args.save_npz, ".npz", "--save-npz")
 
 
 def _check_positive(**values):
@@ -224,6 +274,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
   import numpy as np
   from var_jax.sampling import images as image_io
   _check_positive(per_class=args.per_class, num=args.num, batch=args.batch)
+  _check_outputs(args)
   model_config, _, var, sampler = _load(args)
   n_cls = var.cfg.num_classes
   ncol = args.ncol
@@ -266,6 +317,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
   import numpy as np
   from var_jax.sampling import edit, images as image_io
   _check_positive(num=args.num)
+  _check_outputs(args)
   _, vae, var, sampler = _load(args)
   side = vae.cfg.resolution
   pn = var.cfg.patch_nums[-1]
@@ -298,8 +350,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 def cmd_sample_many(args: argparse.Namespace) -> int:
   from var_jax.sampling import many
   _check_positive(per_class=args.per_class, batch=args.batch)
-  if not args.out.endswith(".npz"):
-    raise _user_error("--out must end in .npz")
+  _check_outputs(args, suffix=".npz")
   many.check_devices(args.batch)
   _, _, var, sampler = _load(args)
   classes = (list(range(var.cfg.num_classes)) if args.classes is None else

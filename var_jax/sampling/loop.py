@@ -44,8 +44,6 @@ from var_jax.models.transformer import KVCache
 from var_jax.models.vqvae import one_image_at_a_time
 from var_jax.sampling import filtering
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 @flax.struct.dataclass
 class SampleState:
@@ -201,7 +199,7 @@ def run_unrolled(var, layers, quant, opts, table, labels_B, state, scales,
   """
   patch_nums = var.cfg.patch_nums
   lay = layout(patch_nums)
-  dtype = DTYPES[opts.dtype]
+  dtype = jnp.dtype(opts.dtype)
   s0 = scales[0]
   paired = s0 < opts.cfg_until
   cond = cond_rows(var, labels_B, paired)
@@ -296,7 +294,7 @@ def run_scan(var, layers, quant, opts, table, labels_B, state, ids_B, edit):
   """
   patch_nums = var.cfg.patch_nums
   lay = layout(patch_nums)
-  dtype = DTYPES[opts.dtype]
+  dtype = jnp.dtype(opts.dtype)
   lmax, seq = lay.lmax, lay.seq_len
   cond = cond_rows(var, labels_B, True)
   lvl_pos = var.lvl_pos()

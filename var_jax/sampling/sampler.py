@@ -31,11 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from var_jax.config import COMPUTE_DTYPES
 from var_jax.errors import UserError
 from var_jax.models.scales import layout
 from var_jax.models.transformer import KVCache
 from var_jax.sampling import code, loop
-from var_jax.sampling.loop import DTYPES  # noqa: F401  (re-exported)
 
 FORMS = ("unrolled", "scan")
 DEFAULT_FORM = "unrolled"  # Faster on CPU (see README / bench figures).
@@ -139,8 +139,8 @@ class SampleOptions:
     if self.layer_loop not in LAYER_LOOPS:
       raise UserError(f"layer_loop must be one of {LAYER_LOOPS}, "
                       f"got {self.layer_loop!r}")
-    if self.dtype not in DTYPES:
-      raise UserError(f"dtype must be one of {tuple(DTYPES)}, got "
+    if self.dtype not in COMPUTE_DTYPES:
+      raise UserError(f"dtype must be one of {COMPUTE_DTYPES}, got "
                       f"{self.dtype!r}")
     if not _is_real(self.cfg) or not math.isfinite(self.cfg):
       raise UserError(f"cfg must be a finite number, got {self.cfg!r}")
@@ -242,7 +242,7 @@ def _sample_jit(var_states, vae_state, table, labels_B, key, ids_B, given_BL,
   edit = None if given_BL is None else (given_BL.astype(jnp.int32), keep_BL)
   quant = vae.quantize
   if opts.form == "scan":
-    cache = KVCache.zeros(vcfg, 2 * batch, DTYPES[opts.dtype])
+    cache = KVCache.zeros(vcfg, 2 * batch, jnp.dtype(opts.dtype))
     state = loop.init_state(opts, vcfg.patch_nums, vcfg.cvae, vcfg.vocab_size,
                             k_tokens, batch, cache)
     state = loop.run_scan(var, layers, quant, opts, table, labels_B, state,
