@@ -7,7 +7,6 @@ import pathlib
 import re
 import socket
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -61,6 +60,18 @@ def assert_close_rel(actual, expected, rel=1e-4, name="array"):
   bound = rel * max(np.max(np.abs(expected)), 1e-30)
   assert err <= bound, f"{name}: max abs err {err:.3e} > {bound:.3e}"
   return err
+
+
+@pytest.fixture(scope="module")
+def model_dir(golden_dir, tmp_path_factory):
+  """The golden tiny VQVAE + VAR converted to a model directory (per module,
+  so a test that changes it cannot leak into another file)."""
+  from var_jax import cli
+  out = tmp_path_factory.mktemp("m") / "tiny"
+  assert cli.main(["convert", "--vae", str(golden_dir / "vae_tiny.pth"),
+                   "--var", str(golden_dir / "var_tiny.pth"),
+                   "--out", str(out)]) == 0
+  return out
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@ small random models for tests that need no reference numbers."""
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

@@ -13,7 +13,6 @@ from golden_models import golden_vae, golden_var
 from var_jax.config import get_preset
 from var_jax.convert.load import export_flat
 from var_jax.models.official_names import var_rules
-from var_jax.models.transformer import VAR
 from var_jax.training import loss as loss_lib
 from var_jax.training import mesh as mesh_lib
 from var_jax.training import optimizer as opt_lib

@@ -139,15 +139,6 @@ def test_different_tokenizer_weights_are_refused(golden_dir):
 
 
 # --------------------------------------------------------------------- CLI
-@pytest.fixture(scope="module")
-def model_dir(golden_dir, tmp_path_factory):
-  out = tmp_path_factory.mktemp("m") / "tiny"
-  assert cli.main(["convert", "--vae", str(golden_dir / "vae_tiny.pth"),
-                   "--var", str(golden_dir / "var_tiny.pth"),
-                   "--out", str(out)]) == 0
-  return out
-
-
 @pytest.mark.parametrize("argv,needle", [
     (["--seed", str(2 ** 64)], "--seed must be an integer in [0, 2**32)"),
     (["--seed", "-3"], "--seed must be an integer in [0, 2**32)"),

@@ -14,15 +14,6 @@ from var_jax.sampling import many
 from var_jax.sampling.sampler import SampleOptions, Sampler
 
 
-@pytest.fixture(scope="module")
-def model_dir(golden_dir, tmp_path_factory):
-  out = tmp_path_factory.mktemp("m") / "tiny"
-  assert cli.main(["convert", "--vae", str(golden_dir / "vae_tiny.pth"),
-                   "--var", str(golden_dir / "var_tiny.pth"),
-                   "--out", str(out)]) == 0
-  return out
-
-
 def test_sample_cli_greedy_matches_official(model_dir, golden, tmp_path):
   g = golden("var_tiny_io")
   png, npz = tmp_path / "grid.png", tmp_path / "s.npz"

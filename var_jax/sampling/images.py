@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
 
 from var_jax.errors import UserError
 from var_jax.io import save_npz, save_png  # noqa: F401  (re-exported)
