@@ -149,3 +149,24 @@ def test_an_unknown_scheme_is_one_line(tmp_path, monkeypatch, capsys):
   _, err = capsys.readouterr()
   assert code == 2 and err.count("\n") == 1 and "unsupported scheme" in err
   assert os.listdir(tmp_path) == []
+
+
+def test_unreachable_cloud_storage_is_one_user_error():
+  """A backend's own failure (aiohttp, google-auth) on a gs:// path becomes
+  one UserError naming the path; local errors pass through unchanged."""
+  from var_jax import io as var_io
+  from var_jax.errors import UserError
+
+  class ClientConnectorDNSError(OSError):
+    pass
+
+  with pytest.raises(UserError) as info:
+    with var_io.reachable("gs://bucket/x.png", "--out"):
+      raise ClientConnectorDNSError(
+          "Cannot connect to host storage.googleapis.com:443\nssl:default")
+  msg = str(info.value)
+  assert msg.startswith("--out gs://bucket/x.png: cannot reach the storage")
+  assert "storage.googleapis.com:443 ssl:default" in msg and "\n" not in msg
+  with pytest.raises(ClientConnectorDNSError):
+    with var_io.reachable("/tmp/x.png", "--out"):
+      raise ClientConnectorDNSError("local")

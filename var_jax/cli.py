@@ -97,6 +97,11 @@ def main(argv=None) -> int:
   except VarJaxError as e:
     print(f"var-jax {args.command}: error: {_one_line(e)}", file=sys.stderr)
     return e.exit_code
+  except OSError as e:
+    # Disk, permission and network faults outside our own writers: the
+    # environment's, not a bug; one line, exit 1 as WriteError.
+    print(f"var-jax {args.command}: error: {_one_line(e)}", file=sys.stderr)
+    return 1
   except KeyboardInterrupt:
     print(f"var-jax {args.command}: interrupted", file=sys.stderr)
     return 130

@@ -220,14 +220,39 @@ def check_output_file(path, suffix: str | None = None, flag: str = "--out"):
   p = as_path(path)
   if suffix is not None and not os.fspath(p).endswith(suffix):
     raise UserError(f"{flag} must end in {suffix}, got {path}")
-  if p.is_dir():
-    raise UserError(f"{flag} {path} is a directory; give a file name")
-  parent = p.parent
-  while not parent.exists() and parent != parent.parent:
-    parent = parent.parent
-  if parent.exists() and not parent.is_dir():
-    raise UserError(f"{flag} {path}: {parent} is a file, not a directory")
+  with reachable(p, flag):
+    if p.is_dir():
+      raise UserError(f"{flag} {path} is a directory; give a file name")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+      parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+      raise UserError(f"{flag} {path}: {parent} is a file, not a directory")
   return p
+
+
+@contextlib.contextmanager
+def reachable(path, flag: str = "path"):
+  """Turns a failure to reach remote storage into one `UserError`.
+
+  Cloud backends (gcsfs over aiohttp, google-auth) raise their own zoo of
+  exception types for a missing network, missing credentials or an unknown
+  bucket; for a `scheme://` path any such failure becomes one line naming
+  the path and the cause. Local paths pass their errors through unchanged.
+  """
+  from var_jax.errors import UserError, VarJaxError
+  try:
+    yield
+  except VarJaxError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    if is_local(path):
+      raise
+    cause = " ".join(str(e).split()) or type(e).__name__
+    raise UserError(f"{flag} {path}: cannot reach the storage "
+                    f"({type(e).__name__}: {cause[:300]}); check the network "
+                    "and credentials (e.g. gcloud auth application-default "
+                    "login)") from None
 
 
 def write_text(path, text: str) -> epath.Path:
