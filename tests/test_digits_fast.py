@@ -4,7 +4,6 @@ pair (the digits VAR drafts, the shipped half-depth refiner draws the rest)."""
 import numpy as np
 
 from var_jax import checkpoint, cli
-from var_jax.models.transformer import VAR
 from var_jax.sampling import commands
 from var_jax.sampling.sampler import SampleOptions, Sampler
 
@@ -12,8 +11,7 @@ REFINER = checkpoint.DEFAULT_MODEL.with_name("digits_refiner")
 
 
 def _refiner():
-  cfg = checkpoint.load_config(REFINER)
-  return checkpoint._restore(REFINER / "var", VAR, cfg.var, "VAR")  # pylint: disable=protected-access
+  return checkpoint.load_var(REFINER)
 
 
 def test_shipped_refiner_is_small_and_shares_the_tokenizer():

@@ -35,15 +35,13 @@ REFINER = ROOT / "var_jax" / "assets" / "digits_refiner"
 def load_refiner(model_dir, vae):
   """The refiner VAR of `model_dir`, checked against the tokenizer `vae`."""
   from var_jax import checkpoint
-  from var_jax.models.transformer import VAR
   from var_jax.sampling import code
   d = pathlib.Path(model_dir)
-  cfg = checkpoint.load_config(d)
   if (d / "vae").exists():
     _, own_vae, var = checkpoint.load_model(d, need_var=True)
     code.check_same_tokenizer(vae, own_vae, "digits", "refiner")
     return var
-  return checkpoint._restore(d / "var", VAR, cfg.var, "VAR")  # pylint: disable=protected-access
+  return checkpoint.load_var(d)
 
 
 def prepare(vae, var, per_batch, drafter=None, draft_steps=None):

@@ -205,6 +205,23 @@ def load_model(ckpt_dir=None, need_var: bool = True):
   return cfg, vae, var
 
 
+def load_var(ckpt_dir):
+  """The VAR transformer of a model directory that may hold no tokenizer.
+
+  For transformer-only directories such as the shipped `digits_refiner`
+  (config.json + var/), whose tokenizer is another directory's.
+
+  Raises:
+    CheckpointError: no config.json, no transformer, or stored parameters
+      that differ from what config.json describes.
+  """
+  d = as_path(ckpt_dir)
+  cfg = load_config(d)
+  if cfg.var is None or not (d / "var").exists():
+    raise CheckpointError(f"{d} holds no VAR transformer")
+  return _restore(d / "var", VAR, cfg.var, "VAR")
+
+
 def bench_models(ckpt_dir, preset: str, random_var: bool = True):
   """(ModelConfig, VQVAE, VAR or None) for benchmarks.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
@@ -89,6 +90,9 @@ def main(argv=None) -> int:
   if not getattr(args, "func", None):
     parser.print_help()
     return 2
+  # gcsfs logs every exhausted retry with a full traceback; the command
+  # reports the failure itself, in one line (io.reachable).
+  logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
   cache = None if args.no_compile_cache else compile_cache_dir()
   if cache:
     enable_compile_cache(cache)

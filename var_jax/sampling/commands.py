@@ -173,7 +173,6 @@ FAST_DRAFT_STEPS = 2
 def _load_fast(args, opts):
   """(ModelConfig, VQVAE, refiner, Sampler) of the bundled CoDe pair."""
   from var_jax import checkpoint
-  from var_jax.models.transformer import VAR
   from var_jax.sampling.sampler import Sampler
   if args.ckpt is not None or args.drafter_ckpt is not None:
     raise _user_error("--fast samples with the bundled digits pair; it does "
@@ -181,8 +180,7 @@ def _load_fast(args, opts):
   model_config, vae, drafter = checkpoint.load_model(None, need_var=True)
   d = checkpoint.DEFAULT_MODEL.with_name("digits_refiner")
   # The refiner ships without a tokenizer copy: it is the bundled one.
-  cfg = checkpoint.load_config(d)
-  refiner = checkpoint._restore(d / "var", VAR, cfg.var, "VAR")  # pylint: disable=protected-access
+  refiner = checkpoint.load_var(d)
   try:
     return model_config, vae, refiner, Sampler(vae, refiner, opts,
                                                drafter=drafter)
