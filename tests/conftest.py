@@ -16,6 +16,9 @@ import numpy as np
 import pytest
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The suite compiles the sampler XLA's default way (no per-machine probe,
+# nothing written to ~/.cache); tests/test_cpu_plan.py turns the probe on.
+os.environ.setdefault("VAR_JAX_CPU_PLAN", "off")
 # The copy the tests read, committed with the repository.
 IN_REPO_GOLDEN = _ROOT / "tests" / "golden"
 # Where the copy is refreshed from when it sits beside the repository.

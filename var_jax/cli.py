@@ -14,6 +14,8 @@ import os
 import sys
 
 from var_jax.errors import UserError, VarJaxError  # noqa: F401  (UserError re-exported)
+from var_jax.caches import (COMPILE_CACHE_ENV,  # noqa: F401  (re-exported)
+                            compile_cache_dir)
 
 # Modules that define subcommands; each has `register(subparsers)`.
 _COMMAND_MODULES = (
@@ -44,26 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
       continue
     mod.register(sub)
   return parser
-
-
-COMPILE_CACHE_ENV = "VAR_JAX_COMPILE_CACHE"
-
-
-def compile_cache_dir() -> str | None:
-  """Where compiled programs are kept between runs, or None when turned off.
-
-  `$VAR_JAX_COMPILE_CACHE` names the directory, or turns the cache off with
-  `0`/`off`/`false`/`no`; by default `$XDG_CACHE_HOME/var-jax/jax` (else
-  `~/.cache/var-jax/jax`).
-  """
-  env = os.environ.get(COMPILE_CACHE_ENV, "").strip()
-  if env.lower() in ("0", "off", "false", "no", "none"):
-    return None
-  if env:
-    return env
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
-      os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "var-jax", "jax")
 
 
 def enable_compile_cache(path: str) -> None:

@@ -1,6 +1,7 @@
 """`var-jax bench sample`: time class-conditional sampling, print one JSON line.
 
-Reported: AOT compile seconds, seconds per batch and per image and images/s
+Reported: the CPU plan used (`cpu_plan`: compiler options of the two
+programs, decoder form; on CPU), AOT compile seconds, seconds per batch and per image and images/s
 (after compilation and warmup), the analytic FLOPs per image (transformer with
 CFG + VQVAE decoder, `var_jax.sampling.flops`), the achieved FLOP/s, MFU
 against the device peak table ('n/a' where unknown, e.g. CPU) and the
@@ -11,6 +12,7 @@ fraction of a square matmul's FLOP/s measured in the same process.
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import jax
@@ -52,17 +54,14 @@ def add_parser(bench_subparsers) -> None:
   p.set_defaults(func=run)
 
 
-def _time_decoder(vae, var_cfg, batch, iters):
-  """Seconds per call of the jitted decoder alone (f_hat -> image)."""
-  from flax import nnx
-  gd, st = nnx.split(vae)
-  dec = jax.jit(lambda s, f: nnx.merge(gd, s).decode(f))
+def _time_decoder(run, vae_state, var_cfg, batch, iters):
+  """Seconds per call of the sampler's compiled decoder alone."""
   side = var_cfg.patch_nums[-1]
   f = jax.random.normal(jax.random.key(0), (batch, side, side, var_cfg.cvae))
-  dec(st, f).block_until_ready()
+  run.decoder(vae_state, f).block_until_ready()
   t0 = time.perf_counter()
   for _ in range(iters):
-    dec(st, f).block_until_ready()
+    run.decoder(vae_state, f).block_until_ready()
   return (time.perf_counter() - t0) / iters
 
 
@@ -167,12 +166,19 @@ def run(args) -> int:
       "mfu": "n/a" if peak is None else round(achieved / peak, 4),
   }
   rec.update(_memory(fn.compiled))
+  rec["decoder_temp_bytes"] = _memory(fn.decoder).get("temp_bytes")
+  rec["cpu_plan"] = (fn.plan.describe() if dev.platform == "cpu" else None)
   if args.time_decoder:
-    dec_s = _time_decoder(vae, var_cfg, args.batch, args.iters)
+    dec_s = _time_decoder(fn, sampler.vae_state, var_cfg, args.batch,
+                          args.iters)
     rec["decoder_s_per_img"] = round(dec_s / args.batch, 4)
   if not args.no_matmul_peak:
     mm = tflops.measure_matmul_peak(args.dtype)
     rec["matmul_tflop_per_s"] = round(mm / 1e12, 4)
     rec["frac_of_matmul_peak"] = round(achieved / mm, 4)
   print(json.dumps(rec), flush=True)
+  speed = fn.plan.bf16_speedup
+  if args.dtype == "bfloat16" and speed is not None and speed < 1:
+    print(f"note: on this CPU bfloat16 matmuls ran {speed:.2f}x the speed of "
+          "float32 (slower); compare with --dtype float32", file=sys.stderr)
   return 0

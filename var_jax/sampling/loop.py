@@ -334,14 +334,15 @@ def run_scan(var, layers, quant, opts, table, labels_B, state, ids_B, edit):
   return state
 
 
-def decode_images(vae, f_hat_BHWC):
+def decode_images(vae, f_hat_BHWC, batched: bool = True):
   """float32 (B, H, W, 3) in [0, 1]: the VQVAE decoder on the final f_hat.
 
-  On CPU one image at a time (see `vqvae.one_image_at_a_time`). The
-  official `fhat_to_img(f_hat).add_(1).mul_(0.5)`.
+  `batched=False` decodes one image at a time (`vqvae.one_image_at_a_time`;
+  which is faster depends on the CPU, see `cpu_plan`). The official
+  `fhat_to_img(f_hat).add_(1).mul_(0.5)`.
   """
   b = f_hat_BHWC.shape[0]
-  if b == 1 or jax.default_backend() != "cpu":
+  if b == 1 or batched:
     img = vae.decode(f_hat_BHWC)
   else:
     img = one_image_at_a_time(vae.decode, f_hat_BHWC)

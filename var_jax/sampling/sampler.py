@@ -35,7 +35,8 @@ from var_jax.config import COMPUTE_DTYPES
 from var_jax.errors import UserError
 from var_jax.models.scales import layout
 from var_jax.models.transformer import KVCache
-from var_jax.sampling import code, loop
+from var_jax.sampling import code, cpu_plan, loop
+from var_jax.sampling.cpu_plan import CpuPlan
 
 FORMS = ("unrolled", "scan")
 DEFAULT_FORM = "unrolled"  # Faster on CPU (see README / bench figures).
@@ -200,7 +201,7 @@ class SampleOut(NamedTuple):
 
 
 def _split_var(var, layer_loop):
-  """(graphdef, state) for `_sample_jit`.
+  """(graphdef, state) for `_scales`.
 
   For the unrolled layer loop the state is (rest, per-layer block states):
   every layer's weights become separate buffers, a one-time copy of the
@@ -226,9 +227,9 @@ def _merge_var(var_def, var_state):
   return var, [nnx.to_pure_dict(st)["blocks"] for st in layers]
 
 
-@functools.partial(jax.jit, static_argnames=("var_defs", "vae_def", "opts"))
-def _sample_jit(var_states, vae_state, table, labels_B, key, ids_B, given_BL,
-                keep_BL, *, var_defs, vae_def, opts):
+def _scales(var_states, vae_state, table, labels_B, key, ids_B, given_BL,
+            keep_BL, *, var_defs, vae_def, opts):
+  """The scale loop: (tokens (B, L), f_hat, labels, logits or None)."""
   models = [_merge_var(d, s) for d, s in zip(var_defs, var_states)]
   vae = nnx.merge(vae_def, vae_state)
   var, layers = models[-1]
@@ -257,8 +258,27 @@ def _sample_jit(var_states, vae_state, table, labels_B, key, ids_B, given_BL,
       state, _ = loop.run_unrolled(var, layers, quant, opts, table, labels_B,
                                    state, range(len(vcfg.patch_nums)), ids_B,
                                    edit)
-  images = loop.decode_images(vae, state.f_hat_BHWC)
-  return state.tokens_BL, images, labels_B, state.logits_BLV
+  return state.tokens_BL, state.f_hat_BHWC, labels_B, state.logits_BLV
+
+
+def _decode(vae_state, f_hat_BHWC, *, vae_def, batched):
+  """float32 images (B, H, W, 3) in [0, 1] from the final f_hat."""
+  return loop.decode_images(nnx.merge(vae_def, vae_state), f_hat_BHWC,
+                            batched=batched)
+
+
+@functools.lru_cache(maxsize=None)
+def _program(part: str, options: tuple):
+  """The jitted scale loop or decoder, compiled with XLA `options`.
+
+  Two programs instead of one so that each gets the compiler options its
+  plan chose (`cpu_plan.CpuPlan`); the hand-over is the small f_hat.
+  """
+  if part == "scales":
+    return jax.jit(_scales, static_argnames=("var_defs", "vae_def", "opts"),
+                   compiler_options=dict(options) or None)
+  return jax.jit(_decode, static_argnames=("vae_def", "batched"),
+                 compiler_options=dict(options) or None)
 
 
 def check_seed(seed):
@@ -291,6 +311,10 @@ class Sampler:
       drawing scales 0..draft_steps-1. Both must share the tokenizer (checked
       here: scale list, vocabulary, code width, class count; the CLI also
       compares the VQVAE weights, see `code.check_same_tokenizer`).
+    cpu_plan: compiler options and decoder form (`cpu_plan.CpuPlan`); None
+      (default) takes `cpu_plan.plan_for` this machine, per batch size
+      class, on first use (measured once per CPU and cached; XLA's defaults
+      off the CPU).
 
   Raises:
     UserError: inconsistent options (per-scale lists of the wrong length,
@@ -299,8 +323,14 @@ class Sampler:
   """
 
   def __init__(self, vae, var, opts: SampleOptions = SampleOptions(), *,
-               drafter=None):
+               drafter=None, cpu_plan: CpuPlan | None = None):
     self.opts = opts
+    self._fixed_plan = cpu_plan
+    self._plans = {}
+    widest = var if drafter is None else max(
+        (var, drafter), key=lambda m: m.cfg.embed_dim)
+    self._plan_key = (widest.cfg.embed_dim, opts.dtype, vae.cfg.ch,
+                      self._image_res(var.cfg, vae.cfg))
     self.var_config = var.cfg
     self.patch_nums = tuple(var.cfg.patch_nums)
     self.layout = layout(self.patch_nums)
@@ -334,6 +364,19 @@ class Sampler:
     self.var_states = jax.device_put(self.var_states, sharding)
     self.vae_state = jax.device_put(self.vae_state, sharding)
 
+  @staticmethod
+  def _image_res(var_cfg, vae_cfg) -> int:
+    return var_cfg.patch_nums[-1] * vae_cfg.downsample
+
+  def plan(self, batch: int) -> CpuPlan:
+    """The `CpuPlan` calls of `batch` images use (measured on first use)."""
+    if self._fixed_plan is not None:
+      return self._fixed_plan
+    kind = 1 if batch == 1 else 2
+    if kind not in self._plans:
+      self._plans[kind] = cpu_plan.plan_for(*self._plan_key, batch=kind)
+    return self._plans[kind]
+
   def _args(self, labels_B, seed, ids_B, given_BL, keep_BL):
     key = check_seed(seed)
     kw = dict(var_defs=self._var_defs, vae_def=self._vae_def,
@@ -345,41 +388,57 @@ class Sampler:
 
   def lower(self, batch: int, *, random_labels: bool = False,
             edit: bool = False):
-    """AOT-lowers the program for `batch` (for compile timing and costs)."""
+    """AOT-lowers both programs for `batch`: (scale loop, decoder)."""
     i32 = jax.ShapeDtypeStruct((batch,), jnp.int32)
     seq = self.layout.seq_len
     given = jax.ShapeDtypeStruct((batch, seq), jnp.int32) if edit else None
     keep = jax.ShapeDtypeStruct((batch, seq), bool) if edit else None
     args, kw = self._args(None if random_labels else i32, 0, i32, given, keep)
-    return _sample_jit.lower(*args, **kw)
+    plan = self.plan(batch)
+    scales = _program("scales", plan.transformer_options).lower(*args, **kw)
+    side = self.patch_nums[-1]
+    f_hat = jax.ShapeDtypeStruct((batch, side, side, self.var_config.cvae),
+                                 jnp.float32)
+    decoder = _program("decode", plan.decoder_options).lower(
+        self.vae_state, f_hat, vae_def=self._vae_def,
+        batched=plan.decoder_batched)
+    return scales, decoder
 
   def compile(self, batch: int):
-    """AOT-compiles the plain (given labels, no edit) program for `batch`.
+    """AOT-compiles the plain (given labels, no edit) programs for `batch`.
 
     Returns `run(labels_B, seed, ids_B)` -> the `run_arrays` outputs, which
-    calls the compiled executable directly (benchmarks time compilation and
-    execution separately this way); `run.compiled` is the executable (for
-    `memory_analysis()`).
+    calls the compiled executables directly (benchmarks time compilation and
+    execution separately this way); `run.compiled` and `run.decoder` are the
+    scale loop's and the decoder's executables (for `memory_analysis()`),
+    `run.plan` the `CpuPlan` used.
     """
-    compiled = self.lower(batch).compile()
+    scales, decoder = (l.compile() for l in self.lower(batch))
 
     def run(labels_B, seed, ids_B):
       args, _ = self._args(jnp.asarray(labels_B, jnp.int32), seed,
                            jnp.asarray(ids_B, jnp.int32), None, None)
-      return compiled(*args)
+      tokens, f_hat, labels, logits = scales(*args)
+      return tokens, decoder(self.vae_state, f_hat), labels, logits
 
-    run.compiled = compiled
+    run.compiled, run.decoder, run.plan = scales, decoder, self.plan(batch)
     return run
 
   def run_arrays(self, labels_B, seed, ids_B, given_BL=None, keep_BL=None):
     """Raw jitted call: (tokens (B, L), images, labels, logits or None).
 
     Unlike `__call__` the arrays are not checked (only the seed). They may
-    carry shardings (e.g. the batch split over a mesh); the program follows
+    carry shardings (e.g. the batch split over a mesh); the programs follow
     them.
     """
     args, kw = self._args(labels_B, seed, ids_B, given_BL, keep_BL)
-    return _sample_jit(*args, **kw)
+    plan = self.plan(ids_B.shape[0])
+    tokens, f_hat, labels, logits = _program(
+        "scales", plan.transformer_options)(*args, **kw)
+    images = _program("decode", plan.decoder_options)(
+        self.vae_state, f_hat, vae_def=self._vae_def,
+        batched=plan.decoder_batched)
+    return tokens, images, labels, logits
 
   def check_labels(self, labels, *, allow_null: bool = False) -> np.ndarray:
     """int32 (B,) labels, checked: a non-empty list of class ids.

@@ -1,0 +1,34 @@
+"""Where var-jax keeps what it learns about this machine between runs.
+
+Two things live under one root (`$XDG_CACHE_HOME/var-jax`, else
+`~/.cache/var-jax`): JAX's persistent compilation cache (`jax/`, see
+`compile_cache_dir`) and the measured CPU plans of the sampler
+(`cpu_plans.json`, see `var_jax.sampling.cpu_plan`). Nothing here is
+needed for correctness: deleting the directory only costs time.
+"""
+
+from __future__ import annotations
+
+import os
+
+COMPILE_CACHE_ENV = "VAR_JAX_COMPILE_CACHE"
+_OFF = ("0", "off", "false", "no", "none")
+
+
+def cache_root() -> str:
+  """`$XDG_CACHE_HOME/var-jax`, else `~/.cache/var-jax` (not created here)."""
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+      os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "var-jax")
+
+
+def compile_cache_dir() -> str | None:
+  """Where compiled programs are kept between runs, or None when turned off.
+
+  `$VAR_JAX_COMPILE_CACHE` names the directory, or turns the cache off with
+  `0`/`off`/`false`/`no`; by default `cache_root()/jax`.
+  """
+  env = os.environ.get(COMPILE_CACHE_ENV, "").strip()
+  if env.lower() in _OFF:
+    return None
+  return env or os.path.join(cache_root(), "jax")
