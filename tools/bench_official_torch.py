@@ -7,6 +7,8 @@ so the two can be compared side by side:
       --batch 8 --mode sample
   python tools/bench_official_torch.py --torch-repo /tmp/VAR --depth 16 \\
       --batch 4 --mode train
+  python tools/bench_official_torch.py --torch-repo /tmp/VAR --depth 16 \\
+      --batch 8 --mode side-by-side   # both samplers, same weights
 
 Models are built with the official `build_vae_var` and random weights (the
 official `init_weights` for VAR, PyTorch's default init for the VQVAE, which
@@ -172,6 +174,83 @@ def bench_sample(args):
   return rec
 
 
+def bench_side_by_side(args):
+  """The official sampler and var-jax's, same weights, calls interleaved.
+
+  The official random-weight models are converted with var-jax's converter
+  (`convert.load.load_official`), so both draw from identical models. Calls
+  alternate (official, var-jax, official, ...) with a pause between them
+  (torch's OpenMP threads spin for a while after their last op), and each
+  side's fastest and median call are reported: on a shared machine whose
+  speed drifts, the ratio of interleaved calls is the figure that holds.
+  """
+  import jax
+  import torch
+  from var_jax.config import VQVAEConfig, var_for_depth
+  from var_jax.convert import load
+  from var_jax.models.official_names import var_rules, vqvae_rules
+  from var_jax.models.transformer import VAR
+  from var_jax.models.vqvae import VQVAE
+  from var_jax.sampling.sampler import SampleOptions, Sampler
+  from flax import nnx
+
+  vae_t, var_t = _build(args)
+  vae_t.eval()
+  var_t.eval()
+  vae_cfg = VQVAEConfig()
+  var_cfg = var_for_depth(args.depth, vae=vae_cfg)
+  sd = lambda m: {k: v.detach().numpy() for k, v in m.state_dict().items()}
+  vae = VQVAE(vae_cfg, rngs=nnx.Rngs(0))
+  load.load_official(vae, vqvae_rules(vae_cfg), sd(vae_t), "VQVAE")
+  var = VAR(var_cfg, rngs=nnx.Rngs(0))
+  load.load_official(var, var_rules(var_cfg), sd(var_t), "VAR",
+                     var_cfg.patch_nums)
+  sampler = Sampler(vae, var, SampleOptions(cfg=args.cfg, top_k=args.top_k,
+                                            top_p=args.top_p,
+                                            dtype=args.dtype))
+  del var
+  labels = np.random.default_rng(args.seed).integers(0, 1000, args.batch)
+  ids = np.arange(args.batch, dtype=np.int32)
+  t0 = time.perf_counter()
+  run = sampler.compile(args.batch)
+  compile_s = time.perf_counter() - t0
+  labels_t = torch.from_numpy(labels)
+
+  def official(seed):
+    with torch.inference_mode():
+      return var_t.autoregressive_infer_cfg(
+          B=args.batch, label_B=labels_t, g_seed=seed, cfg=args.cfg,
+          top_k=args.top_k, top_p=args.top_p, more_smooth=False)
+
+  def ours(seed):
+    return jax.block_until_ready(run(labels.astype(np.int32), seed, ids))
+
+  times = {"official": [], "var_jax": []}
+  for i in range(args.warmup + args.iters):
+    for name, fn in (("official", official), ("var_jax", ours)):
+      time.sleep(1.0)
+      t0 = time.perf_counter()
+      fn(args.seed + i)
+      if i >= args.warmup:
+        times[name].append(time.perf_counter() - t0)
+  per_img = {k: sorted(v) for k, v in times.items()}
+  best = {k: v[0] / args.batch for k, v in per_img.items()}
+  median = {k: v[len(v) // 2] / args.batch for k, v in per_img.items()}
+  return {"bench": "sample_side_by_side", "preset": f"d{args.depth}",
+          "batch": args.batch, "dtype_var_jax": args.dtype,
+          "dtype_official": "float32", "cfg": args.cfg, "top_k": args.top_k,
+          "top_p": args.top_p, "calls_each": args.iters,
+          "official_s_per_img_min": round(best["official"], 4),
+          "var_jax_s_per_img_min": round(best["var_jax"], 4),
+          "official_s_per_img_median": round(median["official"], 4),
+          "var_jax_s_per_img_median": round(median["var_jax"], 4),
+          "speedup_min": round(best["official"] / best["var_jax"], 3),
+          "speedup_median": round(median["official"] / median["var_jax"], 3),
+          "var_jax_compile_s": round(compile_s, 2),
+          "cpu_plan": run.plan.describe(), "torch": torch.__version__,
+          "threads": torch.get_num_threads()}
+
+
 class _NoLog:
   """Stands in for the official MetricLogger / TensorboardLogger."""
   log_iters = ()
@@ -267,7 +346,14 @@ def main(argv=None):
                  help="checkout of FoundationVision/VAR")
   p.add_argument("--depth", type=int, default=16)
   p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--mode", choices=("sample", "train"), default="sample")
+  p.add_argument("--mode", choices=("sample", "train", "side-by-side"),
+                 default="sample",
+                 help="side-by-side: the official and the var-jax sampler, "
+                      "same weights, calls interleaved in one process")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                 default="float32",
+                 help="side-by-side: var-jax's compute dtype (the official "
+                      "sampler runs float32)")
   p.add_argument("--cfg", type=float, default=1.5)
   p.add_argument("--top-k", type=int, default=900)
   p.add_argument("--top-p", type=float, default=0.96)
@@ -286,7 +372,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
   _import_official(args.torch_repo)
   os.chdir(args.torch_repo)  # Relative paths in the official code, if any.
-  rec = bench_sample(args) if args.mode == "sample" else bench_train(args)
+  rec = {"sample": bench_sample, "train": bench_train,
+         "side-by-side": bench_side_by_side}[args.mode](args)
   print(json.dumps(rec), flush=True)
   return 0
 

@@ -200,17 +200,33 @@ class SampleOut(NamedTuple):
   logits: list | None  # Guided logits per scale (B, pn*pn, V) if collected.
 
 
+# Block matrices, stored (in, out), that the unrolled layer loop keeps
+# transposed: XLA folds the transpose back into the dot, which then reads
+# the weights as (out, in) rows (torch's nn.Linear layout). Measured on an
+# Intel Xeon with XLA's default CPU library: 1.3-1.7x the matmul rate at the
+# small and middle scales' row counts (32-512 rows), 1.3x at 4096 rows.
+_TRANSPOSED = ("mat_qkv", "proj_w", "fc1_w", "fc2_w")
+
+
+def _transposed(path, a):
+  """`a.T` for the leaves of `_TRANSPOSED` (any pytree path naming them)."""
+  names = {str(getattr(k, "key", "")) for k in path}
+  return a.T if names & set(_TRANSPOSED) else a
+
+
 def _split_var(var, layer_loop):
   """(graphdef, state) for `_scales`.
 
   For the unrolled layer loop the state is (rest, per-layer block states):
   every layer's weights become separate buffers, a one-time copy of the
-  blocks (the caller's model keeps its stacked arrays).
+  blocks (the caller's model keeps its stacked arrays), with the matrices
+  in `_TRANSPOSED` stored transposed.
   """
   if layer_loop == "scan":
     return nnx.split(var)
   var_def, blocks, rest = nnx.split(var, nnx.PathContains("blocks"), ...)
-  layers = [jax.tree.map(lambda a, i=i: a[i], blocks)
+  layers = [jax.tree_util.tree_map_with_path(
+      lambda path, a, i=i: _transposed(path, a[i]), blocks)
             for i in range(var.cfg.depth)]
   return var_def, (rest, layers)
 
@@ -219,7 +235,10 @@ def _merge_var(var_def, var_state):
   """Inverse of `_split_var`: (model, per-layer parameter dicts or None)."""
   if not isinstance(var_state, tuple):
     return nnx.merge(var_def, var_state), None
-  rest, layers = var_state
+  rest, stored = var_state
+  # Undo the storage transpose inside the program (XLA folds it into the
+  # dots); the math is the model's own.
+  layers = [jax.tree_util.tree_map_with_path(_transposed, st) for st in stored]
   # The stacked blocks exist only to rebuild the module; the sampler never
   # reads them (it gets `layers`), so XLA drops the stacking as dead code.
   blocks = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
