@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 
 from var_jax.errors import UserError, VarJaxError  # noqa: F401  (UserError re-exported)
