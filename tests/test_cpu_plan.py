@@ -66,9 +66,34 @@ def test_a_corrupt_cache_is_replaced_with_a_warning(tmp_path, monkeypatch,
   with caplog.at_level(logging.WARNING, logger="var_jax"):
     plan = _plan(tmp_path, monkeypatch)
   assert plan.source == "probe"
-  assert "unreadable" in caplog.text
+  lines = [r.getMessage() for r in caplog.records]
+  assert len(lines) == 1 and "unreadable" in lines[0], lines
   assert cpu_plan.machine_key(**TINY) in json.loads(
       (tmp_path / "plans.json").read_text())
+
+
+@pytest.mark.parametrize("entry", [
+    [1, 2], "str", {"decoder_batched": "x"},
+    {"transformer_options": [1], "decoder_options": {},
+     "decoder_batched": True},
+    {"transformer_options": {"bogus_flag": "1"}, "decoder_options": {},
+     "decoder_batched": True},
+    {"transformer_options": {}, "decoder_options":
+     {"xla_cpu_experimental_ynn_fusion_type": None}, "decoder_batched": True},
+    {"transformer_options": {}, "decoder_options": {},
+     "decoder_batched": "false"},
+])
+def test_a_malformed_entry_is_measured_again_in_one_line(
+    tmp_path, monkeypatch, caplog, entry):
+  key = cpu_plan.machine_key(**TINY)
+  (tmp_path / "plans.json").write_text(json.dumps({key: entry}))
+  with caplog.at_level(logging.WARNING, logger="var_jax"):
+    plan = _plan(tmp_path, monkeypatch)
+  assert plan.source == "probe"
+  lines = [r.getMessage() for r in caplog.records]
+  assert len(lines) == 1 and "malformed" in lines[0], lines
+  stored = json.loads((tmp_path / "plans.json").read_text())[key]
+  assert isinstance(stored["decoder_batched"], bool)
 
 
 def test_an_unwritable_cache_costs_a_warning_not_the_run(tmp_path, monkeypatch,

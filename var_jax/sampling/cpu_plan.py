@@ -138,15 +138,16 @@ def plan_for(embed_dim: int, dtype: str, vae_ch: int, image_res: int,
   path = cache_file or os.path.join(caches.cache_root(), PLAN_FILE)
   key = machine_key(embed_dim, dtype, vae_ch, image_res, batch)
   stored = _read(path)
-  plan = None
+  unreadable = stored.pop("", "")
+  plan, why = None, unreadable
   if m == "auto" and key in stored:
     try:
       plan = _from_json(stored[key], "cache")
-    except (KeyError, TypeError, ValueError):
-      _log.warning("ignoring a malformed entry in %s", path)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+      why = f"its stored entry is malformed ({e}); "
   if plan is None:
-    _log.warning("var-jax: measuring this CPU once for sampling (about 15 "
-                 "s; kept in %s)", path)
+    _log.warning("var-jax: measuring this CPU for sampling (15-40 s, once; "
+                 "%sto be kept in %s)", why, path)
     plan, record = probe(embed_dim, dtype, vae_ch, image_res, batch)
     stored[key] = record
     _write(path, stored)
@@ -157,25 +158,41 @@ def plan_for(embed_dim: int, dtype: str, vae_ch: int, image_res: int,
   return plan
 
 
-def _from_json(rec: dict, source: str) -> CpuPlan:
-  opts = lambda name: tuple(sorted((str(k), str(v)) for k, v in
-                                   rec[name].items()))
-  speed = rec.get("bf16_speedup")
+def _from_json(rec, source: str) -> CpuPlan:
+  """A stored plan; TypeError/ValueError unless it is one this code makes."""
+  if not isinstance(rec, dict):
+    raise TypeError(f"expected an object, got {type(rec).__name__}")
+
+  def opts(name):
+    raw = rec[name]
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
+      raise TypeError(f"{name} must map option names to strings")
+    value = tuple(sorted(raw.items()))
+    if value not in _CANDIDATES.values():  # Never hand XLA unknown flags.
+      raise ValueError(f"{name} {raw} is not a candidate of this version")
+    return value
+
+  batched, speed = rec["decoder_batched"], rec.get("bf16_speedup")
+  if not isinstance(batched, bool):
+    raise TypeError("decoder_batched must be true or false")
+  if speed is not None and (isinstance(speed, bool)
+                            or not isinstance(speed, (int, float))):
+    raise TypeError("bf16_speedup must be a number or null")
   return CpuPlan(opts("transformer_options"), opts("decoder_options"),
-                 bool(rec["decoder_batched"]), source,
-                 None if speed is None else float(speed))
+                 batched, source, None if speed is None else float(speed))
 
 
 def _read(path: str) -> dict:
+  """The stored plans; an unreadable file gives its reason under key ""."""
   try:
     with open(path, encoding="utf-8") as fh:
       data = json.load(fh)
-    return data if isinstance(data, dict) else {}
-  except FileNotFoundError:
+  except (FileNotFoundError, NotADirectoryError):
     return {}
   except (OSError, ValueError) as e:
-    _log.warning("ignoring unreadable %s (%s)", path, e)
-    return {}
+    return {"": f"{path} was unreadable ({e}); "}
+  return data if isinstance(data, dict) else {}
 
 
 def _write(path: str, data: dict) -> None:
