@@ -72,14 +72,20 @@ def test_a_corrupt_cache_is_replaced_with_a_warning(tmp_path, monkeypatch,
       (tmp_path / "plans.json").read_text())
 
 
+_SLOW = pytest.mark.slow  # Each case measures the CPU again (a few seconds).
+
+
 @pytest.mark.parametrize("entry", [
-    [1, 2], "str", {"decoder_batched": "x"},
-    {"transformer_options": [1], "decoder_options": {},
-     "decoder_batched": True},
+    [1, 2],
+    pytest.param("str", marks=_SLOW),
+    pytest.param({"decoder_batched": "x"}, marks=_SLOW),
+    pytest.param({"transformer_options": [1], "decoder_options": {},
+                  "decoder_batched": True}, marks=_SLOW),
     {"transformer_options": {"bogus_flag": "1"}, "decoder_options": {},
      "decoder_batched": True},
-    {"transformer_options": {}, "decoder_options":
-     {"xla_cpu_experimental_ynn_fusion_type": None}, "decoder_batched": True},
+    pytest.param({"transformer_options": {}, "decoder_options":
+                  {"xla_cpu_experimental_ynn_fusion_type": None},
+                  "decoder_batched": True}, marks=_SLOW),
     {"transformer_options": {}, "decoder_options": {},
      "decoder_batched": "false"},
 ])
