@@ -203,8 +203,8 @@ class SampleOut(NamedTuple):
 # Block matrices, stored (in, out), that the unrolled layer loop keeps
 # transposed: XLA folds the transpose back into the dot, which then reads
 # the weights as (out, in) rows (torch's nn.Linear layout). Measured on an
-# Intel Xeon with XLA's default CPU library: 1.3-1.7x the matmul rate at the
-# small and middle scales' row counts (32-512 rows), 1.3x at 4096 rows.
+# Intel Xeon with XLA's default CPU library: 1.1-1.7x the matmul rate at
+# 32-512 rows (the small and middle scales), 1.3x the transformer at batch 1.
 _TRANSPOSED = ("mat_qkv", "proj_w", "fc1_w", "fc2_w")
 
 
@@ -349,7 +349,7 @@ class Sampler:
     widest = var if drafter is None else max(
         (var, drafter), key=lambda m: m.cfg.embed_dim)
     self._plan_key = (widest.cfg.embed_dim, opts.dtype, vae.cfg.ch,
-                      self._image_res(var.cfg, vae.cfg))
+                      var.cfg.patch_nums[-1] * vae.cfg.downsample)
     self.var_config = var.cfg
     self.patch_nums = tuple(var.cfg.patch_nums)
     self.layout = layout(self.patch_nums)
@@ -382,10 +382,6 @@ class Sampler:
     """Moves every weight to `sharding` (e.g. replicated over a mesh)."""
     self.var_states = jax.device_put(self.var_states, sharding)
     self.vae_state = jax.device_put(self.vae_state, sharding)
-
-  @staticmethod
-  def _image_res(var_cfg, vae_cfg) -> int:
-    return var_cfg.patch_nums[-1] * vae_cfg.downsample
 
   def plan(self, batch: int) -> CpuPlan:
     """The `CpuPlan` calls of `batch` images use (measured on first use)."""
