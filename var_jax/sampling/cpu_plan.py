@@ -7,8 +7,8 @@ convolutions (YNNPACK) ran the VQVAE decoder 20% slower than XLA's own
 on an AMD EPYC of an earlier session one image at a time was faster; for the
 transformer's bfloat16 matmuls the default library (AMX kernels) was 2.2x
 faster than the alternative. So instead of fixed defaults, `plan_for`
-measures the candidates once per machine, model shape and dtype (a few
-seconds: one transformer matmul and one full-resolution decoder block per
+measures the candidates once per machine, model shape and dtype (15-40
+s: one transformer matmul and one full-resolution decoder block per
 candidate, interleaved, fastest of several runs) and keeps the answer in
 `cpu_plans.json` beside the compilation cache (`var_jax.caches`).
 
@@ -31,7 +31,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from var_jax import caches
+from var_jax import caches, io
 
 PLAN_ENV = "VAR_JAX_CPU_PLAN"
 PLAN_FILE = "cpu_plans.json"
@@ -137,9 +137,8 @@ def plan_for(embed_dim: int, dtype: str, vae_ch: int, image_res: int,
     return OFF
   path = cache_file or os.path.join(caches.cache_root(), PLAN_FILE)
   key = machine_key(embed_dim, dtype, vae_ch, image_res, batch)
-  stored = _read(path)
-  unreadable = stored.pop("", "")
-  plan, why = None, unreadable
+  stored, why = _read(path)
+  plan = None
   if m == "auto" and key in stored:
     try:
       plan = _from_json(stored[key], "cache")
@@ -183,32 +182,24 @@ def _from_json(rec, source: str) -> CpuPlan:
                  batched, source, None if speed is None else float(speed))
 
 
-def _read(path: str) -> dict:
-  """The stored plans; an unreadable file gives its reason under key ""."""
+def _read(path: str) -> tuple[dict, str]:
+  """(stored plans, "" or why the file could not be read, for the log)."""
   try:
     with open(path, encoding="utf-8") as fh:
       data = json.load(fh)
   except (FileNotFoundError, NotADirectoryError):
-    return {}
+    return {}, ""
   except (OSError, ValueError) as e:
-    return {"": f"{path} was unreadable ({e}); "}
-  return data if isinstance(data, dict) else {}
+    return {}, f"{path} was unreadable ({e}); "
+  return (data if isinstance(data, dict) else {}), ""
 
 
 def _write(path: str, data: dict) -> None:
-  tmp = f"{path}.{os.getpid()}.tmp"
   try:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(tmp, "w", encoding="utf-8") as fh:
-      json.dump(data, fh, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-  except OSError as e:
+    io.write_text(path, json.dumps(data, indent=1, sort_keys=True))
+  except OSError as e:  # WriteError included: a cache, never fatal.
     _log.warning("could not store the CPU plan in %s (%s); it will be "
                  "measured again next time", path, e)
-    try:
-      os.remove(tmp)
-    except OSError:
-      pass
 
 
 def _fastest(programs: dict, args: dict, rounds: int) -> dict:
@@ -244,8 +235,8 @@ def probe(embed_dim: int, dtype: str, vae_ch: int, image_res: int,
   """Measures the candidates now; returns the plan and its JSON record.
 
   Transformer: a (1024, C) x (C, 4C) matmul in `dtype` (float32
-  accumulation) with the weight stored (4C, C), as the sampler's MLP. Decoder: one full-resolution ResNet block
-  (the decoder's dominant work) on 2 images, whole batch and one image at a
+  accumulation) with the weight stored (4C, C), as the sampler's MLP.
+  Decoder: one full-resolution ResNet block (the decoder's dominant work) on 2 images, whole batch and one image at a
   time, under each candidate. A candidate whose options this jaxlib rejects
   is skipped.
   """
@@ -312,6 +303,7 @@ def probe(embed_dim: int, dtype: str, vae_ch: int, image_res: int,
   record = {"transformer_options": dict(plan.transformer_options),
             "decoder_options": dict(plan.decoder_options),
             "decoder_batched": plan.decoder_batched,
-            "bf16_speedup": speedup, "seconds": {k: round(v, 4) for k, v in sorted(times.items())},
+            "bf16_speedup": speedup,
+            "seconds": {k: round(v, 4) for k, v in sorted(times.items())},
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
   return plan, record
