@@ -3,8 +3,9 @@
 Reported: the CPU plan used (`cpu_plan`: compiler options of the two
 programs, decoder form; on CPU) and the seconds it took, AOT compile seconds,
 seconds per batch and per image and images/s (after compilation and warmup),
-the analytic FLOPs per image (transformer with CFG + VQVAE decoder, `var_jax.sampling.flops`), the achieved FLOP/s, MFU
-against the device peak table ('n/a' where unknown, e.g. CPU) and the
+the analytic FLOPs per image (transformer with CFG + VQVAE decoder,
+`var_jax.sampling.flops`), the achieved FLOP/s, MFU against the device peak
+table ('n/a' where unknown, e.g. CPU) and the
 fraction of a square matmul's FLOP/s measured in the same process.
 `tools/bench_official_torch.py` prints the same keys for the official code.
 """
