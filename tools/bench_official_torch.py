@@ -122,6 +122,15 @@ def _common(args, achieved, mm):
   return rec
 
 
+def _official_sample(var, labels, args, seed):
+  """One call of the official `autoregressive_infer_cfg` (images in [0, 1])."""
+  import torch
+  with torch.inference_mode():
+    return var.autoregressive_infer_cfg(
+        B=args.batch, label_B=labels, g_seed=seed, cfg=args.cfg,
+        top_k=args.top_k, top_p=args.top_p, more_smooth=False)
+
+
 def bench_sample(args):
   import torch
   from var_jax.sampling import flops as sflops
@@ -131,11 +140,7 @@ def bench_sample(args):
   labels = torch.from_numpy(np.random.default_rng(args.seed).integers(
       0, 1000, args.batch))
 
-  def once(seed):
-    with torch.inference_mode():
-      return var.autoregressive_infer_cfg(
-          B=args.batch, label_B=labels, g_seed=seed, cfg=args.cfg,
-          top_k=args.top_k, top_p=args.top_p, more_smooth=False)
+  once = lambda seed: _official_sample(var, labels, args, seed)
 
   t0 = time.perf_counter()
   for i in range(args.warmup):
@@ -216,12 +221,7 @@ def bench_side_by_side(args):
   run = sampler.compile(args.batch)
   compile_s = time.perf_counter() - t0
   labels_t = torch.from_numpy(labels)
-
-  def official(seed):
-    with torch.inference_mode():
-      return var_t.autoregressive_infer_cfg(
-          B=args.batch, label_B=labels_t, g_seed=seed, cfg=args.cfg,
-          top_k=args.top_k, top_p=args.top_p, more_smooth=False)
+  official = lambda seed: _official_sample(var_t, labels_t, args, seed)
 
   def ours(seed):
     return jax.block_until_ready(run(labels.astype(np.int32), seed, ids))
