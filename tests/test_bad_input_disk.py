@@ -5,7 +5,9 @@ real filesystem runs out of space; without permission to mount, the tests
 skip and say so.
 """
 
+import asyncio
 import contextlib
+import gc
 import logging
 import os
 import re
@@ -227,6 +229,27 @@ def test_orbax_echoes_of_an_io_fault_are_dropped():
   other = _orbax_record(finalize, full)
   other.pathname = "/site-packages/mylib/x.py"
   assert keep(other)
+
+
+def test_unretrieved_futures_of_an_io_fault_are_not_logged(caplog):
+  # What CI once printed 36 times after the one-line error: tensorstore
+  # writes Orbax no longer awaited, reported by asyncio when collected.
+  var_io._install_orbax_quieting()
+  loop = asyncio.new_event_loop()
+  try:
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+      for exc in (ValueError("RESOURCE_EXHAUSTED: Error writing x in OCDBT "
+                             "database: [os_error_code='28']"),
+                  ValueError("shape mismatch")):
+        fut = loop.create_future()
+        fut.set_exception(exc)
+        del fut
+        gc.collect()
+  finally:
+    loop.close()
+  logged = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+  assert len(logged) == 1, logged
+  assert "shape mismatch" in str(caplog.records[-1].exc_info[1])
 
 
 def test_outputs_that_can_never_be_written_are_named(tmp_path):

@@ -369,6 +369,21 @@ class _DropOrbaxIoErrors(logging.Filter):
                 or "Handler Commit operations" in msg)
 
 
+class _DropOrphanedIoFutures(logging.Filter):
+  """Drops asyncio's "Future exception was never retrieved" for I/O faults.
+
+  After the first failed tensorstore write Orbax stops awaiting the others;
+  their futures fail the same way and asyncio reports each one when it is
+  collected, sometimes after the save has returned. Records about any other
+  exception stay visible.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (exc is not None and os_error_of(exc) is not None
+                and "exception was never retrieved" in record.getMessage())
+
+
 _QUIET_LOCK = threading.Lock()
 _QUIET_INSTALLED = False
 
@@ -384,8 +399,9 @@ def _install_orbax_quieting() -> None:
   When one tensorstore write fails, Orbax closes its event loop while other
   writes are still in flight; their completion callbacks then raise
   "Event loop is closed" as unraisable exceptions (dozens of tracebacks,
-  some after the save has returned). Only that exact error is dropped; every
-  other unraisable exception still reaches the previous hook.
+  some after the save has returned), and asyncio logs their failed futures.
+  Only those exact echoes are dropped; every other unraisable exception and
+  asyncio record still gets through.
   """
   global _QUIET_INSTALLED
   with _QUIET_LOCK:
@@ -399,6 +415,7 @@ def _install_orbax_quieting() -> None:
 
     sys.unraisablehook = hook
     logging.getLogger("absl").addFilter(_DropOrbaxIoErrors())
+    logging.getLogger("asyncio").addFilter(_DropOrphanedIoFutures())
     _QUIET_INSTALLED = True
 
 
