@@ -48,6 +48,48 @@ def test_edit_cli_matches_official_inpaint(model_dir, golden, tmp_path):
   assert Image.open(tmp_path / "e.png").size == (256, 256)
 
 
+class _Built(Exception):
+  """Stops a command once its Sampler's options are known."""
+
+
+_NINE = ",".join(["1"] * 9)
+
+
+@pytest.mark.parametrize("argv,want", [
+    (["sample", "--labels", "1,2"], "scan"),  # 1 call.
+    (["sample", "--labels", _NINE[2:], "--batch", "1"], "scan"),  # 8 calls.
+    (["sample", "--labels", _NINE, "--batch", "1"], "unrolled"),  # 9.
+    (["sample", "--per-class", "8", "--batch", "8"], "unrolled"),  # 10.
+    (["sample", "--labels", "1,2", "--layer-loop", "unrolled"], "unrolled"),
+    (["sample", "--labels", _NINE, "--batch", "1", "--layer-loop", "scan"],
+     "scan"),
+    (["edit", "--image", "IMG", "--box", "0,0,0.5,0.5", "--num", "3"],
+     "scan"),
+    (["sample-many", "--per-class", "2", "--out", "NPZ"], "scan"),
+    (["sample-many", "--per-class", "9", "--classes", "1,2", "--batch", "2",
+      "--out", "NPZ"], "unrolled"),  # 18 samples, 9 calls.
+])
+def test_short_jobs_get_the_scan_layer_loop(model_dir, tmp_path, monkeypatch,
+                                            argv, want):
+  # Compiling or loading the unrolled program costs more than a few calls
+  # of the scan one: the layer loop follows the job's number of calls.
+  seen = []
+
+  def spy(self, vae, var, opts=SampleOptions(), **kw):
+    seen.append(opts.layer_loop)
+    raise _Built
+
+  monkeypatch.setattr(Sampler, "__init__", spy)
+  src = tmp_path / "img.png"
+  Image.new("RGB", (64, 64)).save(src)
+  argv = [{"IMG": str(src), "NPZ": str(tmp_path / "s.npz")}.get(a, a)
+          for a in argv]
+  out = [] if "--out" in argv else ["--out", str(tmp_path / "o.png")]
+  with pytest.raises(_Built):
+    cli.main(argv[:1] + ["--ckpt", str(model_dir)] + argv[1:] + out)
+  assert seen == [want]
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["sample", "--labels", "3,x"], "comma-separated integers"),
     (["sample", "--labels", "11"], "class ids in [0, 10]"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -49,8 +50,10 @@ def _add_sampling_flags(p, *, cfg, top_k, top_p):
   p.add_argument("--form", choices=("unrolled", "scan"), default=None,
                  help="scale loop form (default: the faster one)")
   p.add_argument("--layer-loop", choices=("unrolled", "scan"), default=None,
-                 help="how the transformer blocks are applied (default: the "
-                      "faster one)")
+                 help="how the transformer blocks are applied (default: "
+                      "scan for jobs of at most 8 sampler calls, whose "
+                      "program compiles and loads faster; unrolled, faster "
+                      "per call, for longer ones)")
 
 
 def register(sub) -> None:
@@ -170,7 +173,16 @@ def _as_flag(msg):
 FAST_DRAFT_STEPS = 2
 
 
-def _load_fast(args, opts):
+def _layer_loop(args, opts, num_calls, var):
+  """`opts` with the layer loop this job wants (the flag, else by its size)."""
+  from var_jax.sampling.sampler import layer_loop_for
+  if args.layer_loop is not None or num_calls is None:
+    return opts
+  return dataclasses.replace(
+      opts, layer_loop=layer_loop_for(num_calls(var.cfg.num_classes)))
+
+
+def _load_fast(args, opts, num_calls):
   """(ModelConfig, VQVAE, refiner, Sampler) of the bundled CoDe pair."""
   from var_jax import checkpoint
   from var_jax.sampling.sampler import Sampler
@@ -181,6 +193,7 @@ def _load_fast(args, opts):
   d = checkpoint.DEFAULT_MODEL.with_name("digits_refiner")
   # The refiner ships without a tokenizer copy: it is the bundled one.
   refiner = checkpoint.load_var(d)
+  opts = _layer_loop(args, opts, num_calls, refiner)
   try:
     return model_config, vae, refiner, Sampler(vae, refiner, opts,
                                                drafter=drafter)
@@ -188,10 +201,12 @@ def _load_fast(args, opts):
     raise _user_error(_as_flag(str(e))) from None
 
 
-def _load(args):
+def _load(args, num_calls=None):
   """(ModelConfig, VQVAE, the VAR (the refiner with a drafter), Sampler).
 
-  Every flag is checked before the models are read.
+  Every flag is checked before the models are read. Without --layer-loop,
+  `num_calls(num_classes)`, the number of sampler calls the job will make,
+  picks it (`layer_loop_for`); without `num_calls` the default is kept.
 
   With --drafter-ckpt both model directories are read and their tokenizers
   compared (config and weights) before anything runs.
@@ -210,12 +225,13 @@ def _load(args):
   except ValueError as e:
     raise _user_error(_as_flag(str(e))) from None
   if fast:
-    return _load_fast(args, opts)
+    return _load_fast(args, opts, num_calls)
   model_config, vae, var = checkpoint.load_model(args.ckpt, need_var=True)
   drafter = None
   if args.drafter_ckpt is not None:
     _, d_vae, drafter = checkpoint.load_model(args.drafter_ckpt, need_var=True)
     code.check_same_tokenizer(d_vae, vae)
+  opts = _layer_loop(args, opts, num_calls, var)
   try:
     sampler = Sampler(vae, var, opts, drafter=drafter)
   except ValueError as e:
@@ -273,17 +289,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
   from var_jax.sampling import images as image_io
   _check_positive(per_class=args.per_class, num=args.num, batch=args.batch)
   _check_outputs(args)
-  model_config, _, var, sampler = _load(args)
-  n_cls = var.cfg.num_classes
-  ncol = args.ncol
-  if args.labels is not None:
-    labels = _parse_labels(args.labels, n_cls)
-  elif n_cls <= 100:
-    labels = [c for c in range(n_cls) for _ in range(args.per_class)]
-    ncol = ncol or args.per_class
-  else:
+
+  def job(n_cls):
+    """(labels, grid columns) for a model of `n_cls` classes."""
+    if args.labels is not None:
+      return _parse_labels(args.labels, n_cls), args.ncol
+    if n_cls <= 100:
+      return ([c for c in range(n_cls) for _ in range(args.per_class)],
+              args.ncol or args.per_class)
     rng = np.random.default_rng(args.seed)
-    labels = rng.integers(0, n_cls, args.num).tolist()
+    return rng.integers(0, n_cls, args.num).tolist(), args.ncol
+
+  model_config, _, var, sampler = _load(
+      args, num_calls=lambda n_cls: -(-len(job(n_cls)[0]) // args.batch))
+  labels, ncol = job(var.cfg.num_classes)
   t0 = time.perf_counter()
   idx, imgs = _sample_batched(sampler, labels, args.seed, args.batch)
   dt = time.perf_counter() - t0
@@ -316,7 +335,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
   from var_jax.sampling import edit, images as image_io
   _check_positive(num=args.num)
   _check_outputs(args)
-  _, vae, var, sampler = _load(args)
+  _, vae, var, sampler = _load(args, num_calls=lambda _: 1)
   side = vae.cfg.resolution
   pn = var.cfg.patch_nums[-1]
   try:
@@ -350,9 +369,14 @@ def cmd_sample_many(args: argparse.Namespace) -> int:
   _check_positive(per_class=args.per_class, batch=args.batch)
   _check_outputs(args, suffix=".npz")
   many.check_devices(args.batch)
-  _, _, var, sampler = _load(args)
-  classes = (list(range(var.cfg.num_classes)) if args.classes is None else
-             _parse_labels(args.classes, var.cfg.num_classes))
+
+  def chosen(n_cls):
+    return (list(range(n_cls)) if args.classes is None else
+            _parse_labels(args.classes, n_cls))
+
+  _, _, var, sampler = _load(args, num_calls=lambda n_cls: -(
+      -len(chosen(n_cls)) * args.per_class // args.batch))
+  classes = chosen(var.cfg.num_classes)
   meta = {"ckpt": str(args.ckpt or "bundled"), "cfg": args.cfg,
           "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
           "temperature": args.temperature, "cfg_until": args.cfg_until,
