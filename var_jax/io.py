@@ -369,19 +369,29 @@ class _DropOrbaxIoErrors(logging.Filter):
                 or "Handler Commit operations" in msg)
 
 
+# Set once this process has run an Orbax save (inside `orbax_writes`).
+_ORBAX_SAVED = threading.Event()
+
+
 class _DropOrphanedIoFutures(logging.Filter):
   """Drops asyncio's "Future exception was never retrieved" for I/O faults.
 
   After the first failed tensorstore write Orbax stops awaiting the others;
   their futures fail the same way and asyncio reports each one when it is
-  collected, sometimes after the save has returned. Records about any other
-  exception stay visible.
+  collected, sometimes before and sometimes after the save has raised. Only
+  records of a process that ran an Orbax save, about an OS-level fault of a
+  tensorstore write (an OCDBT or tensorstore error), are dropped; anyone
+  else's unretrieved futures (a timeout, a lost connection) stay visible.
   """
 
   def filter(self, record: logging.LogRecord) -> bool:
     exc = record.exc_info[1] if record.exc_info else None
-    return not (exc is not None and os_error_of(exc) is not None
-                and "exception was never retrieved" in record.getMessage())
+    if (exc is None or not _ORBAX_SAVED.is_set()
+        or "exception was never retrieved" not in record.getMessage()):
+      return True
+    text = str(exc)
+    from_store = "OCDBT" in text or "tensorstore" in text.lower()
+    return not (from_store and os_error_of(exc) is not None)
 
 
 _QUIET_LOCK = threading.Lock()
@@ -432,6 +442,7 @@ def orbax_writes(path):
     WriteError: the save failed for an operating-system reason.
   """
   _install_orbax_quieting()
+  _ORBAX_SAVED.set()
   try:
     yield
   except WriteError:
