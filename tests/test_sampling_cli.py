@@ -99,6 +99,10 @@ def test_short_jobs_get_the_scan_layer_loop(model_dir, tmp_path, monkeypatch,
      "no such image file"),
     (["edit", "--image", "IMG", "--box", "0.5,0,0.4,1"], "box must satisfy"),
     (["sample-many", "--out", "x.txt"], "must end in .npz"),
+    (["sample-many", "--classes", "1,foo", "--out", "x.npz"],
+     "--classes must be comma-separated integers"),
+    (["sample-many", "--classes", "11", "--out", "x.npz"],
+     "--classes must be class ids in [0, 10]"),
 ])
 def test_bad_flags_are_one_line_errors(model_dir, tmp_path, capsys, argv,
                                        needle):

@@ -51,9 +51,10 @@ def _add_sampling_flags(p, *, cfg, top_k, top_p):
                  help="scale loop form (default: the faster one)")
   p.add_argument("--layer-loop", choices=("unrolled", "scan"), default=None,
                  help="how the transformer blocks are applied (default: "
-                      "scan for jobs of at most 8 sampler calls, whose "
+                      "scan for jobs of at most 8 sampler calls, i.e. "
+                      "images / --batch rounded up, one for edit: its "
                       "program compiles and loads faster; unrolled, faster "
-                      "per call, for longer ones)")
+                      "per call, for longer jobs)")
 
 
 def register(sub) -> None:
@@ -239,15 +240,15 @@ def _load(args, num_calls=None):
   return model_config, vae, var, sampler
 
 
-def _parse_labels(text, num_classes):
+def _parse_labels(text, num_classes, flag="--labels"):
   try:
     labels = [int(v) for v in text.split(",") if v.strip()]
   except ValueError:
-    raise _user_error(f"--labels must be comma-separated integers, got "
+    raise _user_error(f"{flag} must be comma-separated integers, got "
                       f"{text!r}") from None
   bad = [v for v in labels if not 0 <= v <= num_classes]
   if not labels or bad:
-    raise _user_error(f"--labels must be class ids in [0, {num_classes}] "
+    raise _user_error(f"{flag} must be class ids in [0, {num_classes}] "
                       f"({num_classes} = unconditional); got {text!r}")
   return labels
 
@@ -313,7 +314,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
                       **{f"idx_{i}": a.astype(np.int32)
                          for i, a in enumerate(idx)})
   print(f"wrote {len(labels)} samples of {model_config.name} to {args.out} "
-        f"({dt:.1f} s including compilation)")
+        f"({dt:.1f} s including compilation, {sampler.opts.layer_loop} "
+        f"layer loop)")
   return 0
 
 
@@ -372,7 +374,7 @@ def cmd_sample_many(args: argparse.Namespace) -> int:
 
   def chosen(n_cls):
     return (list(range(n_cls)) if args.classes is None else
-            _parse_labels(args.classes, n_cls))
+            _parse_labels(args.classes, n_cls, "--classes"))
 
   _, _, var, sampler = _load(args, num_calls=lambda n_cls: -(
       -len(chosen(n_cls)) * args.per_class // args.batch))
