@@ -205,7 +205,8 @@ def _load_fast(args, opts, num_calls):
 def _load(args, num_calls=None):
   """(ModelConfig, VQVAE, the VAR (the refiner with a drafter), Sampler).
 
-  Every flag is checked before the models are read. Without --layer-loop,
+  The sampling flags are checked before the models are read (class lists
+  need the model's class count and are checked after). Without --layer-loop,
   `num_calls(num_classes)`, the number of sampler calls the job will make,
   picks it (`layer_loop_for`); without `num_calls` the default is kept.
 
