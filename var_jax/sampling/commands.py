@@ -174,6 +174,11 @@ def _as_flag(msg):
 FAST_DRAFT_STEPS = 2
 
 
+def _calls(num_images: int, batch: int) -> int:
+  """Sampler calls of a job: `num_images` in batches of `batch`."""
+  return -(-num_images // batch)
+
+
 def _layer_loop(args, opts, num_calls, var):
   """`opts` with the layer loop this job wants (the flag, else by its size)."""
   from var_jax.sampling.sampler import layer_loop_for
@@ -303,7 +308,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return rng.integers(0, n_cls, args.num).tolist(), args.ncol
 
   model_config, _, var, sampler = _load(
-      args, num_calls=lambda n_cls: -(-len(job(n_cls)[0]) // args.batch))
+      args, num_calls=lambda n_cls: _calls(len(job(n_cls)[0]), args.batch))
   labels, ncol = job(var.cfg.num_classes)
   t0 = time.perf_counter()
   idx, imgs = _sample_batched(sampler, labels, args.seed, args.batch)
@@ -377,8 +382,8 @@ def cmd_sample_many(args: argparse.Namespace) -> int:
     return (list(range(n_cls)) if args.classes is None else
             _parse_labels(args.classes, n_cls, "--classes"))
 
-  _, _, var, sampler = _load(args, num_calls=lambda n_cls: -(
-      -len(chosen(n_cls)) * args.per_class // args.batch))
+  _, _, var, sampler = _load(args, num_calls=lambda n_cls: _calls(
+      len(chosen(n_cls)) * args.per_class, args.batch))
   classes = chosen(var.cfg.num_classes)
   meta = {"ckpt": str(args.ckpt or "bundled"), "cfg": args.cfg,
           "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
