@@ -19,11 +19,12 @@ from var_jax.convert import inception as ci
 from var_jax.errors import InceptionWeightsError
 from var_jax.models import inception as mi
 
-# golden name -> our output name. The golden `spatial` is the cut of TF
-# `mixed_3/conv` (see var_jax.models.inception); ours is `mixed_6/conv`.
+# golden name -> our output name. `spatial` is TF `mixed_6/conv` (Mixed_6d's
+# 1x1 branch, the ADM sFID feature); `mixed_6a_branch3x3` is the same cut of
+# TF `mixed_3/conv` (Mixed_6a's 3x3 branch).
 _OUTPUTS = {"64": "64", "192": "192", "768": "768", "2048": "pool",
             "logits_unbiased": "logits_unbiased", "logits": "logits",
-            "spatial": "mixed_3_spatial"}
+            "spatial": "spatial", "mixed_6a_branch3x3": "mixed_3_spatial"}
 _TAGS = ("256", "64x96", "299")
 
 

@@ -4,7 +4,7 @@
   python tools/refresh_golden.py [--src ../shared/golden]
 
 The source is the reference set the official PyTorch code wrote. What is
-copied from its top level (eval/ is left to its own owner):
+copied from its top level:
 - `.pth`, `.json` and other files: byte for byte (the converter is tested on
   the real files);
 - each `.npz`: only the arrays that `tests/golden/kept_arrays.json` lists as
@@ -13,7 +13,9 @@ copied from its top level (eval/ is left to its own owner):
   stops the refresh: decide whether a test reads it, then list it;
 - `README.md`: the copy keeps its own opening note (everything before the
   first `# ` heading) followed by the source's text verbatim.
-Files whose content is already current are not rewritten. Exits 1 with one
+In the folders whose files the tests read only in part (`SUBSET_DIRS`), the
+files the copy already holds are refreshed byte for byte and nothing else is
+added. Files whose content is already current are not rewritten. Exits 1 with one
 line on stderr when the source or the manifest is not usable.
 """
 
@@ -30,6 +32,8 @@ from var_jax.errors import WriteError
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEST = _ROOT / "tests" / "golden"
 MANIFEST = "kept_arrays.json"
+# Source folders of which the tests read a subset of the files.
+SUBSET_DIRS = ("eval", "infinity")
 
 
 class RefreshError(Exception):
@@ -99,6 +103,17 @@ def refresh(src: pathlib.Path, dest: pathlib.Path = DEST) -> list[str]:
       data = note.encode() + data
     if not d.exists() or d.read_bytes() != data:
       writes.append((s.name, lambda fh, b=data: fh.write(b)))
+  for sub in SUBSET_DIRS:
+    if not (dest / sub).is_dir():
+      continue
+    for d in sorted(p for p in (dest / sub).iterdir() if p.is_file()):
+      s = src / sub / d.name
+      if not s.is_file():
+        raise RefreshError(f"{s}: the copy holds {sub}/{d.name} but the "
+                           "source does not")
+      data = s.read_bytes()
+      if d.read_bytes() != data:
+        writes.append((f"{sub}/{d.name}", lambda fh, b=data: fh.write(b)))
   for name, write in writes:
     var_io.atomic_file(dest / name, write)
   return [name for name, _ in writes]
