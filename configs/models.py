@@ -3,7 +3,7 @@
 Each preset is a value (a frozen `ModelConfig`); nothing here subclasses.
 """
 
-from var_jax.config import (PATCH_NUMS_256, PATCH_NUMS_512, ModelConfig,
+from var_jax.models.var.config import (PATCH_NUMS_256, PATCH_NUMS_512, ModelConfig,
                             VARConfig, VQVAEConfig, var_for_depth)
 
 # The released tokenizer `vae_ch160v4096z32.pth`.

@@ -8,7 +8,7 @@ drafts the first scales, this model draws the rest (`var-jax sample --fast`).
 
 import dataclasses
 
-from var_jax.config import ModelConfig
+from var_jax.models.var.config import ModelConfig
 from var_jax.configs.models import DIGITS_VAE, DIGITS_VAR
 from var_jax.training.config import TrainConfig
 

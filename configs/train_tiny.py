@@ -4,7 +4,7 @@
 runs on different meshes agree to rounding.
 """
 
-from var_jax.config import ModelConfig, VARConfig
+from var_jax.models.var.config import ModelConfig, VARConfig
 from var_jax.configs.models import DIGITS_VAE
 from var_jax.training.config import TrainConfig
 

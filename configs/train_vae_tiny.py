@@ -7,7 +7,7 @@ so that short runs exercise it. float32 so runs on different meshes agree
 to rounding.
 """
 
-from var_jax.config import ModelConfig, VQVAEConfig
+from var_jax.models.var.config import ModelConfig, VQVAEConfig
 from var_jax.training.config import VAETrainConfig
 
 TINY_VAE = VQVAEConfig(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 1, 1),

@@ -84,7 +84,7 @@ def random_digits_vae_dir(tmp_path_factory):
   from golden_models import SMALL_VAE, small_vae
 
   from var_jax import checkpoint
-  from var_jax.config import ModelConfig
+  from var_jax.models.var.config import ModelConfig
   d = tmp_path_factory.mktemp("vae") / "digits_vae"
   checkpoint.save_model(d, ModelConfig("digits_vae", SMALL_VAE),
                         vae=small_vae())

@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from var_jax.config import VARConfig, get_preset
+from var_jax.models.var.config import VARConfig, get_preset
 from var_jax.configs.models import DIGITS_VAE
-from var_jax.convert import load
-from var_jax.convert.convert import read_official
-from var_jax.models.official_names import var_rules, vqvae_rules
-from var_jax.models.transformer import VAR
-from var_jax.models.vqvae import VQVAE
+from var_jax.convert.var import load
+from var_jax.convert.var.convert import read_official
+from var_jax.convert.var.official_names import var_rules, vqvae_rules
+from var_jax.models.var.transformer import VAR
+from var_jax.models.var.vqvae import VQVAE
 
 
 @functools.lru_cache(maxsize=None)

@@ -145,7 +145,7 @@ def _class_images(root, n_per_class, corrupt):
 def _expected_tokens(vae_dir, files):
   from var_jax import checkpoint
   from var_jax.data import augment
-  from var_jax.models.vqvae import jit_tokenizer
+  from var_jax.models.var.vqvae import jit_tokenizer
   cfg, vae, _ = checkpoint.load_model(vae_dir, need_var=False)
   encode = jit_tokenizer(vae)
   res = cfg.vae.resolution

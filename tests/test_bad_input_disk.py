@@ -119,7 +119,7 @@ def test_download_pair_on_a_full_disk_leaves_no_half_pair(golden_dir,
   # The tiny drafter directory takes 19.1 MB, the refiner 16.9 MB: 25 MB
   # holds the first and runs out in the second, which then takes the new
   # drafter with it.
-  from var_jax.convert import download as dl
+  from var_jax.convert.var import download as dl
   g = golden_dir
   fetch = lambda *_: (g / "vae_tiny.pth", g / "var_tiny.pth",
                       g / "var_tiny_refiner.pth")

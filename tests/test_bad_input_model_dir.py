@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from var_jax import checkpoint, cli
-from var_jax.convert.convert import convert_files
+from var_jax.convert.var.convert import convert_files
 from var_jax.errors import CheckpointError
 
 

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from var_jax.config import get_preset
-from var_jax.models.vqvae import VQVAE
+from var_jax.models.var.config import get_preset
+from var_jax.models.var.vqvae import VQVAE
 from var_jax.sampling import flops
 
 KEYS = {"bench", "impl", "preset", "batch", "dtype", "form", "layer_loop",

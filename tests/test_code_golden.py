@@ -14,12 +14,12 @@ from flax import nnx
 from golden_models import golden_vae, golden_var
 from test_sampler_golden import GREEDY, _nchw_to_nhwc, assert_tokens_equal
 
-from var_jax.convert import load
-from var_jax.convert.convert import read_official
-from var_jax.models.official_names import var_rules
-from var_jax.models.transformer import VAR
+from var_jax.convert.var import load
+from var_jax.convert.var.convert import read_official
+from var_jax.convert.var.official_names import var_rules
+from var_jax.models.var.transformer import VAR
 from var_jax.sampling import filtering
-from var_jax.sampling.sampler import SampleOptions, Sampler
+from var_jax.sampling.var.sampler import SampleOptions, Sampler
 
 
 @functools.lru_cache(maxsize=None)

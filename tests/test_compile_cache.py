@@ -34,7 +34,7 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 
 
 def test_import_leaves_the_jax_cache_off():
-  code = ("import jax, var_jax, var_jax.cli, var_jax.sampling.sampler; "
+  code = ("import jax, var_jax, var_jax.cli, var_jax.sampling.var.sampler; "
           "print(repr(jax.config.jax_compilation_cache_dir))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True,
                        text=True, check=True).stdout.strip()

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from var_jax.checkpoint import load_model
 from var_jax.cli import main
-from var_jax.config import get_preset
+from var_jax.models.var.config import get_preset
 from var_jax.convert.pth import read_pth
 
 

@@ -10,7 +10,7 @@ from golden_models import golden_vae, golden_var
 
 from var_jax.sampling import cpu_plan
 from var_jax.sampling.cpu_plan import NO_YNN, CpuPlan
-from var_jax.sampling.sampler import SampleOptions, Sampler
+from var_jax.sampling.var.sampler import SampleOptions, Sampler
 
 # A tiny probe (64-wide matmul, 16-channel block at 32px): same code path as
 # the full-size one, a few seconds here.

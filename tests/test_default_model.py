@@ -8,7 +8,7 @@ from PIL import Image
 
 from var_jax import checkpoint, cli
 from var_jax.data import digits_eval
-from var_jax.sampling.sampler import SampleOptions, Sampler
+from var_jax.sampling.var.sampler import SampleOptions, Sampler
 
 PER_CLASS = 10  # 100 fresh samples: a 4-sigma check of the reported figure.
 SEED = 7  # Not the report's seed (0): samples the report never saw.

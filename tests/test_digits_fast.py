@@ -5,7 +5,7 @@ import numpy as np
 
 from var_jax import checkpoint, cli
 from var_jax.sampling import commands
-from var_jax.sampling.sampler import SampleOptions, Sampler
+from var_jax.sampling.var.sampler import SampleOptions, Sampler
 
 REFINER = checkpoint.DEFAULT_MODEL.with_name("digits_refiner")
 

@@ -24,9 +24,9 @@ import huggingface_hub.utils.logging  # noqa: F401
 from huggingface_hub import errors
 
 from var_jax import checkpoint, cli
-from var_jax.config import get_preset
-from var_jax.convert import download as dl
-from var_jax.convert.load import ConvertError
+from var_jax.models.var.config import get_preset
+from var_jax.convert.var import download as dl
+from var_jax.convert.var.load import ConvertError
 
 
 def run(capsys, *argv):
@@ -246,8 +246,8 @@ def test_code_pair_converts_and_samples_like_the_reference(golden_dir, golden,
   # with collaborative decoding; the tokens and images are the reference's.
   from test_sampler_golden import GREEDY, _nchw_to_nhwc, assert_tokens_equal
 
-  from var_jax.sampling.code import check_same_tokenizer
-  from var_jax.sampling.sampler import SampleOptions, Sampler
+  from var_jax.sampling.var.code import check_same_tokenizer
+  from var_jax.sampling.var.sampler import SampleOptions, Sampler
   calls, out = [], tmp_path / "pair"
   d_cfg, r_cfg = dl.download_pair(
       out, steps=6, cache_dir="C", presets=("tiny", None),

@@ -24,9 +24,9 @@ def snapshot():
 
 before = snapshot()
 import var_jax
-import var_jax.models.transformer, var_jax.models.vqvae
-import var_jax.sampling.sampler, var_jax.checkpoint
-import var_jax.training.state, var_jax.data.sources, var_jax.convert.convert
+import var_jax.models.var.transformer, var_jax.models.var.vqvae
+import var_jax.sampling.var.sampler, var_jax.checkpoint
+import var_jax.training.state, var_jax.data.sources, var_jax.convert.var.convert
 import var_jax.eval
 import var_jax.cli
 after = snapshot()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import assert_close_rel
 
-from var_jax.config import PATCH_NUMS_256, PATCH_NUMS_512
+from var_jax.models.var.config import PATCH_NUMS_256, PATCH_NUMS_512
 from var_jax.models.interp import area_resize, bicubic_resize
 
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from var_jax.config import get_preset
-from var_jax.convert import load
-from var_jax.models.official_names import var_rules, vqvae_rules
-from var_jax.models.transformer import VAR
-from var_jax.models.vqvae import VQVAE
+from var_jax.models.var.config import get_preset
+from var_jax.convert.var import load
+from var_jax.convert.var.official_names import var_rules, vqvae_rules
+from var_jax.models.var.transformer import VAR
+from var_jax.models.var.vqvae import VQVAE
 
 MODELS = {
     "vae_ch160v4096z32": ("vqvae", 109.0),

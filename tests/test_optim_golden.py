@@ -10,9 +10,9 @@ from conftest import assert_close_rel
 from flax import nnx
 from golden_models import golden_vae, golden_var
 
-from var_jax.config import get_preset
-from var_jax.convert.load import export_flat
-from var_jax.models.official_names import var_rules
+from var_jax.models.var.config import get_preset
+from var_jax.convert.var.load import export_flat
+from var_jax.convert.var.official_names import var_rules
 from var_jax.training import loss as loss_lib
 from var_jax.training import mesh as mesh_lib
 from var_jax.training import optimizer as opt_lib

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pth_writer import write_hostile_pth, write_pth, write_view_pth
 
-from var_jax.config import PATCH_NUMS_256
+from var_jax.models.var.config import PATCH_NUMS_256
 from var_jax.convert.pth import PthError, read_pth, read_state_dict
 
 

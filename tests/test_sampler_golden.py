@@ -5,8 +5,10 @@ import pytest
 from conftest import assert_close_rel
 from golden_models import golden_vae, golden_var
 
-from var_jax.sampling import edit, filtering
-from var_jax.sampling.sampler import (FORMS, LAYER_LOOPS, SampleOptions,
+from var_jax.sampling.var import edit
+
+from var_jax.sampling import filtering
+from var_jax.sampling.var.sampler import (FORMS, LAYER_LOOPS, SampleOptions,
                                       Sampler)
 
 GREEDY = dict(top_k=1, top_p=0.0)

@@ -14,11 +14,11 @@ from flax import nnx
 from golden_models import golden_vae, golden_var
 
 from var_jax import cli
-from var_jax.config import VARConfig
+from var_jax.models.var.config import VARConfig
 from var_jax.errors import UserError
-from var_jax.models.transformer import VAR
-from var_jax.sampling import code, edit
-from var_jax.sampling.sampler import SampleOptions, Sampler
+from var_jax.models.var.transformer import VAR
+from var_jax.sampling.var import code, edit
+from var_jax.sampling.var.sampler import SampleOptions, Sampler
 
 
 @pytest.mark.parametrize("kw,needle", [

@@ -11,7 +11,7 @@ from PIL import Image
 
 from var_jax import cli
 from var_jax.sampling import many
-from var_jax.sampling.sampler import SampleOptions, Sampler
+from var_jax.sampling.var.sampler import SampleOptions, Sampler
 
 
 def test_sample_cli_greedy_matches_official(model_dir, golden, tmp_path):

@@ -12,8 +12,8 @@ from flax import nnx
 
 from var_jax import cli
 from var_jax.cli import UserError
-from var_jax.config import get_preset
-from var_jax.models.transformer import VAR
+from var_jax.models.var.config import get_preset
+from var_jax.models.var.transformer import VAR
 from var_jax.training import loss as loss_lib
 from var_jax.training import mesh as mesh_lib
 from var_jax.training import metrics as metrics_lib

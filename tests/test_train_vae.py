@@ -24,8 +24,8 @@ from var_jax.errors import LpipsWeightsError
 from var_jax.models import discriminator as disc_lib
 from var_jax.convert import lpips as lpips_io
 from var_jax.models import lpips as lpips_lib
-from var_jax.models import quantizer as q
-from var_jax.models.vqvae import VQVAE
+from var_jax.models.var import quantizer as q
+from var_jax.models.var.vqvae import VQVAE
 from var_jax.training import mesh as mesh_lib
 from var_jax.training import vae_step
 from var_jax.training.config import VAETrainConfig, load_config
@@ -141,7 +141,7 @@ def test_var_training_and_sampling_use_the_tokenizer(runs, tmp_path):
                  str(ref / "model"), "--workdir", str(work), "--steps", "2"])
   assert rc == 0
   from var_jax import checkpoint
-  from var_jax.sampling.sampler import SampleOptions, Sampler
+  from var_jax.sampling.var.sampler import SampleOptions, Sampler
   cfg, vae, var = checkpoint.load_model(work / "model")
   assert cfg.vae.resolution == 16
   np.testing.assert_array_equal(

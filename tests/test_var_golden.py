@@ -17,8 +17,8 @@ from conftest import assert_close_rel
 from flax import nnx
 from golden_models import golden_var
 
-from var_jax.convert.load import export_flat
-from var_jax.models.official_names import var_rules
+from var_jax.convert.var.load import export_flat
+from var_jax.convert.var.official_names import var_rules
 
 
 def official_loss(logits_BLV, targets_BL):

@@ -6,7 +6,7 @@ import pytest
 from conftest import assert_close_rel
 from golden_models import golden_vae
 
-from var_jax.models import quantizer as q
+from var_jax.models.var import quantizer as q
 
 K = 10
 
@@ -68,7 +68,7 @@ def test_training_path(setup):
   `VQVAE.__call__`) gives the official training outputs."""
   from flax import nnx
 
-  from var_jax.models.vqvae import Buffer
+  from var_jax.models.var.vqvae import Buffer
   from var_jax.training import vae_step
   g, vae, x, _ = setup
   gd, params, buffers = nnx.split(vae, nnx.Param, Buffer)

@@ -105,7 +105,7 @@ def _matmul_peak(n=2048, iters=10):
 
 
 def _cfgs(depth):
-  from var_jax.config import VQVAEConfig, var_for_depth
+  from var_jax.models.var.config import VQVAEConfig, var_for_depth
   vae_cfg = VQVAEConfig()  # build_vae_var's defaults: V=4096, Cvae=32, ch=160.
   return vae_cfg, var_for_depth(depth, vae=vae_cfg)
 
@@ -191,12 +191,12 @@ def bench_side_by_side(args):
   """
   import jax
   import torch
-  from var_jax.config import VQVAEConfig, var_for_depth
-  from var_jax.convert import load
-  from var_jax.models.official_names import var_rules, vqvae_rules
-  from var_jax.models.transformer import VAR
-  from var_jax.models.vqvae import VQVAE
-  from var_jax.sampling.sampler import SampleOptions, Sampler
+  from var_jax.models.var.config import VQVAEConfig, var_for_depth
+  from var_jax.convert.var import load
+  from var_jax.convert.var.official_names import var_rules, vqvae_rules
+  from var_jax.models.var.transformer import VAR
+  from var_jax.models.var.vqvae import VQVAE
+  from var_jax.sampling.var.sampler import SampleOptions, Sampler
   from flax import nnx
 
   vae_t, var_t = _build(args)

@@ -35,7 +35,7 @@ REFINER = ROOT / "var_jax" / "assets" / "digits_refiner"
 def load_refiner(model_dir, vae):
   """The refiner VAR of `model_dir`, checked against the tokenizer `vae`."""
   from var_jax import checkpoint
-  from var_jax.sampling import code
+  from var_jax.sampling.var import code
   d = pathlib.Path(model_dir)
   if (d / "vae").exists():
     _, own_vae, var = checkpoint.load_model(d, need_var=True)
@@ -48,7 +48,7 @@ def prepare(vae, var, per_batch, drafter=None, draft_steps=None):
   """The compiled program for one row, after one untimed warm-up call."""
   import jax
   import numpy as np
-  from var_jax.sampling.sampler import SampleOptions, Sampler
+  from var_jax.sampling.var.sampler import SampleOptions, Sampler
   opts = SampleOptions(cfg=1.5, top_k=900, top_p=0.96,
                        draft_steps=draft_steps)
   run = Sampler(vae, var, opts, drafter=drafter).compile(per_batch)

@@ -61,7 +61,7 @@ def evaluate(model_dir, per_class: int, seed: int = 0) -> dict:
   import numpy as np
   from var_jax import checkpoint
   from var_jax.data import digits_eval
-  from var_jax.sampling.sampler import SampleOptions, Sampler
+  from var_jax.sampling.var.sampler import SampleOptions, Sampler
   _, vae, var = checkpoint.load_model(model_dir, need_var=True)
   res = vae.cfg.resolution
   clf, real_acc = digits_eval.train_classifier(res)
@@ -113,7 +113,7 @@ def install_refiner(model_dir: pathlib.Path) -> None:
   import numpy as np
   from flax import nnx
   from var_jax import checkpoint
-  from var_jax.sampling import code
+  from var_jax.sampling.var import code
   cfg, vae, var = checkpoint.load_model(model_dir, need_var=True)
   _, bundled_vae, _ = checkpoint.load_model(None, need_var=False)
   code.check_same_tokenizer(bundled_vae, vae, "bundled", "refiner")

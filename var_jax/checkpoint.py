@@ -22,11 +22,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from var_jax.config import ModelConfig
+from var_jax.models.var.config import ModelConfig
 from var_jax.errors import CheckpointError
 from var_jax.io import as_path, atomic_dir, is_local, orbax_writes, write_text
-from var_jax.models.transformer import VAR
-from var_jax.models.vqvae import VQVAE
+from var_jax.models.var.transformer import VAR
+from var_jax.models.var.vqvae import VQVAE
 
 DEFAULT_MODEL = pathlib.Path(__file__).parent / "assets" / "digits"
 # Mismatching parameters named in one error before "... and N more".
@@ -230,7 +230,7 @@ def bench_models(ckpt_dir, preset: str, random_var: bool = True):
   """
   if ckpt_dir:
     return load_model(ckpt_dir, need_var=True)
-  from var_jax.config import get_preset
+  from var_jax.models.var.config import get_preset
   try:
     cfg = get_preset(preset)
   except ValueError as e:

@@ -34,6 +34,6 @@ def add_batch_dtype_args(p, *, batch: int, batch_help: str,
   """--batch (default `batch`) and --dtype (float32 | bfloat16, default
   float32): how much and in what precision a benchmark (or eval) computes."""
   p.add_argument("--batch", type=int, default=batch, help=batch_help)
-  from var_jax.config import COMPUTE_DTYPES
+  from var_jax.models.var.config import COMPUTE_DTYPES
   p.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32",
                  help=dtype_help)

@@ -83,7 +83,7 @@ def register(sub) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-  from var_jax.convert.convert import convert_files
+  from var_jax.convert.var.convert import convert_files
   from var_jax.io import as_path
   for flag in ("vae", "var"):
     path = getattr(args, flag)
@@ -101,7 +101,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-  from var_jax.convert.download import download, download_pair
+  from var_jax.convert.var.download import download, download_pair
   if args.code is not None and args.refiner:
     raise _user_error("--refiner goes with --model (the training-free pair); "
                       "CoDe's --code pairs are a d30 drafter and a d16 "
@@ -183,7 +183,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-  from var_jax.convert.verify import print_report, run_verify
+  from var_jax.convert.var.verify import print_report, run_verify
   if not 1 <= args.batch <= 64:
     raise _user_error(f"--batch must be in 1..64, got {args.batch}")
   if args.seed < 0:

@@ -68,7 +68,7 @@ def tokenizer_psnr(vae, resolution: int, batch: int = 64) -> float:
   import jax
   from flax import nnx
 
-  from var_jax.models.vqvae import psnr
+  from var_jax.models.var.vqvae import psnr
   x, _ = rendered_digits("val", resolution)
   x = x * 2 - 1  # [0, 1] -> the models' [-1, 1].
   graph, state = nnx.split(vae)

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from var_jax.config import COMPUTE_DTYPES
+from var_jax.models.var.config import COMPUTE_DTYPES
 
 
 def register(sub) -> None:

@@ -87,7 +87,7 @@ def _memory(compiled) -> dict:
 def _models(args):
   """(ModelConfig, VQVAE, VAR, drafter or None); checked before building."""
   from var_jax import checkpoint
-  from var_jax.config import get_preset
+  from var_jax.models.var.config import get_preset
   from var_jax.errors import CheckpointError, UserError
   if (args.refiner_preset is None) != (args.draft_steps is None):
     raise UserError("--refiner-preset and --draft-steps go together")
@@ -103,13 +103,13 @@ def _models(args):
     raise UserError(f"--refiner-preset {args.refiner_preset} does not share "
                     f"the tokenizer of the drafter ({model_config.name})")
   from flax import nnx
-  from var_jax.models.transformer import VAR
+  from var_jax.models.var.transformer import VAR
   return model_config, vae, VAR(ref_cfg.var, rngs=nnx.Rngs(2)), drafter
 
 
 def run(args) -> int:
   from var_jax.sampling import flops as sflops
-  from var_jax.sampling.sampler import (DEFAULT_FORM, DEFAULT_LAYER_LOOP,
+  from var_jax.sampling.var.sampler import (DEFAULT_FORM, DEFAULT_LAYER_LOOP,
                                         SampleOptions, Sampler)
   from var_jax.training import flops as tflops
 

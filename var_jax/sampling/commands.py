@@ -7,7 +7,7 @@ import dataclasses
 import sys
 import time
 
-from var_jax.config import COMPUTE_DTYPES
+from var_jax.models.var.config import COMPUTE_DTYPES
 
 
 def _user_error(msg):
@@ -140,7 +140,7 @@ def parse_schedule(flag, text, kind):
 def options_from_flags(args, *, draft_steps=None):
   """`SampleOptions` from the shared sampling flags (checked)."""
   import numpy as np
-  from var_jax.sampling.sampler import (DEFAULT_FORM, DEFAULT_LAYER_LOOP,
+  from var_jax.sampling.var.sampler import (DEFAULT_FORM, DEFAULT_LAYER_LOOP,
                                         SampleOptions)
   top_k = parse_schedule("--top-k", args.top_k, int)
   top_p = parse_schedule("--top-p", args.top_p, float)
@@ -181,7 +181,7 @@ def _calls(num_images: int, batch: int) -> int:
 
 def _layer_loop(args, opts, num_calls, var):
   """`opts` with the layer loop this job wants (the flag, else by its size)."""
-  from var_jax.sampling.sampler import layer_loop_for
+  from var_jax.sampling.var.sampler import layer_loop_for
   if args.layer_loop is not None or num_calls is None:
     return opts
   return dataclasses.replace(
@@ -191,7 +191,7 @@ def _layer_loop(args, opts, num_calls, var):
 def _load_fast(args, opts, num_calls):
   """(ModelConfig, VQVAE, refiner, Sampler) of the bundled CoDe pair."""
   from var_jax import checkpoint
-  from var_jax.sampling.sampler import Sampler
+  from var_jax.sampling.var.sampler import Sampler
   if args.ckpt is not None or args.drafter_ckpt is not None:
     raise _user_error("--fast samples with the bundled digits pair; it does "
                       "not combine with --ckpt or --drafter-ckpt")
@@ -219,8 +219,8 @@ def _load(args, num_calls=None):
   compared (config and weights) before anything runs.
   """
   from var_jax import checkpoint
-  from var_jax.sampling import code
-  from var_jax.sampling.sampler import Sampler, check_seed
+  from var_jax.sampling.var import code
+  from var_jax.sampling.var.sampler import Sampler, check_seed
   fast = getattr(args, "fast", False)
   if not fast and (args.drafter_ckpt is None) != (args.draft_steps is None):
     raise _user_error("--drafter-ckpt and --draft-steps go together")
@@ -340,7 +340,8 @@ def _parse_box(text, side):
 
 def cmd_edit(args: argparse.Namespace) -> int:
   import numpy as np
-  from var_jax.sampling import edit, images as image_io
+  from var_jax.sampling.var import edit
+  from var_jax.sampling import images as image_io
   _check_positive(num=args.num)
   _check_outputs(args)
   _, vae, var, sampler = _load(args, num_calls=lambda _: 1)

@@ -241,7 +241,7 @@ def probe(embed_dim: int, dtype: str, vae_ch: int, image_res: int,
   is skipped.
   """
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from var_jax.models import vqvae  # pylint: disable=import-outside-toplevel
+  from var_jax.models.var import vqvae  # pylint: disable=import-outside-toplevel
 
   dt = jnp.dtype(dtype)
   k1, k2 = jax.random.split(jax.random.key(0))

@@ -9,7 +9,7 @@ image) are left out.
 
 from __future__ import annotations
 
-from var_jax.config import VARConfig, VQVAEConfig
+from var_jax.models.var.config import VARConfig, VQVAEConfig
 from var_jax.models.scales import layout
 
 

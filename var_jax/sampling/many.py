@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 from var_jax import io
 from var_jax.errors import UserError
 from var_jax.sampling import images as image_io
-from var_jax.sampling.sampler import check_seed
+from var_jax.sampling.var.sampler import check_seed
 
 
 def _parts_dir(out):

@@ -22,9 +22,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from var_jax import io
-from var_jax.config import VQVAEConfig
+from var_jax.models.var.config import VQVAEConfig
 from var_jax.errors import CheckpointError, WriteError
-from var_jax.models.vqvae import VQVAE
+from var_jax.models.var.vqvae import VQVAE
 from var_jax.training import sharding
 
 _TMP_MARK = ".orbax-checkpoint-tmp"

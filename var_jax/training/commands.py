@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from var_jax.config import COMPUTE_DTYPES
+from var_jax.models.var.config import COMPUTE_DTYPES
 
 # How every image-reading command reads a folder (data.decode.decode_image).
 _FOLDER_HELP = (" (folder: .jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp, "

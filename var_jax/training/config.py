@@ -16,7 +16,7 @@ import json
 import sys
 import types
 
-from var_jax.config import COMPUTE_DTYPES, ModelConfig, VQVAEConfig, get_preset
+from var_jax.models.var.config import COMPUTE_DTYPES, ModelConfig, VQVAEConfig, get_preset
 from var_jax.errors import UserError
 from var_jax.io import as_path, is_local
 from var_jax.training import schedule

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from var_jax.config import VARConfig
+from var_jax.models.var.config import VARConfig
 
 # Dense peak FLOP/s per device: (device_kind fragment, {dtype: peak}). float32
 # on GPUs means TF32 tensor cores (XLA's default precision); TPUs run float32

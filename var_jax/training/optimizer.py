@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from var_jax.config import VARConfig
-from var_jax.models.transformer import VAR
+from var_jax.models.var.config import VARConfig
+from var_jax.models.var.transformer import VAR
 
 # Our parameter names without weight decay: biases (1-D in the reference,
 # also when we stack them per layer), the attention scale, AdaLN gains, and

@@ -20,9 +20,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from var_jax.config import VARConfig
-from var_jax.models.transformer import VAR
-from var_jax.models.vqvae import VQVAE
+from var_jax.models.var.config import VARConfig
+from var_jax.models.var.transformer import VAR
+from var_jax.models.var.vqvae import VQVAE
 from var_jax.training import sharding
 
 # AdaLN gamma gain the VAR constructor uses (the official default).

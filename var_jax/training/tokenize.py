@@ -53,7 +53,7 @@ def tokenize_dataset(ckpt, spec: str, split: str, out, *, batch: int = 64,
   from var_jax.data.loader import SkipCounter
   from var_jax.data.sources import AugConfig, CorruptImageError, open_source
   from var_jax.io import check_output_file, save_npz
-  from var_jax.models.vqvae import jit_tokenizer
+  from var_jax.models.var.vqvae import jit_tokenizer
 
   if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
     raise UserError(f"batch must be an integer >= 1, got {batch!r}")

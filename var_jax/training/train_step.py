@@ -18,10 +18,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from var_jax.config import ModelConfig
-from var_jax.models import quantizer as q
+from var_jax.models.var.config import ModelConfig
+from var_jax.models.var import quantizer as q
 from var_jax.models import scales
-from var_jax.models.vqvae import one_image_at_a_time
+from var_jax.models.var.vqvae import one_image_at_a_time
 from var_jax.training import loss as loss_lib
 from var_jax.training import optimizer as opt_lib
 from var_jax.training import sharding

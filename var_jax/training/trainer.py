@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from var_jax import checkpoint
-from var_jax.config import ModelConfig
+from var_jax.models.var.config import ModelConfig
 from var_jax.errors import DataError, UserError
 from var_jax.io import as_path
 from var_jax.training import flops as flops_lib

@@ -22,9 +22,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from var_jax.models import discriminator as disc_lib
-from var_jax.models import quantizer as q
+from var_jax.models.var import quantizer as q
 from var_jax.models.lpips import lpips_distance
-from var_jax.models.vqvae import VQVAE, Buffer, TrainOut, psnr
+from var_jax.models.var.vqvae import VQVAE, Buffer, TrainOut, psnr
 from var_jax.training import optimizer as opt_lib
 from var_jax.training import sharding
 from var_jax.training import state as state_lib

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from var_jax.errors import DataError
-from var_jax.models.vqvae import psnr
+from var_jax.models.var.vqvae import psnr
 from var_jax.training import mesh as mesh_lib
 from var_jax.training import run as run_lib
 from var_jax.training import sharding

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from var_jax.errors import UserError
-from var_jax.models import vqvae
+from var_jax.models.var import vqvae
 from var_jax.models.scales import layout
-from var_jax.sampling.sampler import check_seed
+from var_jax.sampling.var.sampler import check_seed
 
 
 def box_mask(size: int, box: Sequence[float], inpaint: bool) -> np.ndarray:

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from var_jax.errors import CheckpointError, UserError
-from var_jax.sampling import loop
+from var_jax.sampling.var import loop
 
 
 def check_pair(drafter_cfg, refiner_cfg, vae_cfg) -> None:

@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from var_jax.convert import convert
-from var_jax.models import quantizer
-from var_jax.models.transformer import VAR
-from var_jax.models.vqvae import VQVAE
+from var_jax.convert.var import convert
+from var_jax.models.var import quantizer
+from var_jax.models.var.transformer import VAR
+from var_jax.models.var.vqvae import VQVAE
 from var_jax.errors import VerifyError
 
 # Golden tolerances (../shared/golden/README.md): relative to max magnitude.

@@ -13,8 +13,8 @@ from typing import Callable
 
 import numpy as np
 
-from var_jax.config import VARConfig, VQVAEConfig
-from var_jax.models import quantizer as q
+from var_jax.models.var.config import VARConfig, VQVAEConfig
+from var_jax.models.var import quantizer as q
 
 
 def _same(a):

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from var_jax.config import VQVAEConfig
-from var_jax.models import quantizer as q
+from var_jax.models.var.config import VQVAEConfig
+from var_jax.models.var import quantizer as q
 
 
 def _conv(cin, cout, k, rngs, stride=1, padding=None):

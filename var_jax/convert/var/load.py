@@ -11,9 +11,9 @@ import re
 import numpy as np
 from flax import nnx
 
-from var_jax.config import PATCH_NUMS_256, PATCH_NUMS_512, VARConfig, VQVAEConfig
+from var_jax.models.var.config import PATCH_NUMS_256, PATCH_NUMS_512, VARConfig, VQVAEConfig
 from var_jax.errors import ConvertError
-from var_jax.models.official_names import Rule, to_official
+from var_jax.convert.var.official_names import Rule, to_official
 from var_jax.models.scales import layout
 
 

@@ -38,10 +38,10 @@ import jax.numpy as jnp
 import flax
 import numpy as np
 
-from var_jax.models import quantizer
+from var_jax.models.var import quantizer
 from var_jax.models.scales import layout
-from var_jax.models.transformer import KVCache
-from var_jax.models.vqvae import one_image_at_a_time
+from var_jax.models.var.transformer import KVCache
+from var_jax.models.var.vqvae import one_image_at_a_time
 from var_jax.sampling import filtering
 
 

@@ -8,13 +8,13 @@ import numpy as np
 from flax import nnx
 
 from var_jax import checkpoint
-from var_jax.config import ModelConfig, get_preset
-from var_jax.convert import load
+from var_jax.models.var.config import ModelConfig, get_preset
+from var_jax.convert.var import load
 from var_jax.convert.pth import read_pth
 from var_jax.io import as_path
-from var_jax.models.official_names import var_rules, vqvae_rules
-from var_jax.models.transformer import VAR
-from var_jax.models.vqvae import VQVAE
+from var_jax.convert.var.official_names import var_rules, vqvae_rules
+from var_jax.models.var.transformer import VAR
+from var_jax.models.var.vqvae import VQVAE
 
 # Where nested training checkpoints keep each model (official `trainer`).
 _NESTED = {"vae": ("vae_local", "vae"), "var": ("var_wo_ddp", "var", "model")}

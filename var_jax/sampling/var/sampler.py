@@ -1,8 +1,8 @@
 """Class-conditional next-scale sampling with classifier-free guidance.
 
 `Sampler` runs a whole batch as one jitted program: the scale loop with its
-KV cache (`var_jax.sampling.loop`), optionally split between two models
-(collaborative decoding, `var_jax.sampling.code`), and the VQVAE decoder.
+KV cache (`var_jax.sampling.var.loop`), optionally split between two models
+(collaborative decoding, `var_jax.sampling.var.code`), and the VQVAE decoder.
 It corresponds to the official `VAR.autoregressive_infer_cfg`
 (FoundationVision VAR `models/var.py`) with `sample_with_top_k_top_p_`
 (`models/helpers.py`) as its filter, and, with a drafter, to CoDe's
@@ -31,11 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from var_jax.config import COMPUTE_DTYPES
+from var_jax.models.var.config import COMPUTE_DTYPES
 from var_jax.errors import UserError
 from var_jax.models.scales import layout
-from var_jax.models.transformer import KVCache
-from var_jax.sampling import code, cpu_plan, loop
+from var_jax.models.var.transformer import KVCache
+from var_jax.sampling.var import code, loop
+from var_jax.sampling import cpu_plan
 from var_jax.sampling.cpu_plan import CpuPlan
 
 FORMS = ("unrolled", "scan")

@@ -237,8 +237,8 @@ def download(model: str, out, *, cache_dir=None, pth_dir=None,
   Returns:
     The written ModelConfig.
   """
-  from var_jax.config import get_preset
-  from var_jax.convert.convert import convert_files
+  from var_jax.models.var.config import get_preset
+  from var_jax.convert.var.convert import convert_files
   # Every check that needs no network comes before the (large) download.
   checkpoint_files(model)
   preset = preset or model
@@ -341,8 +341,8 @@ def download_pair(out, *, steps: int | None = None, drafter: str = "d30",
     WriteError: writing failed; neither directory is left new.
   """
   from var_jax import checkpoint
-  from var_jax.config import ModelConfig, get_preset
-  from var_jax.convert import convert
+  from var_jax.models.var.config import ModelConfig, get_preset
+  from var_jax.convert.var import convert
   from var_jax.io import _rmtree, as_path
   # Every check that needs no network comes before the (large) download.
   if steps is not None:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from var_jax.config import VARConfig
+from var_jax.models.var.config import VARConfig
 from var_jax.models import attention, scales
 
 FSDP = "fsdp"
