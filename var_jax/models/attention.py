@@ -11,8 +11,9 @@ the probabilities segment by segment. Autodiff of a plain softmax would keep
 every layer's (B, H, L, L) probabilities for the backward pass (1.9 GB per
 step for d16 at batch 4) and stream them through memory several times.
 
-Within a segment, (row-block, head) pairs are processed in groups whose score
-tiles fit in a few MiB, so the softmax and its gradient run in cache.
+On the CPU, the (row, head) pairs of a segment are processed in groups whose
+score tiles fit in a few MiB, so the softmax and its gradient run in cache;
+on accelerators every segment is one fused batch (`tiled`).
 """
 
 from __future__ import annotations
@@ -63,9 +64,18 @@ def _segment_bias(patch_nums, begin: int, end: int) -> np.ndarray | None:
   return bias if bias.any() else None
 
 
+def tiled() -> bool:
+  """Whether programs traced now cut attention into cache-sized tiles.
+
+  Only on the CPU, where an (N, l, S) score tensor far larger than the caches
+  is slow to write and re-read; accelerators run the fused batch.
+  """
+  return jax.default_backend() == "cpu"
+
+
 def _mapped(fn, n: int, rows: int, keys: int, *args):
   """Applies fn to groups of the leading axis of every arg; stacks results."""
-  g = group_size(n, rows, keys)
+  g = group_size(n, rows, keys) if tiled() else n
   if g == n:
     return fn(*args)
   grouped = [a.reshape((n // g, g) + a.shape[1:]) for a in args]
@@ -106,10 +116,8 @@ def _bwd_tile(q, k, v, o, lse, do, bias, scale, dtype):
 def grouped_attention(q_NlC, k_NSc, v_NSc, bias_lS, scale, dtype):
   """softmax(q k^T * scale + bias) v over independent (row, head) pairs.
 
-  q (N, l, c), k/v (N, S, c), bias broadcastable to (l, S) or None. One
-  batched softmax over all N pairs writes and re-reads an (N, l, S) score
-  tensor far bigger than the CPU caches; groups of pairs whose scores fit in
-  a few MiB run the same math several times faster on CPU.
+  q (N, l, c), k/v (N, S, c), bias broadcastable to (l, S) or None; on the
+  CPU in groups of pairs whose scores fit in a few MiB (`tiled`).
   """
   n, l, _ = q_NlC.shape
   fn = functools.partial(_fwd_tile, bias=bias_lS, scale=scale, dtype=dtype)

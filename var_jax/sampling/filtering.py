@@ -40,7 +40,7 @@ def _bisect_key(pred):
   return body
 
 
-def _is_static(v) -> bool:
+def is_static(v) -> bool:
   return isinstance(v, (int, float, np.integer, np.floating))
 
 
@@ -74,7 +74,7 @@ def keep_mask(logits_NV: jax.Array, top_k=0, top_p=0.0) -> jax.Array:
   key_NV = _sortable_key(logits_NV)
   keep = jnp.ones(logits_NV.shape, bool)
   zero = jnp.zeros(lead, jnp.uint32)
-  if _is_static(top_k):
+  if is_static(top_k):
     k = int(top_k) if 0 < top_k < v else None
   else:
     k = jnp.where((top_k > 0) & (top_k < v), top_k, v)  # v keeps everything.
@@ -83,7 +83,7 @@ def keep_mask(logits_NV: jax.Array, top_k=0, top_p=0.0) -> jax.Array:
     kth = jax.lax.fori_loop(0, 32, _bisect_key(
         lambda t: jnp.sum(key_NV >= t[..., None], axis=-1) >= k), zero)
     keep = key_NV >= kth[..., None]
-  if _is_static(top_p):
+  if is_static(top_p):
     if top_p > 0:
       keep = keep & ~_top_p_drop(logits_NV, key_NV, keep, top_p_budget(top_p))
   else:

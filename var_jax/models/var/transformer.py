@@ -1,8 +1,13 @@
 """The VAR transformer: AdaLN GPT-2 blocks over the multi-scale token pyramid.
 
-Block parameters are stacked along a leading `depth` axis and applied with one
-`lax.scan`, which keeps compile time flat in depth. Every parameter declares
-its sharding (`out_sharding`, mesh axis names) right where it is created.
+The blocks come in one of two layouts, chosen per model instance:
+"stacked" (`Blocks`: every parameter has a leading `depth` axis; the blocks run
+as one `lax.scan`, so compile time stays flat in depth; training and
+checkpoints use it) and "list" (`BlockList`: one buffer per layer and
+parameter, run as a Python loop; XLA compiles depth copies of the block but
+each layer reads its weights in place). `with_block_layout` converts between
+them. Every parameter declares its sharding (mesh axis names) where it is
+created.
 """
 
 from __future__ import annotations
@@ -72,17 +77,16 @@ class Embed(nnx.Module):
 
 
 class KVCache(NamedTuple):
-  """Keys and values of every layer for all L positions: (depth, B, H, L, c).
+  """Keys and values of every layer for a run of positions: (depth, R, H, n, c).
 
   Head-major, so each (row, head) attention reads contiguous keys.
   """
   k: jax.Array
   v: jax.Array
 
-  @classmethod
-  def zeros(cls, cfg: VARConfig, batch: int, dtype=jnp.float32):
-    shape = (cfg.depth, batch, cfg.num_heads, cfg.seq_len, cfg.head_dim)
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+  def rows(self, take) -> "KVCache":
+    """The cache with its row axis passed through `take` (e.g. a slice)."""
+    return KVCache(take(self.k, 1), take(self.v, 1))
 
 
 class Blocks(nnx.Module):
@@ -118,10 +122,41 @@ class Blocks(nnx.Module):
 
   def stacked(self) -> dict[str, jax.Array]:
     """The per-layer parameter arrays, each with leading axis `depth`."""
-    names = ["mat_qkv", "q_bias", "v_bias", "scale_mul", "proj_w", "proj_b",
-             "fc1_w", "fc1_b", "fc2_w", "fc2_b"]
-    names += ["ada_gss"] if self.cfg.shared_aln else ["ada_w", "ada_b"]
-    return {n: getattr(self, n)[...] for n in names}
+    return {n: getattr(self, n)[...] for n in block_param_names(self.cfg)}
+
+
+def block_param_names(cfg: VARConfig) -> tuple[str, ...]:
+  """The parameters of one block, in `Blocks.stacked` order."""
+  ada = ("ada_gss",) if cfg.shared_aln else ("ada_w", "ada_b")
+  return ("mat_qkv", "q_bias", "v_bias", "scale_mul", "proj_w", "proj_b",
+          "fc1_w", "fc1_b", "fc2_w", "fc2_b") + ada
+
+
+# Block matrices the list layout stores as (out, in), torch's nn.Linear
+# layout: the transpose back is folded into each dot, which then streams the
+# weight rows in order (faster for the few-row matmuls of small scales on
+# CPU; see docs/performance.md).
+_ROW_MAJOR = ("mat_qkv", "proj_w", "fc1_w", "fc2_w")
+
+
+def _stored(name, a):
+  """One layer's parameter as the list layout stores it (and back: an
+  involution)."""
+  return a.T if name in _ROW_MAJOR else a
+
+
+class BlockList(nnx.Module):
+  """The same blocks as `Blocks`, one set of buffers per layer."""
+
+  def __init__(self, cfg: VARConfig, layers: list[dict[str, jax.Array]]):
+    self.cfg = cfg
+    self.layers = nnx.List([
+        nnx.Dict({n: nnx.Param(_stored(n, p[n])) for n in p}) for p in layers])
+
+  def params(self) -> list[dict[str, jax.Array]]:
+    """One dict of block parameters per layer, in `Blocks` orientation."""
+    return [{n: _stored(n, layer[n][...]) for n in layer}
+            for layer in self.layers]
 
 
 def _adaln(cfg, p, cond):
@@ -152,12 +187,13 @@ def _scale(cfg) -> float:
   return 1.0 if cfg.attn_l2_norm else 0.25 / math.sqrt(cfg.head_dim)
 
 
-def _attend_block_causal(cfg, q_BLHc, k_BLHc, v_BLHc, dtype):
-  """Teacher-forcing attention over the whole pyramid -> (B, L, H * c)."""
+def _attend_block_causal(cfg, q_BLHc, k_BLHc, v_BLHc, dtype, patch_nums):
+  """Attention over a scale prefix, each token seeing its own scale and the
+  coarser ones -> (B, L, H * c); L = sum(pn * pn for pn in patch_nums)."""
   b, l, h, c = q_BLHc.shape
   heads = lambda a: _heads_first(a).reshape(b * h, l, c)
   o = attention.block_causal_attention(
-      tuple(cfg.patch_nums), _scale(cfg), dtype, heads(q_BLHc),
+      tuple(patch_nums), _scale(cfg), dtype, heads(q_BLHc),
       heads(k_BLHc), heads(v_BLHc))
   return _heads_first(o.reshape(b, h, l, c)).reshape(b, l, h * c)
 
@@ -278,190 +314,162 @@ class VAR(nnx.Module):
         self.word_embed(x_BLCvae.astype(jnp.float32)),
     ], axis=1) + self.lvl_pos()
 
-    def attn(q, k, v):
-      return _attend_block_causal(cfg, q, k, v, dtype), None
-
     keep = None
     if dropout_key is not None and cfg.drop_path_rate > 0:
       rates = jnp.linspace(0.0, cfg.drop_path_rate, cfg.depth)
       keys = jax.random.split(k_path, cfg.depth)
       keep = jax.vmap(lambda k_, r: jax.random.bernoulli(
           k_, 1 - r, (b, 1, 1)).astype(jnp.float32) / (1 - r))(keys, rates)
-
-    x = self._run_blocks(x, self.block_cond(cond_BD), attn, dtype, keep)
-    return self.logits(x, cond_BD)
-
-  def _run_blocks(self, x, cond, attn, dtype, keep=None):
-    cfg = self.cfg
+    cond = self.block_cond(cond_BD)
 
     def body(x, xs):
       p, keep_B = xs
-      x, _ = _block(cfg, p, x, _adaln(cfg, p, cond), attn, dtype, keep_B)
-      return x, None
+      attn = lambda q, k, v: (_attend_block_causal(cfg, q, k, v, dtype,
+                                                   cfg.patch_nums), None)
+      return _block(cfg, p, x, _adaln(cfg, p, cond), attn, dtype, keep_B)
 
-    x, _ = jax.lax.scan(body, x, (self.blocks.stacked(), keep))
-    return x
+    x, _ = self._over_layers(body, x, keep)
+    return self.logits(x, cond_BD)
+
+  # ------------------------------------------------------------ the layer loop
+  def block_layout(self) -> str:
+    """"stacked" or "list" (see the module docstring)."""
+    return "stacked" if isinstance(self.blocks, Blocks) else "list"
+
+  def _over_layers(self, body, x, extra):
+    """Applies `body(x, (params, extra_i)) -> (x, y)` to every block in turn.
+
+    `extra` is a pytree with a leading depth axis (or None). The stacked
+    layout scans; the list layout loops in Python and stacks the `y`s as
+    the scan would.
+    """
+    if isinstance(self.blocks, Blocks):
+      return jax.lax.scan(body, x, (self.blocks.stacked(), extra))
+    ys = []
+    for i, p in enumerate(self.blocks.params()):
+      x, y = body(x, (p, jax.tree.map(lambda a, i=i: a[i], extra)))
+      ys.append(y)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
   # ------------------------------------------------------------ cached decoding
-  def adaln_all(self, cond_BD, layers=None) -> jax.Array:
-    """(depth, B, 6, C) AdaLN modulation of every block.
+  def adaln_all(self, cond_BD) -> jax.Array:
+    """(depth, R, 6, C) AdaLN modulation of every block.
 
     It depends only on the class, so cached decoding computes it once per
-    sample instead of once per scale (which would re-read depth * 6C^2
-    weights each time) and passes it to `decode`. `layers`: as in `decode`.
+    sample rather than once per scale (each time re-reading depth * 6C^2
+    weights) and passes it to `decode`.
     """
     cond = self.block_cond(cond_BD)
-    if layers is not None:
-      return jnp.stack([_adaln(self.cfg, p, cond) for p in layers])
-    return jax.vmap(lambda p: _adaln(self.cfg, p, cond))(self.blocks.stacked())
+    _, ada = self._over_layers(
+        lambda c, xs: (c, _adaln(self.cfg, xs[0], cond)), None, None)
+    return ada
 
-  def decode(self, x_BlC, cond_BD, cache: KVCache, start, kv_len: int,
-             dtype=jnp.float32, key_limit=None, ada=None, layers=None):
-    """Runs all blocks on new tokens at positions [start, start + l).
+  def decode(self, x_RlC, ada, past: tuple, dtype=jnp.float32, buffer=None):
+    """Runs every block on one scale's new tokens against a KV cache.
 
-    Keys/values of the new tokens are written into `cache`; queries attend to
-    cache positions [0, kv_len) (static), of which only those below
-    `key_limit` (default start + l) are valid: padded scans pass a larger
-    static kv_len and a dynamic limit. `ada` is `adaln_all(cond_BD)` when
-    the caller has it (computed here otherwise).
+    Args:
+      x_RlC: the inputs (R, l, C), level/position embeddings included.
+      ada: `adaln_all` of the rows' classes.
+      past: the finished chunks of the cache (`KVCache`s, in position order);
+        every one of their positions is visible.
+      dtype: matmul compute dtype; the new keys/values are stored in it.
+      buffer: None when `x_RlC` holds exactly the scale's tokens: the new
+        keys/values come back as the next chunk (depth, R, H, l, c).
+        Otherwise `(cache, offset, limit)` for scales padded to a common
+        length: the new keys/values are written into `cache` (depth, R, H,
+        n, c) at `offset` and its positions at or past `limit` are hidden
+        (both may be traced); the updated cache comes back.
 
-    `layers`, when given, is one dict of block parameters per layer, each
-    array its own buffer (as the sampler keeps them for
-    `layer_loop="unrolled"`); the blocks then run as a Python loop instead of
-    a scan. On CPU a scan over the stacked parameters copies every layer's
-    weights out of the stack before its matmuls, which doubles the memory
-    traffic of the small, bandwidth-bound scales.
-
-    Returns the final hidden states (B, l, C) and the updated cache.
+    Returns:
+      The final hidden states (R, l, C) and the new chunk or buffer.
     """
     cfg = self.cfg
-    b, l, _ = x_BlC.shape
-    h, c = cfg.num_heads, cfg.head_dim
-    limit = start + l if key_limit is None else key_limit
-    bias = jnp.where(jnp.arange(kv_len) < limit, 0.0, attention.NEG)[None, :]
-    if ada is None:
-      ada = self.adaln_all(cond_BD, layers)
-    zero = jnp.zeros((), jnp.int32)
-    start = jnp.asarray(start, jnp.int32)
-    kv_shape = (1, b, h, kv_len, c)
-
-    # The cache is a loop constant of the layer loop: each layer copies out
-    # only its first kv_len positions, adds the new keys there and attends;
-    # the new keys leave the loop as small outputs written back once. (Carrying
-    # the whole cache made XLA copy all of it at every layer.)
-    def body(x, xs):
-      p, ada_B6C, i = xs
-
-      def attn(q, k, v):
-        first = (i, zero, zero, zero, zero)
-        at = (zero, zero, start, zero)
-        k_new, v_new = _heads_first(k), _heads_first(v)
-        k_all = jax.lax.dynamic_update_slice(
-            jax.lax.dynamic_slice(cache.k, first, kv_shape)[0],
-            k_new.astype(cache.k.dtype), at)
-        v_all = jax.lax.dynamic_update_slice(
-            jax.lax.dynamic_slice(cache.v, first, kv_shape)[0],
-            v_new.astype(cache.v.dtype), at)
-        o = _attend_heads(cfg, q, k_all, v_all, bias, dtype)
-        return o, (k_new, v_new)
-
-      return _block(cfg, p, x, ada_B6C, attn, dtype)
-
-    x, (k_new, v_new) = self._over_layers(
-        body, x_BlC, ada, layers, jnp.arange(cfg.depth, dtype=jnp.int32))
-    at = (zero, zero, zero, start, zero)
-    return x, KVCache(
-        jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), at),
-        jax.lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), at))
-
-  def decode_chunks(self, x_BlC, cond_BD, chunks: tuple, dtype=jnp.float32,
-                    ada=None, layers=None):
-    """`decode` against a KV cache kept as one chunk per finished scale.
-
-    For loops whose every scale has static shapes (the unrolled sampler):
-    each layer attends to the concatenation of its slice of every chunk and
-    the new keys, and the new keys of all layers come back as the next chunk
-    (depth, B, H, l, c) in `dtype`. Nothing is written into a preallocated
-    cache, which XLA on CPU copies whole at every scale rather than update
-    in place.
-
-    Returns the final hidden states (B, l, C) and the new chunk.
-    """
-    cfg = self.cfg
-    if ada is None:
-      ada = self.adaln_all(cond_BD, layers)
+    n_past = sum(ch.k.shape[3] for ch in past)
+    if buffer is not None:
+      cache, offset, limit = buffer
+      visible = jnp.arange(n_past + cache.k.shape[3]) < n_past + limit
+      bias = jnp.where(visible, 0.0, attention.NEG)[None, :]
+      at = (0, 0, jnp.asarray(offset, jnp.int32), 0)
 
     def body(x, xs):
-      p, ada_B6C, (old_k, old_v) = xs
+      p, (ada_i, old, buf) = xs
 
       def attn(q, k, v):
         k_new = _heads_first(k).astype(dtype)
         v_new = _heads_first(v).astype(dtype)
-        k_all = jnp.concatenate(old_k + (k_new,), axis=2)
-        v_all = jnp.concatenate(old_v + (v_new,), axis=2)
-        return _attend_heads(cfg, q, k_all, v_all, 0.0, dtype), (k_new, v_new)
+        if buf is not None:
+          k_new = jax.lax.dynamic_update_slice(buf.k, k_new, at)
+          v_new = jax.lax.dynamic_update_slice(buf.v, v_new, at)
+        k_all = jnp.concatenate([c.k for c in old] + [k_new], axis=2)
+        v_all = jnp.concatenate([c.v for c in old] + [v_new], axis=2)
+        o = _attend_heads(cfg, q, k_all, v_all,
+                          0.0 if buf is None else bias, dtype)
+        return o, KVCache(k_new, v_new)
 
-      return _block(cfg, p, x, ada_B6C, attn, dtype)
+      return _block(cfg, p, x, ada_i, attn, dtype)
 
-    old = (tuple(ch.k for ch in chunks), tuple(ch.v for ch in chunks))
-    x, (k_new, v_new) = self._over_layers(body, x_BlC, ada, layers, old)
-    return x, KVCache(k_new, v_new)
+    return self._over_layers(
+        body, x_RlC, (ada, past, None if buffer is None else buffer[0]))
 
-  def _over_layers(self, body, x, ada, layers, extra):
-    """Applies `body(x, (params, ada_i, extra_i)) -> (x, y)` to every block.
+  def prefill(self, x_RLC, ada, patch_nums, dtype=jnp.float32):
+    """One block-causal pass over a prefix of scales, filling a KV cache.
 
-    `extra` is a pytree with a leading depth axis. Without `layers` this is a
-    scan over the stacked parameters; with `layers` (one parameter dict per
-    layer) a Python loop, whose outputs `y` are stacked like the scan's.
-    """
-    if layers is None:
-      return jax.lax.scan(body, x, (self.blocks.stacked(), ada, extra))
-    ys = []
-    for i, p in enumerate(layers):
-      x, y = body(x, (p, ada[i], jax.tree.map(lambda a, i=i: a[i], extra)))
-      ys.append(y)
-    return x, jax.tree.map(lambda *a: jnp.stack(a), *ys)
-
-  def prefill_chunks(self, x_BLC, cond_BD, patch_nums, dtype=jnp.float32,
-                     ada=None, layers=None):
-    """One block-causal pass over the first scales, filling a KV cache chunk.
-
-    Collaborative decoding (CoDe's `autoregressive_infer_cfg_refine`) hands
-    the refiner the start tokens plus the teacher-forcing inputs of scales
-    1..N; this runs them through every block at once, each token seeing its
-    own scale and the coarser ones, as `__call__` does for the whole pyramid.
+    Collaborative decoding's refiner (CoDe's `autoregressive_infer_cfg_refine`)
+    starts at scale N from the drafter's inputs of scales 1..N: all of them
+    go through the blocks at once, each token seeing its own scale and the
+    coarser ones, as in teacher forcing.
 
     Args:
-      x_BLC: float32 (B, L', C) inputs with level/position embeddings added,
-        L' = sum(pn * pn for pn in patch_nums).
-      cond_BD: (B, C) class vectors of the rows.
-      patch_nums: the scale sides of the prefix (a tuple; static), i.e.
-        `cfg.patch_nums[:N + 1]`.
-      dtype, ada, layers: as in `decode_chunks`.
+      x_RLC: (R, L', C) inputs, level/position embeddings added, L' = sum(pn
+        * pn for pn in patch_nums).
+      ada: `adaln_all` of the rows' classes.
+      patch_nums: the prefix's scale sides (static), `cfg.patch_nums[:N + 1]`.
+      dtype: as in `decode`.
 
     Returns:
-      The final hidden states (B, L', C) and the chunk of every layer's
-      keys/values (depth, B, H, L', c) in `dtype`, the first chunk of a
-      cache that `decode_chunks` continues.
+      The final hidden states (R, L', C) and the keys/values of all L'
+      positions (depth, R, H, L', c), the first chunk of a cache.
     """
     cfg = self.cfg
-    patch_nums = tuple(patch_nums)
-    if ada is None:
-      ada = self.adaln_all(cond_BD, layers)
 
     def body(x, xs):
-      p, ada_B6C, _ = xs
+      p, ada_i = xs
 
       def attn(q, k, v):
-        b, l, h, c = q.shape
-        heads = lambda a: _heads_first(a).reshape(b * h, l, c)
-        o = attention.block_causal_attention(patch_nums, _scale(cfg), dtype,
-                                             heads(q), heads(k), heads(v))
-        o = _heads_first(o.reshape(b, h, l, c)).reshape(b, l, h * c)
-        return o, (_heads_first(k).astype(dtype), _heads_first(v).astype(dtype))
+        o = _attend_block_causal(cfg, q, k, v, dtype, patch_nums)
+        return o, KVCache(_heads_first(k).astype(dtype),
+                          _heads_first(v).astype(dtype))
 
-      return _block(cfg, p, x, ada_B6C, attn, dtype)
+      return _block(cfg, p, x, ada_i, attn, dtype)
 
-    x, (k_new, v_new) = self._over_layers(
-        body, x_BLC, ada, layers, jnp.arange(cfg.depth, dtype=jnp.int32))
-    return x, KVCache(k_new, v_new)
+    return self._over_layers(body, x_RLC, ada)
+
+
+def with_block_layout(var: VAR, block_layout: str) -> VAR:
+  """`var` with its blocks in `block_layout` ("stacked" or "list").
+
+  Returns `var` itself when it already has that layout; otherwise a new
+  model that shares every other parameter and holds a converted copy of
+  the blocks (the caller's model is unchanged).
+  """
+  if block_layout not in BLOCK_LAYOUTS:
+    raise ValueError(f"block_layout must be one of {BLOCK_LAYOUTS}, got "
+                     f"{block_layout!r}")
+  if var.block_layout() == block_layout:
+    return var
+  new = nnx.merge(*nnx.split(var))
+  cfg = var.cfg
+  if block_layout == "list":
+    stacked = var.blocks.stacked()
+    new.blocks = BlockList(cfg, [{n: a[i] for n, a in stacked.items()}
+                                 for i in range(cfg.depth)])
+  else:
+    layers = var.blocks.params()
+    blocks = nnx.eval_shape(lambda: Blocks(cfg, key=jax.random.key(0)))
+    for n in block_param_names(cfg):
+      getattr(blocks, n).set_value(jnp.stack([p[n] for p in layers]))
+    new.blocks = blocks
+  return new
+
+
+BLOCK_LAYOUTS = ("stacked", "list")

@@ -13,9 +13,10 @@ through its blocks in one block-causal pass, which fills its KV cache and
 gives the logits of scale N, then continues scale by scale. Guidance ramps
 with `t = cfg * si / (K - 1)` in both models, as in plain sampling.
 
-Here the whole pair is one jitted program (`Sampler(..., drafter=...)`), and
-the token draws keep their keys (seed, scale, sample, position), so the
-drafter's scales are exactly those of a plain drafter run with the same seed.
+Here the whole pair is one jitted program (`Sampler(..., drafter=...)`: two
+`loop.run`s, the second starting with `VAR.prefill`), and the token draws
+keep their keys (seed, scale, sample, position), so the drafter's scales are
+exactly those of a plain drafter run with the same seed.
 """
 
 from __future__ import annotations
@@ -24,27 +25,27 @@ import numpy as np
 from flax import nnx
 
 from var_jax.errors import CheckpointError, UserError
-from var_jax.sampling.var import loop
 
 
-def check_pair(drafter_cfg, refiner_cfg, vae_cfg) -> None:
-  """Checks that two `VARConfig`s can share one image and one tokenizer.
+def check_pair(var_cfg, vae_cfg, drafter=None) -> None:
+  """Checks that a VAR (and a drafter) can sample with this tokenizer.
 
   Raises:
     UserError: a different scale list, vocabulary, code width or class
       count, naming both values.
   """
-  for field in ("patch_nums", "vocab_size", "cvae", "num_classes"):
-    a, b = getattr(drafter_cfg, field), getattr(refiner_cfg, field)
-    if tuple(np.atleast_1d(a)) != tuple(np.atleast_1d(b)):
-      raise UserError(f"drafter and refiner differ in {field}: {a} vs {b}; "
-                      "collaborative decoding needs one tokenizer and one "
-                      "scale list")
-  if (vae_cfg.vocab_size, vae_cfg.z_channels) != (refiner_cfg.vocab_size,
-                                                  refiner_cfg.cvae):
+  if drafter is not None:
+    for field in ("patch_nums", "vocab_size", "cvae", "num_classes"):
+      a, b = getattr(drafter.cfg, field), getattr(var_cfg, field)
+      if tuple(np.atleast_1d(a)) != tuple(np.atleast_1d(b)):
+        raise UserError(f"drafter and refiner differ in {field}: {a} vs {b}; "
+                        "collaborative decoding needs one tokenizer and one "
+                        "scale list")
+  if (vae_cfg.vocab_size, vae_cfg.z_channels) != (var_cfg.vocab_size,
+                                                  var_cfg.cvae):
     raise UserError(f"the tokenizer has vocab {vae_cfg.vocab_size} / Cvae "
                     f"{vae_cfg.z_channels} but the models expect "
-                    f"{refiner_cfg.vocab_size} / {refiner_cfg.cvae}")
+                    f"{var_cfg.vocab_size} / {var_cfg.cvae}")
 
 
 def check_same_tokenizer(vae_a, vae_b, name_a="drafter",
@@ -70,29 +71,3 @@ def check_same_tokenizer(vae_a, vae_b, name_a="drafter",
       raise CheckpointError(f"the {name_a} and {name_b} tokenizers have "
                             f"different weights ({name}); collaborative "
                             "decoding needs both models trained on one VQVAE")
-
-
-def run_collaborative(drafter, refiner, quant, opts, table, labels_B, state,
-                      ids_B, edit):
-  """Drafter on scales 0..N-1, hand-over, refiner on N..K-1 (unrolled).
-
-  Args:
-    drafter, refiner: (VAR, per-layer parameters or None) each.
-    quant, opts, table, labels_B, ids_B, edit: as `loop.run_unrolled`;
-      `opts.draft_steps` is N.
-    state: the empty `loop.SampleState`.
-
-  Returns:
-    The final state (tokens of all scales, f_hat after the last scale).
-  """
-  n = opts.draft_steps
-  k = len(refiner[0].cfg.patch_nums)
-  state, hub_BLC = loop.run_unrolled(drafter[0], drafter[1], quant, opts,
-                                     table, labels_B, state, range(0, n),
-                                     ids_B, edit)
-  # The drafter's keys/values are no use to the refiner; f_hat carries over.
-  state = state.replace(cache=())
-  state, _ = loop.run_unrolled(refiner[0], refiner[1], quant, opts, table,
-                               labels_B, state, range(n, k), ids_B, edit,
-                               hub_BLC=hub_BLC)
-  return state

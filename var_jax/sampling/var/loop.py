@@ -1,74 +1,81 @@
-"""The scale loop of next-scale sampling, in two forms.
+"""The scale loop of next-scale sampling: one scale step, driven two ways.
 
-Each scale decodes its tokens against the KV cache, mixes the guided logits
-`(1 + t) cond - t uncond` with `t = cfg * si / (K - 1)`, filters them
-(top-k, top-p), divides by the temperature, draws one token per position and
-folds the chosen codes into f_hat through Phi and bicubic upsampling; the
-next scale's input is f_hat area-resized to its size. This is the scale loop
-of the official `VAR.autoregressive_infer_cfg` (FoundationVision VAR
-`models/var.py`).
+A scale step embeds the scale's input (the start tokens at scale 0, else
+f_hat area-resized to the scale's side), runs the transformer against the KV
+cache, mixes the guided logits `(1 + t) cond - t uncond` with `t = cfg * si /
+(K - 1)`, filters them (top-k, top-p), divides by the temperature, draws one
+token per position and adds the chosen codes to f_hat through bicubic
+upsampling and Phi. This is the loop of the official
+`VAR.autoregressive_infer_cfg` (FoundationVision VAR `models/var.py`).
+
+`run` steps over consecutive scales in groups (`scale_groups`):
+  * "python": every scale is its own group, stepped at trace time with its
+    exact shapes; each scale's keys/values become one cache chunk. Largest
+    program, least work.
+  * "scan": runs of similar-sized scales share one `lax.scan` whose steps are
+    padded to the run's largest scale; the run's keys/values go into one
+    buffer (written at each scale's offset, positions past the scale hidden)
+    that becomes a chunk when the run ends. A fraction of the program, at
+    most `MAX_PAD_TOKENS` padded tokens per step.
+Both call `_step`, and draw the same tokens.
 
 Rows: while guidance is on, every sample has two rows, its conditional row
-followed by its null-class row (2B rows). From scale `cfg_until` on, the
-null rows (and their keys/values) are dropped and the scale runs B rows.
-
-Two equivalent forms:
-  * `run_unrolled`: a Python loop at trace time over a run of consecutive
-    scales; every scale has static shapes and keeps its keys/values as one
-    cache chunk (`VAR.decode_chunks`). A run may start at a scale > 0 from
-    another model's inputs (collaborative decoding): one block-causal pass
-    (`VAR.prefill_chunks`) then fills the cache and gives that scale's
-    logits.
-  * `run_scan`: one `lax.scan` step per scale with fixed shapes. Every scale
-    is padded to the largest scale's token count `lmax`, written at its
-    dynamic start; keys at or past the scale's end are masked. Because every
-    start is at most the last scale's start, start + lmax <= L: the padded
-    writes never leave the cache, and the junk they leave past `end` is
-    overwritten by the next scale before anyone can attend to it.
+followed by its null-class row (2B rows). From scale `cfg_until` on, the null
+rows (and their keys/values) are dropped and the scales run B rows.
 
 Randomness is a pure function of (seed, scale, global sample index, token
-position): each token has its own key, so the same seed gives the same
-tokens for any batch split, either form, and whichever model draws a scale.
+position): the same seed gives the same tokens for any batch split, either
+driver, and whichever model of a collaborative pair draws a scale.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import flax
 import jax
 import jax.numpy as jnp
-import flax
 import numpy as np
 
-from var_jax.models.var import quantizer
+from var_jax.models.interp import area_resize
 from var_jax.models.scales import layout
+from var_jax.models.var import quantizer
 from var_jax.models.var.transformer import KVCache
 from var_jax.models.var.vqvae import one_image_at_a_time
 from var_jax.sampling import filtering
 
+SCALE_LOOPS = ("python", "scan")
+# A scan step carries at most this many padded tokens beyond the scale's own
+# (a scale joins the run before it while the padding stays within this bound
+# or an eighth of the run's real tokens).
+MAX_PAD_TOKENS = 64
+
 
 @flax.struct.dataclass
-class SampleState:
-  """What the scale loop carries besides the next input."""
+class LoopState:
+  """What the scale loop carries from scale to scale (besides the cache)."""
 
   f_hat_BHWC: jax.Array  # float32 (B, pn_K, pn_K, Cvae), accumulated latent.
-  # Keys/values of every layer: preallocated (depth, rows, H, L, c) for all
-  # L positions (scan form), or a tuple of one chunk per finished scale
-  # (unrolled form).
-  cache: KVCache | tuple
-  key: jax.Array  # Base key of the token draws (folded, never advanced).
   tokens_BL: jax.Array  # int32 (B, L) ids of all scales, concatenated.
-  logits_BLV: jax.Array | None  # float32 guided logits if collected.
 
 
-def init_state(opts, patch_nums, cvae, vocab, key, batch, cache=()):
-  """The empty state for `batch` samples."""
-  lay = layout(patch_nums)
+class Context(NamedTuple):
+  """What every step of one model's run reads (trace-time constants)."""
+
+  var: object  # The VAR drawing these scales.
+  quant: object  # The VQVAE quantizer (codebook, Phi).
+  opts: object  # Static `SampleOptions`, per-scale tuples resolved.
+  table: dict  # `scale_table(...)`, as data.
+  labels_B: jax.Array
+  ids_B: jax.Array  # Global sample indices (for the keys).
+  key: jax.Array  # Base key of the token draws (folded, never advanced).
+  edit: tuple | None  # (given_BL int32, keep_BL bool) or None.
+
+
+def init_state(patch_nums, cvae: int, batch: int) -> LoopState:
   hw = patch_nums[-1]
-  logits = (jnp.zeros((batch, lay.seq_len, vocab), jnp.float32)
-            if opts.collect_logits else None)
-  return SampleState(
-      f_hat_BHWC=jnp.zeros((batch, hw, hw, cvae), jnp.float32), cache=cache,
-      key=key, tokens_BL=jnp.zeros((batch, lay.seq_len), jnp.int32),
-      logits_BLV=logits)
+  return LoopState(jnp.zeros((batch, hw, hw, cvae), jnp.float32),
+                   jnp.zeros((batch, layout(patch_nums).seq_len), jnp.int32))
 
 
 def scale_table(patch_nums, cfg: float, temperature) -> dict:
@@ -88,20 +95,33 @@ def scale_table(patch_nums, cfg: float, temperature) -> dict:
           "temperature": np.asarray(temperature, np.float32)}
 
 
+def scale_groups(patch_nums, scales: range, scale_loop: str,
+                 breaks=()) -> tuple[tuple[int, ...], ...]:
+  """The groups `run` steps over `scales` in (see the module docstring).
+
+  A group never crosses a scale in `breaks` (where the rows change), and a
+  run that starts after scale 0 starts with a group of its own (the prefill).
+  """
+  lengths = layout(patch_nums).lengths
+  groups = []
+  for si in scales:
+    prefill = bool(groups) and groups[-1][0] == scales[0] > 0
+    if scale_loop == "scan" and groups and si not in breaks and not prefill:
+      g = groups[-1]
+      real = sum(lengths[s] for s in g) + lengths[si]
+      if (len(g) + 1) * lengths[si] - real <= max(MAX_PAD_TOKENS, real // 8):
+        groups[-1] = g + (si,)
+        continue
+    groups.append((si,))
+  return tuple(groups)
+
+
 def token_keys(key, si, ids_B, pos_l):
   """(B, l) keys: key folded with the scale, the sample index, the position."""
   k_si = jax.random.fold_in(key, si)
   per_b = jax.vmap(lambda i: jax.random.fold_in(k_si, i))(ids_B)
   return jax.vmap(lambda kb: jax.vmap(
       lambda p: jax.random.fold_in(kb, p))(pos_l))(per_b)
-
-
-def cond_rows(var, labels_B, paired: bool):
-  """(rows, C) class vectors: (label, null) per sample if paired, else label."""
-  if not paired:
-    return var.class_emb(labels_B)
-  null = jnp.full_like(labels_B, var.cfg.num_classes)
-  return var.class_emb(jnp.stack([labels_B, null], axis=1).reshape(-1))
 
 
 def _pair_rows(x_BlC):
@@ -114,13 +134,13 @@ def _cond_only(a, axis=0):
   return jax.lax.slice_in_dim(a, 0, a.shape[axis], 2, axis=axis)
 
 
-def draw(quant, opts, logits_RlV, mix, temperature, keys_Bl, top_k, top_p,
-         paired: bool):
+def draw(quant, more_smooth: bool, logits_RlV, mix, temperature, keys_Bl,
+         top_k, top_p, paired: bool):
   """Guided mix, filtering and the draw of one scale.
 
   Args:
     quant: the VQVAE quantizer (codebook).
-    opts: the static `SampleOptions` (more_smooth).
+    more_smooth: Gumbel-softmax code vectors instead of the drawn codes.
     logits_RlV: float32 logits of the rows, (2B, l, V) paired or (B, l, V).
     mix: one row of `scale_table(...)["mix"]`; temperature: its scalar.
     keys_Bl: one key per token.
@@ -128,8 +148,7 @@ def draw(quant, opts, logits_RlV, mix, temperature, keys_Bl, top_k, top_p,
     paired: whether the rows hold (cond, null) pairs.
 
   Returns:
-    ids (B, l) int32, code vectors (B, l, Cvae) float32, and the guided
-    logits (B, l, V) the keep set was computed on.
+    ids (B, l) int32 and code vectors (B, l, Cvae) float32.
   """
   if paired:
     r, l, v = logits_RlV.shape
@@ -139,210 +158,225 @@ def draw(quant, opts, logits_RlV, mix, temperature, keys_Bl, top_k, top_p,
     guided = logits_RlV
   filtered = filtering.filter_logits(guided, top_k, top_p)
   idx_Bl = filtering.categorical(keys_Bl, filtered, temperature)
-  if opts.more_smooth:
+  if more_smooth:
     # Smoothing uses the untempered filtered logits, as CoDe's reference.
     g_keys = jax.vmap(jax.vmap(lambda k: jax.random.fold_in(k, 1)))(keys_Bl)
     h_BlC = filtering.gumbel_soft_embed(g_keys, filtered, quant.codebook_VC,
                                         mix[2], mix[3])
   else:
     h_BlC = jnp.take(quant.codebook_VC, idx_Bl, axis=0)
-  return idx_Bl, h_BlC, guided
+  return idx_Bl, h_BlC
 
 
-def apply_edit(quant, h_BlC, given_Bl, keep_Bl):
-  """Keeps the given codes where `keep` (the notebook's replace_embedding).
+class _Group(NamedTuple):
+  """Trace-time facts of one group of scales."""
 
-  Only the code vectors are replaced; the recorded ids stay the drawn ones,
-  as in the notebook (where(keep, given, drawn) gives the edited image's ids).
+  scales: tuple[int, ...]
+  start: int  # First position of the group's first scale.
+  width: int  # Tokens per step: the largest scale's.
+  paired: bool
+
+  def at(self, values, j):
+    """values[scales[j]]: static for a static j or a value uniform over the
+    group, else a traced lookup."""
+    if isinstance(j, int):
+      return values[self.scales[j]]
+    mine = [values[s] for s in self.scales]
+    if all(v == mine[0] for v in mine):
+      return mine[0]
+    return jnp.asarray(mine)[j]
+
+  def switch(self, j, make, *args):
+    """make(si)(*args) for the group's j-th scale (lax.switch when traced)."""
+    if isinstance(j, int):
+      return make(self.scales[j])(*args)
+    return jax.lax.switch(j, [make(s) for s in self.scales], *args)
+
+
+def _raw_input(ctx, g, j, f_hat_BHWC):
+  """Scale j's raw input (B, width, Cvae): f_hat area-resized to its side.
+
+  Zeros for scale 0, whose input is the start tokens.
   """
-  if given_Bl is None:
-    return h_BlC
-  gt_h = jnp.take(quant.codebook_VC, given_Bl, axis=0)
-  return jnp.where(keep_Bl[..., None], gt_h, h_BlC)
-
-
-def _store(state, start, idx_Bl, guided_BlV):
-  tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens_BL, idx_Bl, start,
-                                               axis=1)
-  logits = state.logits_BLV
-  if logits is not None:
-    logits = jax.lax.dynamic_update_slice_in_dim(logits, guided_BlV, start,
-                                                 axis=1)
-  return tokens, logits
-
-
-def run_unrolled(var, layers, quant, opts, table, labels_B, state, scales,
-                 ids_B, edit, hub_BLC=None):
-  """Runs consecutive `scales` with one transformer (unrolled form).
-
-  Args:
-    var: the VAR; layers: its per-layer parameters or None (scan over the
-      stack), see `VAR.decode`.
-    quant: the VQVAE quantizer.
-    opts: static options with per-scale tuples `top_k`, `top_p` and an int
-      `cfg_until` (see `SampleOptions.resolved`).
-    table: `scale_table(...)`, as data.
-    labels_B: int32 class ids.
-    state: `SampleState` with an empty cache (a tuple).
-    scales: the run, e.g. range(0, N) or range(N, K).
-    ids_B: global sample indices (for the keys).
-    edit: None or (given_BL int32, keep_BL bool).
-    hub_BLC: for a run starting at scale s0 > 0, the raw (Cvae) inputs of
-      scales 1..s0 concatenated, (B, ends[s0] - first_l, Cvae), from the
-      model that drew scales < s0 (CoDe's `token_hub`).
-
-  Returns:
-    The state and the raw (Cvae) inputs this run built for the scales after
-    each of its scales, concatenated along positions (B, l, Cvae); for a
-    run over scales 0..N-1 these are the inputs of scales 1..N, what a
-    refiner starting at N takes as `hub_BLC`. None if the run built none.
-  """
-  patch_nums = var.cfg.patch_nums
-  lay = layout(patch_nums)
-  dtype = jnp.dtype(opts.dtype)
-  s0 = scales[0]
-  paired = s0 < opts.cfg_until
-  cond = cond_rows(var, labels_B, paired)
-  ada = var.adaln_all(cond, layers)
-  lvl_pos = var.lvl_pos()
-  maps, nxt = [], None
-  for si in scales:
-    start, end = lay.begin_ends[si]
-    cache = state.cache
-    if paired and si >= opts.cfg_until:  # Guidance ends: drop the null rows.
-      paired = False
-      cond, ada = _cond_only(cond), _cond_only(ada, axis=1)
-      cache = tuple(KVCache(_cond_only(c.k, 1), _cond_only(c.v, 1))
-                    for c in cache)
-    rows = _pair_rows if paired else (lambda a: a)
-    if si == s0 and si > 0:
-      first = lay.first_l
-      x = jnp.concatenate([
-          var.sos(cond),
-          rows(var.word_embed(hub_BLC) + lvl_pos[:, first:end])], axis=1)
-      h, chunk = var.prefill_chunks(x, cond, patch_nums[:si + 1], dtype,
-                                    ada=ada, layers=layers)
-      h, cache = h[:, start:], (chunk,)
-    else:
-      x = (var.sos(cond) if si == 0 else
-           rows(var.word_embed(nxt) + lvl_pos[:, start:end]))
-      h, chunk = var.decode_chunks(x, cond, cache, dtype, ada=ada,
-                                   layers=layers)
-      cache = cache + (chunk,)
-    logits = var.logits(h, cond)
-    keys = token_keys(state.key, si, ids_B, jnp.arange(start, end))
-    idx, code, guided = draw(quant, opts, logits, table["mix"][si],
-                             table["temperature"][si], keys, opts.top_k[si],
-                             opts.top_p[si], paired)
-    if edit is not None:
-      code = apply_edit(quant, code, edit[0][:, start:end],
-                        edit[1][:, start:end])
-    tokens, logits_all = _store(state, start, idx, guided)
-    pn = patch_nums[si]
-    f_hat, nxt = quantizer.next_ar_input(
-        quant, si, state.f_hat_BHWC, code.reshape(-1, pn, pn, code.shape[-1]),
-        patch_nums)
-    state = state.replace(f_hat_BHWC=f_hat, cache=cache, tokens_BL=tokens,
-                          logits_BLV=logits_all)
-    if si + 1 < lay.num_scales:
-      nxt = nxt.reshape(nxt.shape[0], -1, nxt.shape[-1])
-      maps.append(nxt)
-  return state, (jnp.concatenate(maps, axis=1) if maps else None)
-
-
-def _scale_branches(quant, patch_nums):
-  """One `lax.switch` branch per scale: add its codes, build the next map."""
-  lay = layout(patch_nums)
-  b_pad = lay.lmax
+  patch_nums = ctx.var.cfg.patch_nums
 
   def make(si):
-    pn = patch_nums[si]
-
-    def branch(f_hat, code_BlC):
-      b, _, c = code_BlC.shape
-      h = code_BlC[:, :pn * pn].reshape(b, pn, pn, c)
-      f_hat, nxt = quantizer.next_ar_input(quant, si, f_hat, h, patch_nums)
-      if si + 1 == lay.num_scales:
-        return f_hat, jnp.zeros((b, b_pad, c), f_hat.dtype)
-      nxt = nxt.reshape(b, -1, c)
-      return f_hat, jnp.pad(nxt, ((0, 0), (0, b_pad - nxt.shape[1]), (0, 0)))
-
+    def branch(f_hat):
+      b, c = f_hat.shape[0], f_hat.shape[-1]
+      if si == 0:
+        return jnp.zeros((b, g.width, c), f_hat.dtype)
+      x = area_resize(f_hat, patch_nums[si]).reshape(b, -1, c)
+      return jnp.pad(x, ((0, 0), (0, g.width - x.shape[1]), (0, 0)))
     return branch
 
-  return [make(si) for si in range(lay.num_scales)]
+  return g.switch(j, make, f_hat_BHWC)
 
 
-def _filter_settings(opts):
-  """(top_k, top_p) for the scan body: static if uniform, else per scale.
+def _add_codes(ctx, g, j, f_hat_BHWC, code_BlC):
+  """f_hat plus scale j's codes, upsampled and passed through Phi."""
+  patch_nums = ctx.var.cfg.patch_nums
 
-  The traced form returns callables of the scale index that give the int32
-  top-k and the (top_p, budget) pair `filtering.keep_mask` takes.
+  def make(si):
+    def branch(f_hat, code):
+      pn = patch_nums[si]
+      h = code[:, :pn * pn].reshape(code.shape[0], pn, pn, code.shape[-1])
+      return quantizer.next_ar_input(ctx.quant, si, f_hat, h, patch_nums)[0]
+    return branch
+
+  return g.switch(j, make, f_hat_BHWC, code_BlC)
+
+
+def _finish(ctx, g, j, state, h_RlC, cond_RD):
+  """Draws scale j's tokens from the hidden states and adds them to f_hat."""
+  var, opts = ctx.var, ctx.opts
+  si = g.at(range(len(var.cfg.patch_nums)), j)
+  start = g.at(layout(var.cfg.patch_nums).starts, j)
+  logits = var.logits(h_RlC, cond_RD)
+  keys = token_keys(ctx.key, si, ctx.ids_B, start + jnp.arange(g.width))
+  top_p = g.at(opts.top_p, j)
+  if not filtering.is_static(top_p):  # Traced: with its float32 budget.
+    top_p = (top_p, g.at([filtering.top_p_budget(p) for p in opts.top_p], j))
+  idx, code = draw(ctx.quant, opts.more_smooth, logits, ctx.table["mix"][si],
+                   ctx.table["temperature"][si], keys, g.at(opts.top_k, j),
+                   top_p,
+                   g.paired)
+  if ctx.edit is not None:
+    given, keep = (jax.lax.dynamic_slice_in_dim(a, start, g.width, axis=1)
+                   for a in ctx.edit)
+    # Only the code vectors are replaced; the recorded ids stay the drawn
+    # ones, as in the official notebook.
+    code = jnp.where(keep[..., None],
+                     jnp.take(ctx.quant.codebook_VC, given, axis=0), code)
+  tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens_BL, idx, start,
+                                               axis=1)
+  return LoopState(_add_codes(ctx, g, j, state.f_hat_BHWC, code), tokens)
+
+
+def _step(ctx, g, j, state, cond_RD, ada, past, buf):
+  """One scale (the j-th of group g): the transformer, then the draw.
+
+  Returns the state, the scale's raw input (for a collaborative hand-over)
+  and its keys/values: the new chunk (buf None) or the updated buffer.
   """
-  ks, ps = opts.top_k, opts.top_p
-  if len(set(ks)) == 1 and len(set(ps)) == 1:
-    return (lambda si: ks[0]), (lambda si: ps[0])
-  k_arr = jnp.asarray(ks, jnp.int32)
-  p_arr = jnp.asarray(ps, jnp.float32)
-  b_arr = jnp.asarray([filtering.top_p_budget(p) for p in ps], jnp.float32)
-  return (lambda si: k_arr[si]), (lambda si: (p_arr[si], b_arr[si]))
+  var = ctx.var
+  lay = layout(var.cfg.patch_nums)
+  si = g.at(range(lay.num_scales), j)
+  start, end = g.at(lay.starts, j), g.at(lay.ends, j)
+  raw = _raw_input(ctx, g, j, state.f_hat_BHWC)
+  if isinstance(si, int) and si == 0:  # A scale-0 step of its own.
+    x = var.sos(cond_RD)
+  else:
+    rows = _pair_rows if g.paired else (lambda a: a)
+    pos = jax.lax.dynamic_slice_in_dim(var.lvl_pos(), start, g.width, axis=1)
+    x = rows(var.word_embed(raw)) + pos
+    if 0 in g.scales:  # A scan step that may be scale 0.
+      sos = var.sos(cond_RD)
+      sos = jnp.pad(sos, ((0, 0), (0, g.width - sos.shape[1]), (0, 0)))
+      x = jnp.where(si == 0, sos, x)
+  dtype = jnp.dtype(ctx.opts.dtype)
+  if buf is None:
+    h, kv = var.decode(x, ada, past, dtype)
+  else:
+    h, kv = var.decode(x, ada, past, dtype,
+                       buffer=(buf, start - g.start, end - g.start))
+  return _finish(ctx, g, j, state, h, cond_RD), raw, kv
 
 
-def run_scan(var, layers, quant, opts, table, labels_B, state, ids_B, edit):
-  """All scales of one transformer as one `lax.scan` (paired rows only).
+def _prefill(ctx, g, state, cond_RD, ada, hub_BLC):
+  """A run's first scale N > 0 from another model's inputs of scales 1..N.
 
-  Arguments as `run_unrolled` (`state.cache` preallocated for 2B rows).
+  One block-causal pass fills the cache with every position up to scale N
+  and gives scale N's hidden states (CoDe's refiner).
   """
+  var = ctx.var
+  patch_nums = var.cfg.patch_nums
+  si = g.scales[0]
+  start, end = layout(patch_nums).begin_ends[si]
+  rows = _pair_rows if g.paired else (lambda a: a)
+  x = jnp.concatenate([
+      var.sos(cond_RD),
+      rows(var.word_embed(hub_BLC)) + var.lvl_pos()[:, var.cfg.first_l:end]],
+                      axis=1)
+  h, chunk = var.prefill(x, ada, patch_nums[:si + 1],
+                         jnp.dtype(ctx.opts.dtype))
+  return _finish(ctx, g, 0, state, h[:, start:], cond_RD), chunk
+
+
+def run(ctx: Context, scales: range, state: LoopState, scale_loop: str,
+        hub_BLC=None):
+  """Draws `scales` (consecutive) with one model.
+
+  Args:
+    ctx: the model and the run's constants.
+    scales: e.g. range(K), or a collaborative pair's range(N) and
+      range(N, K).
+    state: f_hat and tokens of the scales before `scales[0]`.
+    scale_loop: "python" or "scan" (see the module docstring).
+    hub_BLC: for a run starting at N > 0, the raw inputs of scales 1..N
+      concatenated (B, ends[N] - first_l, Cvae), as the model that drew
+      scales < N built them (CoDe's `token_hub`).
+
+  Returns:
+    The state after the last scale and, for a run from scale 0 that stops
+    at N - 1 < K - 1, the raw inputs of scales 1..N concatenated (what the
+    run from N takes as `hub_BLC`); else None.
+  """
+  var, opts = ctx.var, ctx.opts
   patch_nums = var.cfg.patch_nums
   lay = layout(patch_nums)
-  dtype = jnp.dtype(opts.dtype)
-  lmax, seq = lay.lmax, lay.seq_len
-  cond = cond_rows(var, labels_B, True)
-  lvl_pos = var.lvl_pos()
-  # Zero rows past L keep the last scale's (unused) next-input slice in range.
-  lvl_pad = jnp.pad(lvl_pos, ((0, 0), (0, lmax), (0, 0)))
-  sos = var.sos(cond)
-  x0 = jnp.pad(sos, ((0, 0), (0, lmax - sos.shape[1]), (0, 0)))
-  starts = jnp.asarray(lay.starts, jnp.int32)
-  ends = jnp.asarray(lay.ends, jnp.int32)
-  branches = _scale_branches(quant, patch_nums)
-  ada = var.adaln_all(cond, layers)
-  top_k, top_p = _filter_settings(opts)
+  paired = scales[0] < opts.cfg_until
+  cond = var.class_emb(ctx.labels_B)
+  if paired:
+    null = jnp.full_like(ctx.labels_B, var.cfg.num_classes)
+    cond = var.class_emb(jnp.stack([ctx.labels_B, null], 1).reshape(-1))
+  ada = var.adaln_all(cond)
+  past, inputs = (), []  # inputs: raw inputs of the scales after 0.
+  for scales_g in scale_groups(patch_nums, scales, scale_loop,
+                               (opts.cfg_until,)):
+    if paired and scales_g[0] >= opts.cfg_until:  # Guidance ends here.
+      paired = False
+      cond, ada = _cond_only(cond), _cond_only(ada, axis=1)
+      past = tuple(ch.rows(_cond_only) for ch in past)
+    width = lay.lengths[scales_g[-1]]
+    g = _Group(scales_g, lay.starts[scales_g[0]], width, paired)
+    if scales_g[0] == scales[0] and scales[0] > 0:
+      state, chunk = _prefill(ctx, g, state, cond, ada, hub_BLC)
+    elif len(scales_g) == 1:
+      state, raw, chunk = _step(ctx, g, 0, state, cond, ada, past, None)
+      inputs += [raw] if scales_g[0] > 0 else []
+    else:
+      rows_n, heads = cond.shape[0], var.cfg.num_heads
+      n = lay.ends[scales_g[-1]] - g.start
+      shape = (var.cfg.depth, rows_n, heads, n, var.cfg.head_dim)
+      zeros = jnp.zeros(shape, jnp.dtype(opts.dtype))
 
-  def body(carry, si):
-    state, x = carry
-    start, end = starts[si], ends[si]
-    h, cache = var.decode(x, cond, state.cache, start, seq, dtype,
-                          key_limit=end, ada=ada, layers=layers)
-    logits = var.logits(h, cond)
-    keys = token_keys(state.key, si, ids_B, start + jnp.arange(lmax))
-    idx, code, guided = draw(quant, opts, logits, table["mix"][si],
-                             table["temperature"][si], keys, top_k(si),
-                             top_p(si), True)
-    if edit is not None:
-      sl = lambda a: jax.lax.dynamic_slice_in_dim(a, start, lmax, axis=1)
-      code = apply_edit(quant, code, sl(edit[0]), sl(edit[1]))
-    tokens, logits_all = _store(state, start, idx, guided)
-    f_hat, nxt = jax.lax.switch(si, branches, state.f_hat_BHWC, code)
-    pos = jax.lax.dynamic_slice_in_dim(lvl_pad, end, lmax, axis=1)
-    x = _pair_rows(var.word_embed(nxt) + pos)
-    state = state.replace(f_hat_BHWC=f_hat, cache=cache, tokens_BL=tokens,
-                          logits_BLV=logits_all)
-    return (state, x), None
+      def body(carry, j, g=g, cond=cond, ada=ada, past=past):
+        st, buf = carry
+        st, raw, buf = _step(ctx, g, j, st, cond, ada, past, buf)
+        return (st, buf), raw
 
-  (state, _), _ = jax.lax.scan(body, (state, x0),
-                               jnp.arange(lay.num_scales))
-  return state
+      (state, buf), raws = jax.lax.scan(
+          body, (state, KVCache(zeros, zeros)), jnp.arange(len(scales_g)))
+      chunk = buf
+      inputs += [raws[j, :, :lay.lengths[s]] for j, s in enumerate(scales_g)
+                 if s > 0]
+    past = past + (chunk,)
+  if scales[0] > 0 or scales[-1] + 1 == lay.num_scales:
+    return state, None
+  b, c = state.f_hat_BHWC.shape[0], state.f_hat_BHWC.shape[-1]
+  inputs.append(area_resize(state.f_hat_BHWC,
+                            patch_nums[scales[-1] + 1]).reshape(b, -1, c))
+  return state, jnp.concatenate(inputs, axis=1)
 
 
 def decode_images(vae, f_hat_BHWC, batched: bool = True):
   """float32 (B, H, W, 3) in [0, 1]: the VQVAE decoder on the final f_hat.
 
   `batched=False` decodes one image at a time (`vqvae.one_image_at_a_time`;
-  which is faster depends on the CPU, see `cpu_plan`). The official
-  `fhat_to_img(f_hat).add_(1).mul_(0.5)`.
+  which is faster depends on the CPU, see `var_jax.sampling.tuning`). The
+  official `fhat_to_img(f_hat).add_(1).mul_(0.5)`.
   """
-  b = f_hat_BHWC.shape[0]
-  if b == 1 or batched:
+  if f_hat_BHWC.shape[0] == 1 or batched:
     img = vae.decode(f_hat_BHWC)
   else:
     img = one_image_at_a_time(vae.decode, f_hat_BHWC)

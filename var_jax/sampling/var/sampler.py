@@ -1,21 +1,17 @@
-"""Class-conditional next-scale sampling with classifier-free guidance.
+"""Class-conditional next-scale sampling: options, the `Sampler`, one call.
 
-`Sampler` runs a whole batch as one jitted program: the scale loop with its
-KV cache (`var_jax.sampling.var.loop`), optionally split between two models
-(collaborative decoding, `var_jax.sampling.var.code`), and the VQVAE decoder.
-It corresponds to the official `VAR.autoregressive_infer_cfg`
-(FoundationVision VAR `models/var.py`) with `sample_with_top_k_top_p_`
-(`models/helpers.py`) as its filter, and, with a drafter, to CoDe's
-`autoregressive_infer_cfg_draft` + `autoregressive_infer_cfg_refine`
-(czg1225/CoDe `models/var.py`).
+`Sampler(vae, var, opts)(labels, seed=...)` runs a batch as two jitted
+programs: the scale loop (`loop.run`, the official
+`VAR.autoregressive_infer_cfg`; with a drafter, collaborative decoding, CoDe's
+`autoregressive_infer_cfg_draft` + `_refine`) and the VQVAE decoder. Options
+are checked here, once; everything below takes them as given.
 
-Either form of the scale loop (`SampleOptions.form`) applies the blocks as a
-scan over the stacked layer weights or as a Python loop over per-layer
-copies (`SampleOptions.layer_loop`).
-
-Randomness is a pure function of (seed, scale, global sample index, token
-position): the same seed gives the same images for any batch split, either
-form, and (for the scales it draws) either model of a collaborative pair.
+Two choices change the program, never the tokens: `scale_loop` (how the loop
+steps over scales, see `loop`) and `layer_loop` (blocks as one `lax.scan`
+over stacked weights, or unrolled over one buffer per layer; see
+`transformer.with_block_layout`). Unrolled loops compile into larger programs
+that run faster; `loops_for` picks by job size and docs/performance.md has
+the figures.
 """
 
 from __future__ import annotations
@@ -31,25 +27,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from var_jax.models.var.config import COMPUTE_DTYPES
 from var_jax.errors import UserError
 from var_jax.models.scales import layout
-from var_jax.models.var.transformer import KVCache
+from var_jax.models.var.config import COMPUTE_DTYPES
+from var_jax.models.var.transformer import with_block_layout
+from var_jax.sampling.tuning import CpuPlan
 from var_jax.sampling.var import code, loop
-from var_jax.sampling import cpu_plan
-from var_jax.sampling.cpu_plan import CpuPlan
 
-FORMS = ("unrolled", "scan")
-DEFAULT_FORM = "unrolled"  # Faster on CPU (see README / bench figures).
-LAYER_LOOPS = ("scan", "unrolled")
-DEFAULT_LAYER_LOOP = "unrolled"  # Faster on CPU (see README / bench figures).
-# Jobs of at most this many compiled calls get the scan layer loop from
-# `layer_loop_for`. Its program is a tenth of the unrolled one: on a 2-core
-# Xeon (d16) it compiles in half the time and loads from the compilation
-# cache in 1 s instead of 10, so two images arrive 18 s sooner; each call
-# then pays for copying every layer's weights out of the stack at every
-# scale (1.5 s per call there). See README, "Time to first image".
-SCAN_LAYER_LOOP_MAX_CALLS = 8
+SCALE_LOOPS = loop.SCALE_LOOPS
+LAYER_LOOPS = ("unrolled", "scan")
+_BLOCK_LAYOUT = {"unrolled": "list", "scan": "stacked"}
+# Jobs of at most this many sampler calls get the scan loops from
+# `loops_for`: their program compiles (or loads from the compilation cache)
+# several times faster, which a short job feels more than the slower calls.
+SCAN_MAX_CALLS = 8
 # Seeds the sampler distinguishes: jax.random.key keeps 32 bits of a seed.
 SEED_LIMIT = 2 ** 32
 _INT32_MAX = 2 ** 31 - 1
@@ -117,14 +108,10 @@ class SampleOptions:
     more_smooth: Gumbel-softmax smoothing of the code vectors (for viewing,
       not for FID), as the official `more_smooth`.
     dtype: transformer matmul compute dtype, "float32" or "bfloat16".
-    form: scale loop "unrolled" (default) or "scan" (see `loop`); collaborative
-      decoding and `cfg_until` need "unrolled".
-    layer_loop: "scan": blocks applied by a scan over the stacked layer
-      parameters (one block compiled per scale); "unrolled": a Python loop
-      over per-layer copies of the block weights (compiles depth times more
-      code, avoids copying each layer's weights out of the stack at every
-      scale).
-    collect_logits: also return the guided logits (tests).
+    scale_loop: "python" (every scale its own exact-shape step) or "scan"
+      (runs of similar scales in one `lax.scan`); see `loop`.
+    layer_loop: "unrolled" (a Python loop over one buffer per layer) or
+      "scan" (one `lax.scan` over the stacked layer weights).
 
   Raises:
     UserError: a value outside its domain, naming it.
@@ -138,19 +125,16 @@ class SampleOptions:
   draft_steps: int | None = None
   more_smooth: bool = False
   dtype: str = "float32"
-  form: str = DEFAULT_FORM
-  layer_loop: str = DEFAULT_LAYER_LOOP
-  collect_logits: bool = False
+  scale_loop: str = "python"
+  layer_loop: str = "unrolled"
 
   def __post_init__(self):
-    if self.form not in FORMS:
-      raise UserError(f"form must be one of {FORMS}, got {self.form!r}")
-    if self.layer_loop not in LAYER_LOOPS:
-      raise UserError(f"layer_loop must be one of {LAYER_LOOPS}, "
-                      f"got {self.layer_loop!r}")
-    if self.dtype not in COMPUTE_DTYPES:
-      raise UserError(f"dtype must be one of {COMPUTE_DTYPES}, got "
-                      f"{self.dtype!r}")
+    for name, allowed in (("scale_loop", SCALE_LOOPS),
+                          ("layer_loop", LAYER_LOOPS),
+                          ("dtype", COMPUTE_DTYPES)):
+      if getattr(self, name) not in allowed:
+        raise UserError(f"{name} must be one of {allowed}, got "
+                        f"{getattr(self, name)!r}")
     if not _is_real(self.cfg) or not math.isfinite(self.cfg):
       raise UserError(f"cfg must be a finite number, got {self.cfg!r}")
     set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -167,6 +151,9 @@ class SampleOptions:
                                          or self.draft_steps < 1):
       raise UserError(f"draft_steps must be an integer >= 1, got "
                       f"{self.draft_steps!r}")
+    if not isinstance(self.more_smooth, bool):
+      raise UserError(f"more_smooth must be True or False, got "
+                      f"{self.more_smooth!r}")
 
   def resolved(self, num_scales: int) -> "SampleOptions":
     """These options with every schedule spelled out for `num_scales` scales.
@@ -205,87 +192,41 @@ class SampleOut(NamedTuple):
   idx: list  # Token ids per scale, int32 (B, pn*pn) each.
   images_BHWC: jax.Array  # float32 (B, H, W, 3) in [0, 1].
   labels_B: jax.Array  # int32, the classes used (drawn when none were given).
-  logits: list | None  # Guided logits per scale (B, pn*pn, V) if collected.
 
 
-# Block matrices, stored (in, out), that the unrolled layer loop keeps
-# transposed: XLA folds the transpose back into the dot, which then reads
-# the weights as (out, in) rows (torch's nn.Linear layout). Measured on an
-# Intel Xeon with XLA's default CPU library: 1.1-1.7x the matmul rate at
-# 32-512 rows (the small and middle scales), 1.3x the transformer at batch 1.
-_TRANSPOSED = ("mat_qkv", "proj_w", "fc1_w", "fc2_w")
+def loops_for(num_calls: int) -> tuple[str, str]:
+  """(scale_loop, layer_loop) that finish a job of `num_calls` calls sooner.
 
-
-def _transposed(path, a):
-  """`a.T` for the leaves of `_TRANSPOSED` (any pytree path naming them)."""
-  names = {str(getattr(k, "key", "")) for k in path}
-  return a.T if names & set(_TRANSPOSED) else a
-
-
-def _split_var(var, layer_loop):
-  """(graphdef, state) for `_scales`.
-
-  For the unrolled layer loop the state is (rest, per-layer block states):
-  every layer's weights become separate buffers, a one-time copy of the
-  blocks (the caller's model keeps its stacked arrays), with the matrices
-  in `_TRANSPOSED` stored transposed.
+  The scan loops for at most `SCAN_MAX_CALLS` calls (a short job is
+  dominated by compiling or loading the program), the unrolled ones (the
+  faster program per call) for longer jobs.
   """
-  if layer_loop == "scan":
-    return nnx.split(var)
-  var_def, blocks, rest = nnx.split(var, nnx.PathContains("blocks"), ...)
-  layers = [jax.tree_util.tree_map_with_path(
-      lambda path, a, i=i: _transposed(path, a[i]), blocks)
-            for i in range(var.cfg.depth)]
-  return var_def, (rest, layers)
-
-
-def _merge_var(var_def, var_state):
-  """Inverse of `_split_var`: (model, per-layer parameter dicts or None)."""
-  if not isinstance(var_state, tuple):
-    return nnx.merge(var_def, var_state), None
-  rest, stored = var_state
-  # Undo the storage transpose inside the program (XLA folds it into the
-  # dots); the math is the model's own.
-  layers = [jax.tree_util.tree_map_with_path(_transposed, st) for st in stored]
-  # The stacked blocks exist only to rebuild the module; the sampler never
-  # reads them (it gets `layers`), so XLA drops the stacking as dead code.
-  blocks = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
-  var = nnx.merge(var_def, blocks, rest)
-  return var, [nnx.to_pure_dict(st)["blocks"] for st in layers]
+  if num_calls <= SCAN_MAX_CALLS:
+    return "scan", "scan"
+  return "python", "unrolled"
 
 
 def _scales(var_states, vae_state, table, labels_B, key, ids_B, given_BL,
             keep_BL, *, var_defs, vae_def, opts):
-  """The scale loop: (tokens (B, L), f_hat, labels, logits or None)."""
-  models = [_merge_var(d, s) for d, s in zip(var_defs, var_states)]
+  """The scale loop: (tokens (B, L), final f_hat, labels)."""
+  models = [nnx.merge(d, s) for d, s in zip(var_defs, var_states)]
   vae = nnx.merge(vae_def, vae_state)
-  var, layers = models[-1]
-  vcfg = var.cfg
-  batch = ids_B.shape[0]
+  cfg = models[-1].cfg
   k_labels, k_tokens = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
   if labels_B is None:
     labels_B = jax.vmap(lambda i: jax.random.randint(
-        jax.random.fold_in(k_labels, i), (), 0, vcfg.num_classes))(ids_B)
+        jax.random.fold_in(k_labels, i), (), 0, cfg.num_classes))(ids_B)
   labels_B = labels_B.astype(jnp.int32)
   edit = None if given_BL is None else (given_BL.astype(jnp.int32), keep_BL)
-  quant = vae.quantize
-  if opts.form == "scan":
-    cache = KVCache.zeros(vcfg, 2 * batch, jnp.dtype(opts.dtype))
-    state = loop.init_state(opts, vcfg.patch_nums, vcfg.cvae, vcfg.vocab_size,
-                            k_tokens, batch, cache)
-    state = loop.run_scan(var, layers, quant, opts, table, labels_B, state,
-                          ids_B, edit)
-  else:
-    state = loop.init_state(opts, vcfg.patch_nums, vcfg.cvae, vcfg.vocab_size,
-                            k_tokens, batch)
-    if len(models) == 2:
-      state = code.run_collaborative(models[0], models[1], quant, opts, table,
-                                     labels_B, state, ids_B, edit)
-    else:
-      state, _ = loop.run_unrolled(var, layers, quant, opts, table, labels_B,
-                                   state, range(len(vcfg.patch_nums)), ids_B,
-                                   edit)
-  return state.tokens_BL, state.f_hat_BHWC, labels_B, state.logits_BLV
+  state = loop.init_state(cfg.patch_nums, cfg.cvae, ids_B.shape[0])
+  contexts = [loop.Context(m, vae.quantize, opts, table, labels_B, ids_B,
+                           k_tokens, edit) for m in models]
+  k = len(cfg.patch_nums)
+  n = k if opts.draft_steps is None else opts.draft_steps
+  state, hub = loop.run(contexts[0], range(n), state, opts.scale_loop)
+  if len(models) == 2:
+    state, _ = loop.run(contexts[1], range(n, k), state, opts.scale_loop, hub)
+  return state.tokens_BL, state.f_hat_BHWC, labels_B
 
 
 def _decode(vae_state, f_hat_BHWC, *, vae_def, batched):
@@ -298,39 +239,14 @@ def _decode(vae_state, f_hat_BHWC, *, vae_def, batched):
 def _program(part: str, options: tuple):
   """The jitted scale loop or decoder, compiled with XLA `options`.
 
-  Two programs instead of one so that each gets the compiler options its
-  plan chose (`cpu_plan.CpuPlan`); the hand-over is the small f_hat.
+  Two programs so that each gets the compiler options its tuning chose
+  (`tuning.CpuPlan`); the hand-over is the small f_hat.
   """
   if part == "scales":
     return jax.jit(_scales, static_argnames=("var_defs", "vae_def", "opts"),
                    compiler_options=dict(options) or None)
   return jax.jit(_decode, static_argnames=("vae_def", "batched"),
                  compiler_options=dict(options) or None)
-
-
-def layer_loop_for(num_calls: int) -> str:
-  """The layer loop that finishes a job of `num_calls` sampler calls sooner.
-
-  "scan" for at most `SCAN_LAYER_LOOP_MAX_CALLS` calls (a short job is
-  dominated by compiling or loading the program), "unrolled" (the faster
-  program per call) for longer jobs.
-  """
-  return "scan" if num_calls <= SCAN_LAYER_LOOP_MAX_CALLS else "unrolled"
-
-
-def check_seed(seed):
-  """Returns a `jax.random.key` for an int seed in [0, 2**32) or a key.
-
-  Raises:
-    UserError: another seed (jax.random.key keeps only 32 bits of an int,
-      so larger or negative seeds would silently repeat others).
-  """
-  if isinstance(seed, jax.Array) and jax.dtypes.issubdtype(
-      seed.dtype, jax.dtypes.prng_key):
-    return seed
-  if not _is_int(seed) or not 0 <= seed < SEED_LIMIT:
-    raise UserError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-  return jax.random.key(int(seed))
 
 
 class Sampler:
@@ -345,46 +261,39 @@ class Sampler:
       draft_steps..K-1.
     opts: `SampleOptions`.
     drafter: collaborative decoding's drafter (e.g. d30 for a d16 refiner),
-      drawing scales 0..draft_steps-1. Both must share the tokenizer (checked
-      here: scale list, vocabulary, code width, class count; the CLI also
-      compares the VQVAE weights, see `code.check_same_tokenizer`).
-    cpu_plan: compiler options and decoder form (`cpu_plan.CpuPlan`); None
-      (default) takes `cpu_plan.plan_for` this machine, per batch size
-      class, on first use (measured once per CPU and cached; XLA's defaults
-      off the CPU).
+      drawing scales 0..draft_steps-1; both must share the tokenizer.
+    tuning: XLA compiler options and decoder form (`tuning.CpuPlan`, as
+      `var-jax tune` measures them); None: XLA's defaults, whole-batch
+      decoding.
+
+  The models' blocks are held in the layout `opts.layer_loop` needs (a
+  one-time copy when it differs from theirs; the caller's models are not
+  changed).
 
   Raises:
     UserError: inconsistent options (per-scale lists of the wrong length,
-      draft_steps without a drafter or outside 1..K-1, a pair or cfg_until
-      with form="scan") or models that do not belong together.
+      draft_steps without a drafter or outside 1..K-1) or models that do not
+      belong together.
   """
 
   def __init__(self, vae, var, opts: SampleOptions = SampleOptions(), *,
-               drafter=None, cpu_plan: CpuPlan | None = None):
-    self.opts = opts
-    self._fixed_plan = cpu_plan
-    self._plans = {}
-    widest = var if drafter is None else max(
-        (var, drafter), key=lambda m: m.cfg.embed_dim)
-    self._plan_key = (widest.cfg.embed_dim, opts.dtype, vae.cfg.ch,
-                      var.cfg.patch_nums[-1] * vae.cfg.downsample)
-    self.var_config = var.cfg
-    self.patch_nums = tuple(var.cfg.patch_nums)
-    self.layout = layout(self.patch_nums)
-    k = self.layout.num_scales
-    self._resolved = opts.resolved(k)
+               drafter=None, tuning: CpuPlan | None = None):
+    if not isinstance(opts, SampleOptions):
+      raise UserError(f"opts must be a SampleOptions, got {opts!r}")
     if (drafter is None) != (opts.draft_steps is None):
       raise UserError("collaborative decoding needs both a drafter model and "
                       "draft_steps" if drafter is None else
                       "a drafter model needs draft_steps (1..K-1)")
-    if drafter is not None:
-      code.check_pair(drafter.cfg, var.cfg, vae.cfg)
-    if opts.form == "scan" and (drafter is not None
-                                or self._resolved.cfg_until < k):
-      raise UserError("collaborative decoding and cfg_until need "
-                      "form='unrolled'")
+    code.check_pair(var.cfg, vae.cfg, drafter)
+    self.opts = opts
+    self.tuning = tuning or CpuPlan()
+    self.var_config = var.cfg
+    self.patch_nums = tuple(var.cfg.patch_nums)
+    self.layout = layout(self.patch_nums)
+    self._resolved = opts.resolved(self.layout.num_scales)
     models = (var,) if drafter is None else (drafter, var)
-    split = [_split_var(m, opts.layer_loop) for m in models]
+    split = [nnx.split(with_block_layout(m, _BLOCK_LAYOUT[opts.layer_loop]))
+             for m in models]
     self._var_defs = tuple(d for d, _ in split)
     self.var_states = tuple(s for _, s in split)
     self._vae_def, self.vae_state = nnx.split(vae)
@@ -401,23 +310,19 @@ class Sampler:
     self.var_states = jax.device_put(self.var_states, sharding)
     self.vae_state = jax.device_put(self.vae_state, sharding)
 
-  def plan(self, batch: int) -> CpuPlan:
-    """The `CpuPlan` calls of `batch` images use (measured on first use)."""
-    if self._fixed_plan is not None:
-      return self._fixed_plan
-    kind = 1 if batch == 1 else 2
-    if kind not in self._plans:
-      self._plans[kind] = cpu_plan.plan_for(*self._plan_key, batch=kind)
-    return self._plans[kind]
+  def _table(self):
+    return loop.scale_table(self.patch_nums, self.opts.cfg,
+                            self._resolved.temperature)
 
-  def _args(self, labels_B, seed, ids_B, given_BL, keep_BL):
-    key = check_seed(seed)
-    kw = dict(var_defs=self._var_defs, vae_def=self._vae_def,
-              opts=self._static)
-    table = loop.scale_table(self.patch_nums, self.opts.cfg,
-                             self._resolved.temperature)
-    return (self.var_states, self.vae_state, table, labels_B, key, ids_B,
-            given_BL, keep_BL), kw
+  def _scales_program(self):
+    return functools.partial(
+        _program("scales", self.tuning.transformer_options),
+        var_defs=self._var_defs, vae_def=self._vae_def, opts=self._static)
+
+  def _decode_program(self):
+    return functools.partial(
+        _program("decode", self.tuning.decoder_options),
+        vae_def=self._vae_def, batched=self.tuning.decoder_batched)
 
   def lower(self, batch: int, *, random_labels: bool = False,
             edit: bool = False):
@@ -426,52 +331,47 @@ class Sampler:
     seq = self.layout.seq_len
     given = jax.ShapeDtypeStruct((batch, seq), jnp.int32) if edit else None
     keep = jax.ShapeDtypeStruct((batch, seq), bool) if edit else None
-    args, kw = self._args(None if random_labels else i32, 0, i32, given, keep)
-    plan = self.plan(batch)
-    scales = _program("scales", plan.transformer_options).lower(*args, **kw)
+    scales = self._scales_program().func.lower(
+        self.var_states, self.vae_state, self._table(),
+        None if random_labels else i32, jax.random.key(0), i32, given, keep,
+        **self._scales_program().keywords)
     side = self.patch_nums[-1]
     f_hat = jax.ShapeDtypeStruct((batch, side, side, self.var_config.cvae),
                                  jnp.float32)
-    decoder = _program("decode", plan.decoder_options).lower(
-        self.vae_state, f_hat, vae_def=self._vae_def,
-        batched=plan.decoder_batched)
+    decoder = self._decode_program().func.lower(
+        self.vae_state, f_hat, **self._decode_program().keywords)
     return scales, decoder
 
   def compile(self, batch: int):
     """AOT-compiles the plain (given labels, no edit) programs for `batch`.
 
-    Returns `run(labels_B, seed, ids_B)` -> the `run_arrays` outputs, which
-    calls the compiled executables directly (benchmarks time compilation and
-    execution separately this way); `run.compiled` and `run.decoder` are the
-    scale loop's and the decoder's executables (for `memory_analysis()`),
-    `run.plan` the `CpuPlan` used.
+    Returns `run(labels_B, seed, ids_B)` -> (tokens, images, labels), which
+    calls the compiled executables directly (benchmarks time compilation
+    and execution apart this way); `run.compiled` and `run.decoder` are the
+    executables (for `memory_analysis()`).
     """
     scales, decoder = (l.compile() for l in self.lower(batch))
 
     def run(labels_B, seed, ids_B):
-      args, _ = self._args(jnp.asarray(labels_B, jnp.int32), seed,
-                           jnp.asarray(ids_B, jnp.int32), None, None)
-      tokens, f_hat, labels, logits = scales(*args)
-      return tokens, decoder(self.vae_state, f_hat), labels, logits
+      tokens, f_hat, labels = scales(
+          self.var_states, self.vae_state, self._table(),
+          jnp.asarray(labels_B, jnp.int32), check_seed(seed),
+          jnp.asarray(ids_B, jnp.int32), None, None)
+      return tokens, decoder(self.vae_state, f_hat), labels
 
-    run.compiled, run.decoder, run.plan = scales, decoder, self.plan(batch)
+    run.compiled, run.decoder = scales, decoder
     return run
 
-  def run_arrays(self, labels_B, seed, ids_B, given_BL=None, keep_BL=None):
-    """Raw jitted call: (tokens (B, L), images, labels, logits or None).
+  def run_arrays(self, labels_B, key, ids_B, given_BL=None, keep_BL=None):
+    """The jitted call on checked arrays: (tokens (B, L), images, labels).
 
-    Unlike `__call__` the arrays are not checked (only the seed). They may
-    carry shardings (e.g. the batch split over a mesh); the programs follow
-    them.
+    `key` is a `jax.random.key` (see `check_seed`). The arrays may carry
+    shardings (e.g. the batch split over a mesh); the programs follow them.
     """
-    args, kw = self._args(labels_B, seed, ids_B, given_BL, keep_BL)
-    plan = self.plan(ids_B.shape[0])
-    tokens, f_hat, labels, logits = _program(
-        "scales", plan.transformer_options)(*args, **kw)
-    images = _program("decode", plan.decoder_options)(
-        self.vae_state, f_hat, vae_def=self._vae_def,
-        batched=plan.decoder_batched)
-    return tokens, images, labels, logits
+    tokens, f_hat, labels = self._scales_program()(
+        self.var_states, self.vae_state, self._table(), labels_B, key, ids_B,
+        given_BL, keep_BL)
+    return tokens, self._decode_program()(self.vae_state, f_hat), labels
 
   def check_labels(self, labels, *, allow_null: bool = False) -> np.ndarray:
     """int32 (B,) labels, checked: a non-empty list of class ids.
@@ -542,7 +442,7 @@ class Sampler:
 
     Returns:
       `SampleOut`: ids per scale, float32 images (B, H, W, 3) in [0, 1],
-      the labels used, and the guided logits per scale if collected.
+      and the labels used.
 
     Raises:
       UserError: bad labels, batch, seed, offset, given or keep.
@@ -560,18 +460,25 @@ class Sampler:
     if not _is_int(offset) or not 0 <= offset <= _INT32_MAX - batch:
       raise UserError(f"offset must be an integer in [0, 2**31 - batch), got "
                       f"{offset!r}")
-    check_seed(seed)
+    key = check_seed(seed)
     given_BL, keep_BL = self._check_edit(given, keep, batch)
     ids_B = jnp.arange(offset, offset + batch, dtype=jnp.int32)
-    tokens, images, labels, logits = self.run_arrays(labels, seed, ids_B,
-                                                     given_BL, keep_BL)
-    return SampleOut(self.layout.split(tokens), images, labels,
-                     self.layout.split(logits))
+    tokens, images, labels = self.run_arrays(labels, key, ids_B, given_BL,
+                                             keep_BL)
+    return SampleOut(self.layout.split(tokens), images, labels)
 
 
-def sample(vae, var, labels=None, *, batch=None, seed=0, offset=0,
-           opts: SampleOptions = SampleOptions(), drafter=None,
-           allow_null: bool = False) -> SampleOut:
-  """One-shot convenience wrapper around `Sampler` (same arguments)."""
-  return Sampler(vae, var, opts, drafter=drafter)(
-      labels, batch=batch, seed=seed, offset=offset, allow_null=allow_null)
+
+def check_seed(seed):
+  """Returns a `jax.random.key` for an int seed in [0, 2**32) or a key.
+
+  Raises:
+    UserError: another seed (jax.random.key keeps only 32 bits of an int,
+      so larger or negative seeds would silently repeat others).
+  """
+  if isinstance(seed, jax.Array) and jax.dtypes.issubdtype(
+      seed.dtype, jax.dtypes.prng_key):
+    return seed
+  if not _is_int(seed) or not 0 <= seed < SEED_LIMIT:
+    raise UserError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+  return jax.random.key(int(seed))

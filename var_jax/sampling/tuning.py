@@ -1,41 +1,39 @@
-"""How the sampler compiles on a CPU, chosen by a short measurement.
+"""CPU tuning of the sampling programs: measured on request, then passed in.
 
-Which form is fastest differs between CPUs (measured, see the README's
-benchmark tables): on one Intel Xeon, XLA's default library for
-convolutions (YNNPACK) ran the VQVAE decoder 20% slower than XLA's own
-(Eigen) convolutions and the decoder was fastest on the whole batch, while
-on an AMD EPYC of an earlier session one image at a time was faster; for the
-transformer's bfloat16 matmuls the default library (AMX kernels) was 2.2x
-faster than the alternative. So instead of fixed defaults, `plan_for`
-measures the candidates once per machine, model shape and dtype (15-40
-s: one transformer matmul and one full-resolution decoder block per
-candidate, interleaved, fastest of several runs) and keeps the answer in
-`cpu_plans.json` beside the compilation cache (`var_jax.caches`).
-
-`$VAR_JAX_CPU_PLAN` controls it: `auto` (default: measure once, then reuse),
-`probe` (measure again and store), `off` (XLA's defaults for both programs
-and the decoder one image at a time, the form before plans existed; the test
-suite runs this way). Off the CPU the plan is always XLA's defaults with the
-batched decoder.
+Which compiler options and decoder form are fastest differs between CPUs
+(docs/performance.md has the figures): XLA's default library for
+convolutions (YNNPACK) or its own Eigen kernels, the VQVAE decoder on the
+whole batch or one image at a time, and whether bfloat16 matmuls pay at
+all. `probe` measures the candidates (one transformer matmul and one
+full-resolution decoder block each, interleaved, fastest of several runs);
+`var-jax tune` runs it and stores the result in a JSON file of plans keyed
+by `plan_key`, which the sampling commands read. The library never
+measures or reads the file by itself: `Sampler(..., tuning=plan)` takes a
+`CpuPlan`, and without one XLA's defaults apply.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import platform
 import time
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from var_jax import caches, io
+from var_jax import io
+from var_jax.errors import UserError
+from var_jax.models.var import vqvae
 
-PLAN_ENV = "VAR_JAX_CPU_PLAN"
+
+class TuningError(UserError):
+  """A plan file that cannot be used."""
+
+
 PLAN_FILE = "cpu_plans.json"
-_MODES = ("auto", "probe", "off")
 # XLA's CPU compiler sends dots and convolutions to YNNPACK by default; an
 # empty fusion-type list keeps them in XLA's own (Eigen) kernels.
 NO_YNN = (("xla_cpu_experimental_ynn_fusion_type", ""),)
@@ -44,7 +42,6 @@ _CANDIDATES = {"xla-default": (), "no-ynnpack": NO_YNN}
 _MARGIN = 0.05
 # bfloat16 counts as slower than float32 below this speed ratio.
 SLOWER = 0.9
-_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +54,6 @@ class CpuPlan:
     decoder_options: the same for the VQVAE decoder program.
     decoder_batched: decode the whole batch at once (True) or one image at a
       time (`vqvae.one_image_at_a_time`).
-    source: "default" (not measured), "probe" (measured now), "cache".
     bf16_speedup: for a bfloat16 plan, the probe's float32 matmul time over
       its bfloat16 time under the chosen options (< 1: bfloat16 is slower on
       this CPU); None otherwise.
@@ -66,7 +62,6 @@ class CpuPlan:
   transformer_options: tuple[tuple[str, str], ...] = ()
   decoder_options: tuple[tuple[str, str], ...] = ()
   decoder_batched: bool = True
-  source: str = dataclasses.field(default="default", compare=False)
   bf16_speedup: float | None = dataclasses.field(default=None, compare=False)
 
   def describe(self) -> dict:
@@ -74,27 +69,14 @@ class CpuPlan:
     name = {v: k for k, v in _CANDIDATES.items()}
     return {"transformer": name.get(self.transformer_options, "custom"),
             "decoder": name.get(self.decoder_options, "custom"),
-            "decoder_batched": self.decoder_batched, "source": self.source,
+            "decoder_batched": self.decoder_batched,
             "bf16_speedup": self.bf16_speedup}
 
 
-DEFAULT = CpuPlan()
-# The plan `off` gives on CPU: what the sampler did before plans existed.
-OFF = CpuPlan(decoder_batched=False, source="off")
-
-
-def mode() -> str:
-  """`$VAR_JAX_CPU_PLAN`, lower-cased; unknown values count as `auto`."""
-  m = os.environ.get(PLAN_ENV, "auto").strip().lower() or "auto"
-  if m not in _MODES:
-    _log.warning("%s=%s is not one of %s; using auto", PLAN_ENV, m, _MODES)
-    return "auto"
-  return m
-
-
-def machine_key(embed_dim: int, dtype: str, vae_ch: int, image_res: int,
-                batch: int) -> str:
-  """What a plan depends on: CPU, threads, JAX, model widths, dtype."""
+def plan_key(embed_dim: int, dtype: str, vae_ch: int, image_res: int,
+             batch: int) -> str:
+  """What a plan depends on: CPU, threads, JAX, model widths, dtype, and
+  whether a call holds one image or several."""
   batch_kind = "b1" if batch == 1 else "bN"
   return "|".join([_cpu_name(), f"cpus{os.cpu_count()}",
                    f"jax{jax.__version__}", f"C{embed_dim}", dtype,
@@ -112,52 +94,52 @@ def _cpu_name() -> str:
   return platform.processor() or platform.machine()
 
 
-def plan_for(embed_dim: int, dtype: str, vae_ch: int, image_res: int,
-             batch: int, *, cache_file: str | None = None) -> CpuPlan:
-  """The plan for sampling `batch` images with these model widths.
+def read_plans(path) -> dict:
+  """The plans stored in the JSON file `path` ({} when there is none).
 
-  Args:
-    embed_dim: the transformer width C (the probe times (1024, C) x (C, 4C)).
-    dtype: the transformer compute dtype, "float32" or "bfloat16".
-    vae_ch: the decoder's finest channel count (160 for the released VQVAE).
-    image_res: output side in pixels (256 for patch_nums ending in 16).
-    batch: images per call (1 needs no decoder form).
-    cache_file: the JSON file of measured plans (default
-      `caches.cache_root()/cpu_plans.json`).
-
-  Returns:
-    `DEFAULT` off the CPU, `OFF` when `$VAR_JAX_CPU_PLAN=off`, else the
-    stored or freshly measured plan. An unreadable or unwritable cache costs
-    a warning and a new measurement, never an error.
+  Raises:
+    TuningError: the file exists but is not a JSON object of plans.
   """
-  if jax.default_backend() != "cpu":
-    return DEFAULT
-  m = mode()
-  if m == "off":
-    return OFF
-  path = cache_file or os.path.join(caches.cache_root(), PLAN_FILE)
-  key = machine_key(embed_dim, dtype, vae_ch, image_res, batch)
-  stored, why = _read(path)
-  plan = None
-  if m == "auto" and key in stored:
-    try:
-      plan = _from_json(stored[key], "cache")
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-      why = f"its stored entry is malformed ({e}); "
-  if plan is None:
-    _log.warning("var-jax: measuring this CPU for sampling (15-40 s, once; "
-                 "%sto be kept in %s)", why, path)
-    plan, record = probe(embed_dim, dtype, vae_ch, image_res, batch)
-    stored[key] = record
-    _write(path, stored)
-  if plan.bf16_speedup is not None and plan.bf16_speedup < SLOWER:
-    _log.warning("var-jax: on this CPU bfloat16 matmuls measured %.2fx the "
-                 "speed of float32 (slower); --dtype float32 is faster here",
-                 plan.bf16_speedup)
-  return plan
+  path = io.as_path(path)
+  try:
+    data = json.loads(path.read_text())
+  except (FileNotFoundError, NotADirectoryError):
+    return {}
+  except (OSError, ValueError) as e:
+    raise TuningError(f"{path}: not a readable plan file ({e}); delete it "
+                      "or run `var-jax tune` again") from None
+  if not isinstance(data, dict):
+    raise TuningError(f"{path}: not a plan file (expected a JSON object)")
+  return data
 
 
-def _from_json(rec, source: str) -> CpuPlan:
+def stored_plan(path, key: str) -> CpuPlan | None:
+  """The plan stored under `key` in `path`, or None.
+
+  Raises:
+    TuningError: an unreadable file or a malformed entry, naming it.
+  """
+  rec = read_plans(path).get(key)
+  if rec is None:
+    return None
+  try:
+    return _from_json(rec)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    raise TuningError(f"{path}: the plan for this machine is malformed ({e});"
+                      " run `var-jax tune` again") from None
+
+
+def store_plan(path, key: str, record: dict) -> None:
+  """Adds (or replaces) `record` under `key` in the plan file `path`."""
+  try:
+    plans = read_plans(path)
+  except TuningError:
+    plans = {}
+  plans[key] = record
+  io.write_text(path, json.dumps(plans, indent=1, sort_keys=True))
+
+
+def _from_json(rec) -> CpuPlan:
   """A stored plan; TypeError/ValueError unless it is one this code makes."""
   if not isinstance(rec, dict):
     raise TypeError(f"expected an object, got {type(rec).__name__}")
@@ -179,27 +161,7 @@ def _from_json(rec, source: str) -> CpuPlan:
                             or not isinstance(speed, (int, float))):
     raise TypeError("bf16_speedup must be a number or null")
   return CpuPlan(opts("transformer_options"), opts("decoder_options"),
-                 batched, source, None if speed is None else float(speed))
-
-
-def _read(path: str) -> tuple[dict, str]:
-  """(stored plans, "" or why the file could not be read, for the log)."""
-  try:
-    with open(path, encoding="utf-8") as fh:
-      data = json.load(fh)
-  except (FileNotFoundError, NotADirectoryError):
-    return {}, ""
-  except (OSError, ValueError) as e:
-    return {}, f"{path} was unreadable ({e}); "
-  return (data if isinstance(data, dict) else {}), ""
-
-
-def _write(path: str, data: dict) -> None:
-  try:
-    io.write_text(path, json.dumps(data, indent=1, sort_keys=True))
-  except OSError as e:  # WriteError included: a cache, never fatal.
-    _log.warning("could not store the CPU plan in %s (%s); it will be "
-                 "measured again next time", path, e)
+                 batched, None if speed is None else float(speed))
 
 
 def _fastest(programs: dict, args: dict, rounds: int) -> dict:
@@ -240,9 +202,6 @@ def probe(embed_dim: int, dtype: str, vae_ch: int, image_res: int,
   time, under each candidate. A candidate whose options this jaxlib rejects
   is skipped.
   """
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from var_jax.models.var import vqvae  # pylint: disable=import-outside-toplevel
-
   dt = jnp.dtype(dtype)
   k1, k2 = jax.random.split(jax.random.key(0))
   x = jax.random.normal(k1, (1024, embed_dim), jnp.float32)
@@ -266,9 +225,8 @@ def probe(embed_dim: int, dtype: str, vae_ch: int, image_res: int,
       for form, fn in forms:
         progs[f"dec/{name}/{form}"] = _compile(fn, (st, imgs), options)
         args[f"dec/{name}/{form}"] = (st, imgs)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception:  # pylint: disable=broad-except
       # An option this jaxlib does not know: the candidate does not exist.
-      _log.info("CPU plan candidate %s unavailable: %s", name, e)
       for k in [k for k in progs if f"/{name}" in k]:
         progs.pop(k), args.pop(k)
   times = _fastest(progs, args, rounds=3)
@@ -299,7 +257,7 @@ def probe(embed_dim: int, dtype: str, vae_ch: int, image_res: int,
     times["mm/float32"] = t["f32"]
     speedup = round(t["f32"] / t["low"], 3)
   plan = CpuPlan(_CANDIDATES[t_name], _CANDIDATES[d_name],
-                 d_form == "batched", "probe", speedup)
+                 d_form == "batched", speedup)
   record = {"transformer_options": dict(plan.transformer_options),
             "decoder_options": dict(plan.decoder_options),
             "decoder_batched": plan.decoder_batched,
