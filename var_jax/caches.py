@@ -3,7 +3,8 @@
 Two things live under one root (`$XDG_CACHE_HOME/var-jax`, else
 `~/.cache/var-jax`): JAX's persistent compilation cache (`jax/`, see
 `compile_cache_dir`) and the measured CPU plans of the sampler
-(`cpu_plans.json`, see `var_jax.sampling.cpu_plan`). Nothing here is
+(`cpu_plans.json`, written by `var-jax tune`, see
+`var_jax.sampling.tuning`). Nothing here is
 needed for correctness: deleting the directory only costs time.
 """
 

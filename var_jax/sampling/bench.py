@@ -1,7 +1,7 @@
 """`var-jax bench sample`: time class-conditional sampling, print one JSON line.
 
-Reported: the CPU plan used (`cpu_plan`: compiler options of the two
-programs, decoder form; on CPU) and the seconds it took, AOT compile seconds,
+Reported: the stored CPU tuning used (`cpu_tuning`: compiler options of the
+two programs, decoder form; see `var-jax tune`), AOT compile seconds,
 seconds per batch and per image and images/s (after compilation and warmup),
 the analytic FLOPs per image (transformer with CFG + VQVAE decoder,
 `var_jax.sampling.flops`), the achieved FLOP/s, MFU against the device peak
@@ -29,10 +29,12 @@ def add_parser(bench_subparsers) -> None:
   add_bench_model_args(p)
   add_batch_dtype_args(p, batch=8, batch_help="images per call",
                        dtype_help="transformer compute dtype")
-  p.add_argument("--form", choices=("unrolled", "scan"), default=None,
-                 help="scale loop form (default: the sampler's default)")
-  p.add_argument("--layer-loop", choices=("unrolled", "scan"), default=None,
-                 help="block loop (default: the sampler's default)")
+  from var_jax.sampling.var.options import LAYER_LOOPS, SCALE_LOOPS
+  p.add_argument("--scale-loop", choices=SCALE_LOOPS, default="python",
+                 help="how the program steps over the scales (default "
+                      "python)")
+  p.add_argument("--layer-loop", choices=LAYER_LOOPS, default="unrolled",
+                 help="how the blocks run (default unrolled)")
   p.add_argument("--refiner-preset", metavar="PRESET",
                  help="collaborative decoding: --preset is the drafter, this "
                       "preset (random weights, same tokenizer) the refiner")
@@ -109,28 +111,28 @@ def _models(args):
 
 def run(args) -> int:
   from var_jax.sampling import flops as sflops
-  from var_jax.sampling.var.sampler import (DEFAULT_FORM, DEFAULT_LAYER_LOOP,
-                                        SampleOptions, Sampler)
+  from var_jax.sampling.commands import stored_tuning
+  from var_jax.sampling.var.sampler import SampleOptions, Sampler
   from var_jax.training import flops as tflops
 
   if args.batch < 1 or args.iters < 1:
     from var_jax.errors import UserError
     raise UserError("--batch and --iters must be >= 1")
   opts = SampleOptions(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-                       dtype=args.dtype, form=args.form or DEFAULT_FORM,
-                       layer_loop=args.layer_loop or DEFAULT_LAYER_LOOP,
+                       dtype=args.dtype, scale_loop=args.scale_loop,
+                       layer_loop=args.layer_loop,
                        cfg_until=args.cfg_until, draft_steps=args.draft_steps)
   model_config, vae, var, drafter = _models(args)
-  sampler = Sampler(vae, var, opts, drafter=drafter)
+  widest = var if drafter is None else max(
+      (var, drafter), key=lambda m: m.cfg.embed_dim)
+  plan = stored_tuning(vae, widest, args.dtype, args.batch)
+  sampler = Sampler(vae, var, opts, drafter=drafter, tuning=plan)
   var_cfg, drafter_cfg = var.cfg, None if drafter is None else drafter.cfg
   del var, drafter  # The sampler holds what it needs (halves peak memory).
   labels = np.random.default_rng(args.seed).integers(
       0, var_cfg.num_classes, args.batch).astype(np.int32)
   ids = np.arange(args.batch, dtype=np.int32)
 
-  t0 = time.perf_counter()
-  plan = sampler.plan(args.batch)  # Measured now if this CPU has none yet.
-  plan_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   fn = sampler.compile(args.batch)
   compile_s = time.perf_counter() - t0
@@ -155,7 +157,7 @@ def run(args) -> int:
       "bench": "sample", "impl": "var_jax", "preset": model_config.name,
       "refiner_preset": args.refiner_preset, "draft_steps": args.draft_steps,
       "cfg_until": args.cfg_until,
-      "batch": args.batch, "dtype": args.dtype, "form": opts.form,
+      "batch": args.batch, "dtype": args.dtype, "scale_loop": opts.scale_loop,
       "layer_loop": opts.layer_loop,
       "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p,
       "device": f"{dev.platform}:{dev.device_kind}",
@@ -170,8 +172,7 @@ def run(args) -> int:
   }
   rec.update(_memory(fn.compiled))
   rec["decoder_temp_bytes"] = _memory(fn.decoder).get("temp_bytes")
-  rec["cpu_plan"] = plan.describe() if dev.platform == "cpu" else None
-  rec["cpu_plan_s"] = round(plan_s, 3)
+  rec["cpu_tuning"] = None if plan is None else plan.describe()
   if args.time_decoder:
     dec_s = _time_decoder(fn, sampler.vae_state, var_cfg, args.batch,
                           args.iters)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
 import sys
 import time
 
@@ -15,46 +15,100 @@ def _user_error(msg):
   return UserError(msg)
 
 
+def _flag_type(parse, check, what):
+  """An argparse type: text -> `parse` -> `check(name, value)` (the library's
+  own domain check, so the CLI and `SampleOptions` agree)."""
+  def convert(text):
+    try:
+      return check("value", parse(text))
+    except (ValueError, TypeError):
+      raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}"
+                                       ) from None
+  convert.__name__ = what
+  return convert
+
+
+def _schedule(parse, check, what):
+  """A type for one value or a comma-separated list (one per scale)."""
+  one = _flag_type(parse, check, what)
+
+  def convert(text):
+    vals = tuple(one(v) for v in str(text).split(","))
+    return vals[0] if len(vals) == 1 else vals
+  convert.__name__ = what
+  return convert
+
+
+def _checks():
+  from var_jax.sampling.var import options as s
+  return s
+
+
+def _int_at_least(low):
+  def check(_, v):
+    if v < low:
+      raise ValueError
+    return v
+  return check
+
+
+_POSITIVE = _flag_type(int, _int_at_least(1), "an integer >= 1")
+
+
 def _add_sampling_flags(p, *, cfg, top_k, top_p):
+  s = _checks()
   p.add_argument("--ckpt", help="model directory (default: the bundled "
                  "digits model); with --drafter-ckpt, the refiner")
-  p.add_argument("--cfg", type=float, default=cfg,
+  p.add_argument("--cfg", default=cfg,
+                 type=_flag_type(float, s.check_cfg, "a finite number"),
                  help=f"classifier-free guidance scale (default {cfg})")
-  p.add_argument("--top-k", default=str(top_k),
+  p.add_argument("--top-k", default=top_k,
+                 type=_schedule(int, s.check_top_k, "integers >= 0"),
                  help=f"keep the k most likely tokens, 0 = all (default "
                       f"{top_k}); one value or one per scale, e.g. "
                       f"600,600,...; --top-k 1 --top-p 0 is greedy")
-  p.add_argument("--top-p", default=str(top_p),
+  p.add_argument("--top-p", default=top_p,
+                 type=_schedule(float, s.check_top_p, "numbers in [0, 1]"),
                  help=f"nucleus mass in [0, 1], 0 = off (default {top_p}); "
                       f"one value or one per scale")
-  p.add_argument("--temperature", default="1",
+  p.add_argument("--temperature", default=1.0,
+                 type=_schedule(float, s.check_temperature,
+                                "finite numbers > 0"),
                  help="divides the logits after top-k/top-p filtering "
                       "(default 1); one value or one per scale, e.g. CoDe's "
                       "1.1,1.1,1.1,1.1,1.1,1.1,1.1,1,1,1")
-  p.add_argument("--cfg-until", type=int, default=None, metavar="SCALE",
+  p.add_argument("--cfg-until", default=None, metavar="SCALE",
+                 type=_flag_type(int, _int_at_least(0), "a scale index >= 0"),
                  help="from this scale index on, sample without guidance "
                       "(batch B instead of 2B; default: guidance to the end)")
   p.add_argument("--drafter-ckpt", metavar="DIR",
                  help="collaborative decoding (CoDe): a larger model that "
                       "draws the first --draft-steps scales; --ckpt draws "
                       "the rest. Both must share the tokenizer")
-  p.add_argument("--draft-steps", type=int, default=None, metavar="N",
+  p.add_argument("--draft-steps", default=None, metavar="N",
+                 type=_flag_type(int, _int_at_least(1), "an integer >= 1"),
                  help="scales the drafter draws (1..K-1; with "
                       "--drafter-ckpt)")
-  p.add_argument("--seed", type=int, default=0,
+  p.add_argument("--seed", default=0,
+                 type=_flag_type(int, s.check_seed_value,
+                                 "an integer in [0, 2**32)"),
                  help="random seed in [0, 2**32) (default 0)")
   p.add_argument("--more-smooth", action="store_true",
                  help="Gumbel-softmax smoothing (for viewing, not for FID)")
   p.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32",
                  help="transformer compute dtype (sampling stays float32)")
-  p.add_argument("--form", choices=("unrolled", "scan"), default=None,
-                 help="scale loop form (default: the faster one)")
-  p.add_argument("--layer-loop", choices=("unrolled", "scan"), default=None,
-                 help="how the transformer blocks are applied (default: "
-                      "scan for jobs of at most 8 sampler calls, i.e. "
-                      "images / --batch rounded up, one for edit: its "
-                      "program compiles and loads faster; unrolled, faster "
-                      "per call, for longer jobs)")
+  p.add_argument("--scale-loop", choices=s.SCALE_LOOPS, default=None,
+                 help="how the program steps over the scales: python (one "
+                      "exact-size step per scale: a larger program, faster "
+                      "per call) or scan (similar-sized scales share a "
+                      "padded lax.scan step). Default: scan for jobs of at "
+                      f"most {s.SCAN_MAX_CALLS} sampler calls (images / "
+                      "--batch, rounded up), else python")
+  p.add_argument("--layer-loop", choices=s.LAYER_LOOPS, default=None,
+                 help="how the transformer blocks run: unrolled (one buffer "
+                      "per layer: a larger program, faster per call) or "
+                      "scan (a lax.scan over the stacked weights). Default: "
+                      "chosen with --scale-loop's rule, scan for short jobs")
 
 
 def register(sub) -> None:
@@ -66,11 +120,11 @@ def register(sub) -> None:
                   "one draws --num random classes.")
   _add_sampling_flags(p, cfg=1.5, top_k=900, top_p=0.96)
   p.add_argument("--labels", help="comma-separated class ids, e.g. 207,980")
-  p.add_argument("--per-class", type=int, default=8,
+  p.add_argument("--per-class", type=_POSITIVE, default=8,
                  help="samples per class without --labels (default 8)")
-  p.add_argument("--num", type=int, default=8,
+  p.add_argument("--num", type=_POSITIVE, default=8,
                  help="random-class samples for large label sets")
-  p.add_argument("--batch", type=int, default=64,
+  p.add_argument("--batch", type=_POSITIVE, default=64,
                  help="samples per compiled call (default 64)")
   p.add_argument("--ncol", type=int, help="grid columns")
   p.add_argument("--out", default="samples.png", help="grid PNG to write")
@@ -88,10 +142,10 @@ def register(sub) -> None:
                   "all local devices, in chunks that survive interruption: "
                   "re-running the same command resumes.")
   _add_sampling_flags(p, cfg=1.5, top_k=900, top_p=0.96)
-  p.add_argument("--per-class", type=int, default=50)
+  p.add_argument("--per-class", type=_POSITIVE, default=50)
   p.add_argument("--classes", help="comma-separated subset of classes "
                  "(default: all)")
-  p.add_argument("--batch", type=int, default=64,
+  p.add_argument("--batch", type=_POSITIVE, default=64,
                  help="samples per step over all local devices")
   p.add_argument("--out", required=True, help="output .npz (arr_0 uint8)")
   p.set_defaults(func=cmd_sample_many)
@@ -112,61 +166,43 @@ def register(sub) -> None:
   p.add_argument("--mode", choices=("inpaint", "outpaint"), default="inpaint")
   p.add_argument("--label", type=int, help="class to edit towards (default: "
                  "unconditional, the null class)")
-  p.add_argument("--num", type=int, default=1, help="variants to draw")
+  p.add_argument("--num", type=_POSITIVE, default=1, help="variants to draw")
   p.add_argument("--out", required=True, help="output PNG")
   p.add_argument("--save-npz", help="also write idx_0.., images and mask")
   p.set_defaults(func=cmd_edit)
 
-  try:
-    from var_jax.sampling import bench
-  except ImportError:
-    return
+  p = sub.add_parser(
+      "tune", help="measure how this CPU samples fastest (stored, read by "
+      "sample, sample-many and edit)",
+      description="Times the candidate compiler options and decoder forms "
+                  "of the sampling programs on this CPU for one model shape "
+                  "(one transformer matmul and one full-resolution decoder "
+                  "block each; seconds, not minutes) and stores the fastest "
+                  "in the cache directory's cpu_plans.json, for one-image "
+                  "and many-image calls.")
+  p.add_argument("--ckpt", help="model directory whose shape to tune for "
+                 "(default: the bundled digits model)")
+  p.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32",
+                 help="transformer compute dtype to tune for")
+  p.set_defaults(func=cmd_tune)
+
   from var_jax.flags import bench_parsers
+  from var_jax.sampling import bench
   bench.add_parser(bench_parsers(sub))
 
 
 # ------------------------------------------------------------------ helpers
-def parse_schedule(flag, text, kind):
-  """'600' -> 600, '1.1,1.1,1' -> (1.1, 1.1, 1.0): a value or one per scale."""
-  try:
-    vals = [kind(v) for v in str(text).split(",")]
-  except ValueError:
-    raise _user_error(f"{flag} must be one {kind.__name__} value or a "
-                      f"comma-separated list (one per scale), got {text!r}"
-                      ) from None
-  return vals[0] if len(vals) == 1 else tuple(vals)
-
-
-def options_from_flags(args, *, draft_steps=None):
-  """`SampleOptions` from the shared sampling flags (checked)."""
-  import numpy as np
-  from var_jax.sampling.var.sampler import (DEFAULT_FORM, DEFAULT_LAYER_LOOP,
-                                        SampleOptions)
-  top_k = parse_schedule("--top-k", args.top_k, int)
-  top_p = parse_schedule("--top-p", args.top_p, float)
-  if min(np.atleast_1d(top_k)) < 0 or not all(
-      0 <= p <= 1 for p in np.atleast_1d(top_p)):
-    raise _user_error(f"--top-k must be >= 0 and --top-p in [0, 1], got "
-                      f"{args.top_k} and {args.top_p}")
-  try:
-    return SampleOptions(
-        cfg=args.cfg, top_k=top_k, top_p=top_p,
-        temperature=parse_schedule("--temperature", args.temperature, float),
-        cfg_until=args.cfg_until, draft_steps=draft_steps,
-        more_smooth=getattr(args, "more_smooth", False), dtype=args.dtype,
-        form=args.form or DEFAULT_FORM,
-        layer_loop=args.layer_loop or DEFAULT_LAYER_LOOP)
-  except ValueError as e:  # UserError names the option; say the flag.
-    raise _user_error(_as_flag(str(e))) from None
-
-
-def _as_flag(msg):
-  """'top_k must be ...' -> '--top-k must be ...': the name the user typed."""
-  head, sep, rest = msg.partition(" ")
-  if head in ("cfg", "top_k", "top_p", "temperature", "cfg_until",
-              "draft_steps", "seed"):
-    return "--" + head.replace("_", "-") + sep + rest
-  return msg
+def options_from_flags(args, *, draft_steps=None, loops=("python",
+                                                         "unrolled")):
+  """`SampleOptions` from the (already checked) sampling flags; `loops` is
+  the (scale_loop, layer_loop) used where the flags leave them open."""
+  from var_jax.sampling.var.sampler import SampleOptions
+  return SampleOptions(
+      cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+      temperature=args.temperature, cfg_until=args.cfg_until,
+      draft_steps=draft_steps, more_smooth=getattr(args, "more_smooth", False),
+      dtype=args.dtype, scale_loop=args.scale_loop or loops[0],
+      layer_loop=args.layer_loop or loops[1])
 
 
 # `var-jax sample --fast`: the bundled digits VAR drafts, the shipped refiner
@@ -179,71 +215,74 @@ def _calls(num_images: int, batch: int) -> int:
   return -(-num_images // batch)
 
 
-def _layer_loop(args, opts, num_calls, var):
-  """`opts` with the layer loop this job wants (the flag, else by its size)."""
-  from var_jax.sampling.var.sampler import layer_loop_for
-  if args.layer_loop is not None or num_calls is None:
-    return opts
-  return dataclasses.replace(
-      opts, layer_loop=layer_loop_for(num_calls(var.cfg.num_classes)))
+def stored_tuning(vae, var, dtype, batch):
+  """The stored CPU tuning for this model and batch (`var-jax tune`), or
+  None with a one-line notice when this machine has none."""
+  import jax
+  from var_jax import caches
+  from var_jax.sampling import tuning
+  if jax.default_backend() != "cpu":
+    return None
+  path = tuning.plan_file(caches.cache_root())
+  key = tuning.plan_key(var.cfg.embed_dim, dtype, vae.cfg.ch,
+                        vae.cfg.resolution, batch)
+  plan = tuning.stored_plan(path, key)
+  if plan is None:
+    print(f"var-jax: note: no CPU tuning stored for this model shape and "
+          f"dtype ({dtype}); using XLA's defaults. `var-jax tune` measures "
+          f"one once.", file=sys.stderr)
+  elif plan.bf16_speedup is not None and plan.bf16_speedup < tuning.SLOWER:
+    print(f"var-jax: note: on this CPU bfloat16 matmuls measured "
+          f"{plan.bf16_speedup:.2f}x the speed of float32; --dtype float32 "
+          "is faster here", file=sys.stderr)
+  return plan
 
 
-def _load_fast(args, opts, num_calls):
-  """(ModelConfig, VQVAE, refiner, Sampler) of the bundled CoDe pair."""
-  from var_jax import checkpoint
-  from var_jax.sampling.var.sampler import Sampler
-  if args.ckpt is not None or args.drafter_ckpt is not None:
-    raise _user_error("--fast samples with the bundled digits pair; it does "
-                      "not combine with --ckpt or --drafter-ckpt")
-  model_config, vae, drafter = checkpoint.load_model(None, need_var=True)
-  d = checkpoint.DEFAULT_MODEL.with_name("digits_refiner")
-  # The refiner ships without a tokenizer copy: it is the bundled one.
-  refiner = checkpoint.load_var(d)
-  opts = _layer_loop(args, opts, num_calls, refiner)
-  try:
-    return model_config, vae, refiner, Sampler(vae, refiner, opts,
-                                               drafter=drafter)
-  except ValueError as e:
-    raise _user_error(_as_flag(str(e))) from None
-
-
-def _load(args, num_calls=None):
+def _load(args, num_calls=None, batch=1):
   """(ModelConfig, VQVAE, the VAR (the refiner with a drafter), Sampler).
 
-  The sampling flags are checked before the models are read (class lists
-  need the model's class count and are checked after). Without --layer-loop,
   `num_calls(num_classes)`, the number of sampler calls the job will make,
-  picks it (`layer_loop_for`); without `num_calls` the default is kept.
-
-  With --drafter-ckpt both model directories are read and their tokenizers
+  picks the loops the flags leave open (`sampler.loops_for`). With
+  --drafter-ckpt (or --fast) both models are read and their tokenizers
   compared (config and weights) before anything runs.
   """
   from var_jax import checkpoint
   from var_jax.sampling.var import code
-  from var_jax.sampling.var.sampler import Sampler, check_seed
+  from var_jax.sampling.var.sampler import Sampler, loops_for
   fast = getattr(args, "fast", False)
-  if not fast and (args.drafter_ckpt is None) != (args.draft_steps is None):
-    raise _user_error("--drafter-ckpt and --draft-steps go together")
   steps = args.draft_steps
-  opts = options_from_flags(args, draft_steps=FAST_DRAFT_STEPS
-                            if fast and steps is None else steps)
-  try:
-    check_seed(args.seed)
-  except ValueError as e:
-    raise _user_error(_as_flag(str(e))) from None
   if fast:
-    return _load_fast(args, opts, num_calls)
-  model_config, vae, var = checkpoint.load_model(args.ckpt, need_var=True)
-  drafter = None
-  if args.drafter_ckpt is not None:
-    _, d_vae, drafter = checkpoint.load_model(args.drafter_ckpt, need_var=True)
-    code.check_same_tokenizer(d_vae, vae)
-  opts = _layer_loop(args, opts, num_calls, var)
-  try:
-    sampler = Sampler(vae, var, opts, drafter=drafter)
-  except ValueError as e:
-    raise _user_error(_as_flag(str(e))) from None
+    if args.ckpt is not None or args.drafter_ckpt is not None:
+      raise _user_error("--fast samples with the bundled digits pair; it "
+                        "does not combine with --ckpt or --drafter-ckpt")
+    steps = FAST_DRAFT_STEPS if steps is None else steps
+  elif (args.drafter_ckpt is None) != (steps is None):
+    raise _user_error("--drafter-ckpt and --draft-steps go together")
+  if fast:
+    model_config, vae, drafter = checkpoint.load_model(None, need_var=True)
+    # The refiner ships without a tokenizer copy: it is the bundled one.
+    var = checkpoint.load_var(checkpoint.DEFAULT_MODEL.with_name(
+        "digits_refiner"))
+  else:
+    model_config, vae, var = checkpoint.load_model(args.ckpt, need_var=True)
+    drafter = None
+    if args.drafter_ckpt is not None:
+      _, d_vae, drafter = checkpoint.load_model(args.drafter_ckpt,
+                                                need_var=True)
+      code.check_same_tokenizer(d_vae, vae)
+  loops = loops_for(num_calls(var.cfg.num_classes)) if num_calls else (
+      "python", "unrolled")
+  opts = options_from_flags(args, draft_steps=steps, loops=loops)
+  widest = var if drafter is None else max(
+      (var, drafter), key=lambda m: m.cfg.embed_dim)
+  sampler = Sampler(vae, var, opts, drafter=drafter,
+                    tuning=stored_tuning(vae, widest, opts.dtype, batch))
   return model_config, vae, var, sampler
+
+
+def _loops(sampler) -> str:
+  o = sampler.opts
+  return f"{o.scale_loop} scale loop, {o.layer_loop} layer loop"
 
 
 def _parse_labels(text, num_classes, flag="--labels"):
@@ -268,12 +307,6 @@ def _check_outputs(args, suffix=None):
     check_output_file(args.save_npz, ".npz", "--save-npz")
 
 
-def _check_positive(**values):
-  for name, v in values.items():
-    if v < 1:
-      raise _user_error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-
-
 def _sample_batched(sampler, labels, seed, batch, on_chunk=None):
   """Samples `labels` in chunks of `batch`; returns (idx list, images)."""
   import numpy as np
@@ -294,7 +327,6 @@ def _sample_batched(sampler, labels, seed, batch, on_chunk=None):
 def cmd_sample(args: argparse.Namespace) -> int:
   import numpy as np
   from var_jax.sampling import images as image_io
-  _check_positive(per_class=args.per_class, num=args.num, batch=args.batch)
   _check_outputs(args)
 
   def job(n_cls):
@@ -308,7 +340,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return rng.integers(0, n_cls, args.num).tolist(), args.ncol
 
   model_config, _, var, sampler = _load(
-      args, num_calls=lambda n_cls: _calls(len(job(n_cls)[0]), args.batch))
+      args, num_calls=lambda n_cls: _calls(len(job(n_cls)[0]), args.batch),
+      batch=args.batch)
   labels, ncol = job(var.cfg.num_classes)
   t0 = time.perf_counter()
   idx, imgs = _sample_batched(sampler, labels, args.seed, args.batch)
@@ -320,8 +353,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                       **{f"idx_{i}": a.astype(np.int32)
                          for i, a in enumerate(idx)})
   print(f"wrote {len(labels)} samples of {model_config.name} to {args.out} "
-        f"({dt:.1f} s including compilation, {sampler.opts.layer_loop} "
-        f"layer loop)")
+        f"({dt:.1f} s including compilation; {_loops(sampler)})")
   return 0
 
 
@@ -342,17 +374,13 @@ def cmd_edit(args: argparse.Namespace) -> int:
   import numpy as np
   from var_jax.sampling.var import edit
   from var_jax.sampling import images as image_io
-  _check_positive(num=args.num)
   _check_outputs(args)
-  _, vae, var, sampler = _load(args, num_calls=lambda _: 1)
+  _, vae, var, sampler = _load(args, num_calls=lambda _: 1, batch=args.num)
   side = vae.cfg.resolution
   pn = var.cfg.patch_nums[-1]
-  try:
-    mask = edit.box_mask(pn, _parse_box(args.box, side),
-                         inpaint=args.mode == "inpaint")
-    img = image_io.load_image(args.image, side)
-  except ValueError as e:
-    raise _user_error(str(e)) from None
+  mask = edit.box_mask(pn, _parse_box(args.box, side),
+                       inpaint=args.mode == "inpaint")
+  img = image_io.load_image(args.image, side)
   label = var.cfg.num_classes if args.label is None else args.label
   if not 0 <= label <= var.cfg.num_classes:
     raise _user_error(f"--label must be in [0, {var.cfg.num_classes}]")
@@ -368,14 +396,13 @@ def cmd_edit(args: argparse.Namespace) -> int:
                          for i, a in enumerate(out.idx)})
   kept = int(mask.sum())
   print(f"wrote {args.out}: {args.mode} keeping {kept}/{mask.size} "
-        f"last-scale tokens, label {label}")
+        f"last-scale tokens, label {label} ({_loops(sampler)})")
   return 0
 
 
 # ------------------------------------------------------------------ many
 def cmd_sample_many(args: argparse.Namespace) -> int:
   from var_jax.sampling import many
-  _check_positive(per_class=args.per_class, batch=args.batch)
   _check_outputs(args, suffix=".npz")
   many.check_devices(args.batch)
 
@@ -384,7 +411,7 @@ def cmd_sample_many(args: argparse.Namespace) -> int:
             _parse_labels(args.classes, n_cls, "--classes"))
 
   _, _, var, sampler = _load(args, num_calls=lambda n_cls: _calls(
-      len(chosen(n_cls)) * args.per_class, args.batch))
+      len(chosen(n_cls)) * args.per_class, args.batch), batch=args.batch)
   classes = chosen(var.cfg.num_classes)
   meta = {"ckpt": str(args.ckpt or "bundled"), "cfg": args.cfg,
           "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
@@ -396,4 +423,29 @@ def cmd_sample_many(args: argparse.Namespace) -> int:
   n = many.sample_many(sampler, classes, args.per_class,
                        args.batch, args.seed, args.out, meta, allow_null=True)
   print(f"wrote {n} samples to {args.out} (arr_0, uint8)", file=sys.stderr)
+  return 0
+
+
+# ------------------------------------------------------------------ tune
+def cmd_tune(args: argparse.Namespace) -> int:
+  import jax
+  from var_jax import caches, checkpoint
+  from var_jax.sampling import tuning
+  if jax.default_backend() != "cpu":
+    raise _user_error(f"tuning applies to the CPU only; this machine runs "
+                      f"on {jax.default_backend()}, where XLA's defaults "
+                      "are used")
+  _, vae, var = checkpoint.load_model(args.ckpt, need_var=True)
+  path = tuning.plan_file(caches.cache_root())
+  for batch in (1, 2):
+    t0 = time.perf_counter()
+    plan, record = tuning.probe(var.cfg.embed_dim, args.dtype, vae.cfg.ch,
+                                vae.cfg.resolution, batch)
+    key = tuning.plan_key(var.cfg.embed_dim, args.dtype, vae.cfg.ch,
+                          vae.cfg.resolution, batch)
+    tuning.store_plan(path, key, record)
+    kind = "one image per call" if batch == 1 else "several images per call"
+    print(f"{kind}: {json.dumps(plan.describe())} "
+          f"({time.perf_counter() - t0:.1f} s)")
+  print(f"stored in {path}")
   return 0

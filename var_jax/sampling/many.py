@@ -94,7 +94,7 @@ def sample_many(sampler, classes, per_class: int, batch: int,
   if per_class < 1:
     raise UserError(f"per_class must be >= 1, got {per_class}")
   check_devices(batch)
-  check_seed(seed)
+  key = check_seed(seed)
   labels = np.repeat(classes, per_class)
   total = len(labels)
   parts = _parts_dir(out)
@@ -113,8 +113,8 @@ def sample_many(sampler, classes, per_class: int, batch: int,
     # the padding dropped.
     ids = np.arange(start, start + batch, dtype=np.int32)
     lab = labels[np.minimum(ids, total - 1)]
-    _, imgs, _, _ = sampler.run_arrays(
-        jax.device_put(lab, sharding), seed, jax.device_put(ids, sharding))
+    _, imgs, _ = sampler.run_arrays(
+        jax.device_put(lab, sharding), key, jax.device_put(ids, sharding))
     n = min(batch, total - start)
     image_io.save_npz(parts / f"chunk_{c:06d}.npz",
                       arr_0=image_io.to_uint8(np.asarray(imgs)[:n]),

@@ -73,6 +73,11 @@ class CpuPlan:
             "bf16_speedup": self.bf16_speedup}
 
 
+def plan_file(cache_root: str) -> str:
+  """The plan file under a cache directory (`var_jax.caches.cache_root`)."""
+  return os.path.join(cache_root, PLAN_FILE)
+
+
 def plan_key(embed_dim: int, dtype: str, vae_ch: int, image_res: int,
              batch: int) -> str:
   """What a plan depends on: CPU, threads, JAX, model widths, dtype, and

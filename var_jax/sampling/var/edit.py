@@ -19,7 +19,6 @@ import numpy as np
 from var_jax.errors import UserError
 from var_jax.models.var import vqvae
 from var_jax.models.scales import layout
-from var_jax.sampling.var.sampler import check_seed
 
 
 def box_mask(size: int, box: Sequence[float], inpaint: bool) -> np.ndarray:
@@ -136,7 +135,6 @@ def zero_shot_edit(sampler, vae, images_BHWC, mask_hw, labels=None, *,
   labels = sampler.check_labels(labels, allow_null=allow_null)
   if labels.shape[0] != b:
     raise UserError(f"{labels.shape[0]} labels for {b} images")
-  check_seed(seed)
   given = vqvae.jit_tokenizer(vae, patch_nums)(images_BHWC)
   keep_L = keep_tokens(mask_hw, patch_nums)
   keep = [np.broadcast_to(k, (b, k.size)) for k in lay.split(keep_L[None])]

@@ -43,8 +43,8 @@ from var_jax.models.var import quantizer
 from var_jax.models.var.transformer import KVCache
 from var_jax.models.var.vqvae import one_image_at_a_time
 from var_jax.sampling import filtering
+from var_jax.sampling.var.options import SCALE_LOOPS  # noqa: F401
 
-SCALE_LOOPS = ("python", "scan")
 # A scan step carries at most this many padded tokens beyond the scale's own
 # (a scale joins the run before it while the padding stays within this bound
 # or an eighth of the run's real tokens).
