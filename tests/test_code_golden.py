@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 from golden_models import golden_vae, golden_var
-from test_sampler_golden import GREEDY, _nchw_to_nhwc, assert_tokens_equal
+from test_sampler_golden import (GREEDY, _nchw_to_nhwc, assert_tokens_equal,
+                                 guided_logits)
 
 from var_jax.convert.var import load
 from var_jax.convert.var.convert import read_official
@@ -96,38 +97,43 @@ def test_per_scale_filter_equals_official_masks(golden):
                                   err_msg=f"k={k} p={p}")
 
 
-def test_per_scale_schedule_same_in_both_forms(golden_dir):
-  # Static per-scale values (unrolled) and traced ones (scan) draw the same
-  # tokens; and scale 0 with top-k 1 is the argmax whatever the temperature.
-  vae, var = golden_vae(golden_dir), golden_var(golden_dir)
+def test_both_drivers_draw_the_same_tokens(golden_dir):
+  # Stochastic sampling with everything that shapes the loop: a per-scale
+  # schedule (static per scale in the Python loop, traced in the scan), a
+  # collaborative pair (the refiner's prefill) and cfg_until (rows dropped
+  # mid-run). Scale 0 with top-k 1 is the argmax whatever the temperature.
+  vae, drafter = golden_vae(golden_dir), golden_var(golden_dir)
+  refiner = golden_refiner(golden_dir)
   sched = dict(top_k=(1, 40, 0, 30, 20, 0, 10, 600, 5, 2),
                top_p=(0.0, 0.0, 0.9, 0.5, 0.0, 0.8, 0.95, 0.0, 0.0, 0.7),
                temperature=(3.0,) * 5 + (1.1, 1.1, 1.0, 0.9, 1.0),
-               collect_logits=True)
-  un = Sampler(vae, var, SampleOptions(form="unrolled", **sched))([1, 6],
-                                                                  seed=4)
-  sc = Sampler(vae, var, SampleOptions(form="scan", layer_loop="scan",
-                                       **sched))([1, 6], seed=4)
+               draft_steps=3, cfg_until=7)
+  runs = [Sampler(vae, refiner, SampleOptions(scale_loop=s, layer_loop=l,
+                                              **sched),
+                  drafter=drafter)([1, 6], seed=4)
+          for s, l in (("python", "unrolled"), ("scan", "scan"))]
   for si in range(10):
-    np.testing.assert_array_equal(sc.idx[si], un.idx[si])
-  np.testing.assert_array_equal(
-      un.idx[0], np.argmax(np.asarray(un.logits[0]), axis=-1))
+    np.testing.assert_array_equal(runs[1].idx[si], runs[0].idx[si])
+  np.testing.assert_allclose(runs[1].images_BHWC, runs[0].images_BHWC,
+                             atol=1e-5)
+  first = guided_logits(vae, drafter, [1, 6], runs[0].idx, 1.5)[0]
+  np.testing.assert_array_equal(runs[0].idx[0], first.argmax(-1))
 
 
 @pytest.mark.slow  # Several compiled samplers (minutes on 2 cores).
 def test_temperature_divides_after_filtering(golden_dir):
   # A huge temperature makes the draw uniform over the keep set, and that
   # set is decided on the untempered guided logits: every drawn token lies
-  # in the top-p set of the collected (untempered) logits. Had the
+  # in the top-p set of the (untempered) guided logits. Had the
   # temperature flattened the logits first, top-p 0.5 would keep half the
   # vocabulary and most draws would fall outside it.
   vae, var = golden_vae(golden_dir), golden_var(golden_dir)
-  opts = SampleOptions(top_k=0, top_p=0.5, temperature=1e4,
-                       collect_logits=True)
+  opts = SampleOptions(top_k=0, top_p=0.5, temperature=1e4)
   out = Sampler(vae, var, opts)([3, 7, 1, 5], seed=2)
+  guided = guided_logits(vae, var, [3, 7, 1, 5], out.idx, opts.cfg)
   off_argmax = sizes = 0
   for si in range(10):
-    logits = np.asarray(out.logits[si])
+    logits = guided[si]
     keep = np.asarray(filtering.keep_mask(logits, 0, 0.5))
     idx = np.asarray(out.idx[si])
     assert np.take_along_axis(keep, idx[..., None], -1).all(), si
@@ -155,20 +161,19 @@ def test_cfg_until_drops_the_null_rows(golden_dir, golden):
   io = golden("var_tiny_io")
   vae, var = golden_vae(golden_dir), golden_var(golden_dir)
   labels = io["label"]
-  out = Sampler(vae, var, SampleOptions(cfg=1.5, cfg_until=6,
-                                        collect_logits=True, **GREEDY))(labels)
+  out = Sampler(vae, var, SampleOptions(cfg=1.5, cfg_until=6, **GREEDY))(
+      labels)
   for si in range(6):
     np.testing.assert_array_equal(out.idx[si], io[f"greedy_cfg1.5_idx_{si}"])
-  plain0 = Sampler(vae, var, SampleOptions(cfg=0.0, collect_logits=True,
-                                           **GREEDY))(labels)
-  drop0 = Sampler(vae, var, SampleOptions(
-      cfg=0.0, cfg_until=1, collect_logits=True, **GREEDY))(labels)
+  plain0 = Sampler(vae, var, SampleOptions(cfg=0.0, **GREEDY))(labels)
+  drop0 = Sampler(vae, var, SampleOptions(cfg=0.0, cfg_until=1, **GREEDY))(
+      labels)
+  logits = guided_logits(vae, var, labels, plain0.idx, 0.0)
   for si in range(10):
-    assert_tokens_equal(drop0.idx[si], plain0.idx[si], plain0.logits[si],
+    assert_tokens_equal(drop0.idx[si], plain0.idx[si], logits[si],
                         name=f"idx_{si}")
-    np.testing.assert_allclose(drop0.logits[si], plain0.logits[si],
-                               rtol=0, atol=1e-4 * np.abs(
-                                   plain0.logits[si]).max())
+  np.testing.assert_allclose(drop0.images_BHWC, plain0.images_BHWC,
+                             atol=1e-5)
 
 
 @pytest.mark.slow  # Several compiled samplers (minutes on 2 cores).

@@ -25,8 +25,15 @@ _COMMAND_MODULES = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse with one-line usage errors (exit 2), like every other error."""
+
+  def error(self, message):
+    self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog="var-jax",
       description="VAR (next-scale prediction) in JAX: convert, sample, edit, "
                   "train.")

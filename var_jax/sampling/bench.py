@@ -125,7 +125,7 @@ def run(args) -> int:
   model_config, vae, var, drafter = _models(args)
   widest = var if drafter is None else max(
       (var, drafter), key=lambda m: m.cfg.embed_dim)
-  plan = stored_tuning(vae, widest, args.dtype, args.batch)
+  plan, _ = stored_tuning(vae, widest, args.dtype, args.batch)
   sampler = Sampler(vae, var, opts, drafter=drafter, tuning=plan)
   var_cfg, drafter_cfg = var.cfg, None if drafter is None else drafter.cfg
   del var, drafter  # The sampler holds what it needs (halves peak memory).

@@ -216,26 +216,26 @@ def _calls(num_images: int, batch: int) -> int:
 
 
 def stored_tuning(vae, var, dtype, batch):
-  """The stored CPU tuning for this model and batch (`var-jax tune`), or
-  None with a one-line notice when this machine has none."""
+  """(the stored CPU tuning for this model and batch, or None; a one-line
+  notice to print, or None). See `var-jax tune`."""
   import jax
   from var_jax import caches
   from var_jax.sampling import tuning
   if jax.default_backend() != "cpu":
-    return None
+    return None, None
   path = tuning.plan_file(caches.cache_root())
   key = tuning.plan_key(var.cfg.embed_dim, dtype, vae.cfg.ch,
                         vae.cfg.resolution, batch)
   plan = tuning.stored_plan(path, key)
   if plan is None:
-    print(f"var-jax: note: no CPU tuning stored for this model shape and "
-          f"dtype ({dtype}); using XLA's defaults. `var-jax tune` measures "
-          f"one once.", file=sys.stderr)
-  elif plan.bf16_speedup is not None and plan.bf16_speedup < tuning.SLOWER:
-    print(f"var-jax: note: on this CPU bfloat16 matmuls measured "
-          f"{plan.bf16_speedup:.2f}x the speed of float32; --dtype float32 "
-          "is faster here", file=sys.stderr)
-  return plan
+    return None, (f"var-jax: note: no CPU tuning stored for this model shape "
+                  f"and dtype ({dtype}); using XLA's defaults. `var-jax tune` "
+                  "measures one once.")
+  if plan.bf16_speedup is not None and plan.bf16_speedup < tuning.SLOWER:
+    return plan, (f"var-jax: note: on this CPU bfloat16 matmuls measured "
+                  f"{plan.bf16_speedup:.2f}x the speed of float32; --dtype "
+                  "float32 is faster here")
+  return plan, None
 
 
 def _load(args, num_calls=None, batch=1):
@@ -275,8 +275,10 @@ def _load(args, num_calls=None, batch=1):
   opts = options_from_flags(args, draft_steps=steps, loops=loops)
   widest = var if drafter is None else max(
       (var, drafter), key=lambda m: m.cfg.embed_dim)
-  sampler = Sampler(vae, var, opts, drafter=drafter,
-                    tuning=stored_tuning(vae, widest, opts.dtype, batch))
+  plan, notice = stored_tuning(vae, widest, opts.dtype, batch)
+  sampler = Sampler(vae, var, opts, drafter=drafter, tuning=plan)
+  if notice:
+    print(notice, file=sys.stderr)
   return model_config, vae, var, sampler
 
 
