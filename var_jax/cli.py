@@ -81,6 +81,10 @@ def main(argv=None) -> int:
   # gcsfs logs every exhausted retry with a full traceback; the command
   # reports the failure itself, in one line (io.reachable).
   logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
+  # A failed Orbax write echoes from every thread; the command reports it
+  # once. Process-wide logging and hook changes: here, never in the library.
+  from var_jax import io  # pylint: disable=import-outside-toplevel
+  io._install_orbax_quieting()  # pylint: disable=protected-access
   cache = None if args.no_compile_cache else compile_cache_dir()
   if cache:
     enable_compile_cache(cache)

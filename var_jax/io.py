@@ -412,6 +412,10 @@ def _install_orbax_quieting() -> None:
   some after the save has returned), and asyncio logs their failed futures.
   Only those exact echoes are dropped; every other unraisable exception and
   asyncio record still gets through.
+
+  This replaces `sys.unraisablehook` and adds filters to the "absl" and
+  "asyncio" loggers, which belong to the whole process: only the command
+  line's `main` calls it, never the library.
   """
   global _QUIET_INSTALLED
   with _QUIET_LOCK:
@@ -424,7 +428,10 @@ def _install_orbax_quieting() -> None:
         previous(unraisable)
 
     sys.unraisablehook = hook
-    logging.getLogger("absl").addFilter(_DropOrbaxIoErrors())
+    # absl must create its own logger first: a plain "absl" Logger made here
+    # would report its own file, not Orbax's, as every record's pathname.
+    from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+    absl_logging.get_absl_logger().addFilter(_DropOrbaxIoErrors())
     logging.getLogger("asyncio").addFilter(_DropOrphanedIoFutures())
     _QUIET_INSTALLED = True
 
@@ -435,13 +442,14 @@ def orbax_writes(path):
 
   Orbax (through tensorstore) raises a full disk as a `ValueError` carrying
   `os_error_code='28'` and echoes it from several threads; inside this
-  context it becomes `WriteError("no space left on device writing PATH")`
-  and the echoes are dropped. Errors without an OS cause pass unchanged.
+  context it becomes `WriteError("no space left on device writing PATH")`.
+  Errors without an OS cause pass unchanged. The echoes are dropped only in
+  a process that installed the filters (`_install_orbax_quieting`, done by
+  the command line); this context changes no global state.
 
   Raises:
     WriteError: the save failed for an operating-system reason.
   """
-  _install_orbax_quieting()
   _ORBAX_SAVED.set()
   try:
     yield
