@@ -7,6 +7,7 @@ import pathlib
 import re
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -16,9 +17,10 @@ import numpy as np
 import pytest
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
-# The suite compiles the sampler XLA's default way (no per-machine probe,
-# nothing written to ~/.cache); tests/test_cpu_plan.py turns the probe on.
-os.environ.setdefault("VAR_JAX_CPU_PLAN", "off")
+# The suite's caches (compiled programs, CPU tuning) live in a directory of
+# its own: nothing is read from or written to the user's ~/.cache, so a
+# machine's stored `var-jax tune` plan never changes what the tests compile.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="var-jax-tests-")
 # The copy the tests read, committed with the repository.
 IN_REPO_GOLDEN = _ROOT / "tests" / "golden"
 # Where the copy is refreshed from when it sits beside the repository.

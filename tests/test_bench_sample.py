@@ -1,37 +1,36 @@
 """`var-jax bench sample` and the shared sampling FLOP counts."""
 
 import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from var_jax import cli
 from var_jax.models.var.config import get_preset
 from var_jax.models.var.vqvae import VQVAE
 from var_jax.sampling import flops
 
-KEYS = {"bench", "impl", "preset", "batch", "dtype", "form", "layer_loop",
+KEYS = {"bench", "impl", "preset", "batch", "dtype", "scale_loop",
+        "layer_loop", "cpu_tuning",
         "cfg", "top_k",
         "top_p", "device", "compile_s", "batch_s", "s_per_img", "img_per_s",
         "transformer_tflop_per_img", "decoder_tflop_per_img",
         "achieved_tflop_per_s", "mfu"}
 
 
-def test_bench_sample_prints_one_json_line():
-  out = subprocess.run(
-      [sys.executable, "-m", "var_jax.cli", "bench", "sample", "--preset",
-       "tiny", "--batch", "1", "--random-init", "--iters", "1", "--form", "scan",
-       "--layer-loop", "scan", "--no-matmul-peak"],
-      capture_output=True, text=True, timeout=120, check=True)
-  lines = out.stdout.strip().splitlines()
-  assert len(lines) == 1, out.stdout
+def test_bench_sample_prints_one_json_line(capsys):
+  assert cli.main(["bench", "sample", "--preset", "tiny", "--batch", "1",
+                   "--random-init", "--iters", "1", "--scale-loop", "scan",
+                   "--layer-loop", "scan", "--no-matmul-peak"]) == 0
+  out = capsys.readouterr().out
+  lines = out.strip().splitlines()
+  assert len(lines) == 1, out
   rec = json.loads(lines[0])
   assert KEYS <= set(rec), KEYS - set(rec)
   assert rec["bench"] == "sample" and rec["batch"] == 1
-  assert rec["preset"] == "tiny" and rec["form"] == "scan"
+  assert rec["preset"] == "tiny" and rec["scale_loop"] == "scan"
   assert rec["layer_loop"] == "scan"
   assert (rec["cfg"], rec["top_k"], rec["top_p"]) == (1.5, 900, 0.96)
   assert rec["img_per_s"] > 0 and rec["compile_s"] > 0
@@ -39,12 +38,10 @@ def test_bench_sample_prints_one_json_line():
 
 @pytest.mark.parametrize("what,preset", [("sample", "nope"),
                                          ("train", "vqvae")])
-def test_bench_bad_preset_is_one_line_error(what, preset):
-  out = subprocess.run(
-      [sys.executable, "-m", "var_jax.cli", "bench", what, "--preset", preset,
-       "--random-init"], capture_output=True, text=True, timeout=120)
-  err = out.stderr.strip().splitlines()
-  assert out.returncode == 2 and len(err) == 1, out.stderr
+def test_bench_bad_preset_is_one_line_error(what, preset, capsys):
+  rc = cli.main(["bench", what, "--preset", preset, "--random-init"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 2 and len(err) == 1, err
   assert preset in err[0] and "error" in err[0]
 
 

@@ -35,7 +35,10 @@ def test_sample_fast_draws_with_the_bundled_pair(tmp_path):
   assert out["images"].shape == (3, 64, 64, 3)
   _, vae, digits = checkpoint.load_model(None)
   n = commands.FAST_DRAFT_STEPS
-  pair = Sampler(vae, _refiner(), SampleOptions(draft_steps=n),
+  # A one-call job: the CLI samples with the scan loops.
+  pair = Sampler(vae, _refiner(), SampleOptions(draft_steps=n,
+                                                scale_loop="scan",
+                                                layer_loop="scan"),
                  drafter=digits)(labels, seed=0)
   plain = Sampler(vae, digits, SampleOptions())(labels, seed=0)
   for si, ids in enumerate(pair.idx):

@@ -11,16 +11,19 @@ from PIL import Image
 
 from var_jax import cli
 from var_jax.sampling import many
-from var_jax.sampling.var.sampler import SampleOptions, Sampler
+from var_jax.sampling.var.sampler import SampleOptions, Sampler, loops_for
 
 
-def test_sample_cli_greedy_matches_official(model_dir, golden, tmp_path):
+def test_sample_cli_greedy_matches_official(model_dir, golden, tmp_path,
+                                            capsys):
   g = golden("var_tiny_io")
   png, npz = tmp_path / "grid.png", tmp_path / "s.npz"
   assert cli.main(["sample", "--ckpt", str(model_dir), "--labels", "3,7",
                    "--cfg", "1.5", "--top-k", "1", "--top-p", "0",
                    "--batch", "1", "--out", str(png),
                    "--save-npz", str(npz)]) == 0
+  # Two calls: a short job, which gets the fast-compiling scan loops.
+  assert "scan scale loop, scan layer loop" in capsys.readouterr().out
   out = np.load(npz)
   for si in range(10):
     assert out[f"idx_{si}"].dtype == np.int32
@@ -48,53 +51,18 @@ def test_edit_cli_matches_official_inpaint(model_dir, golden, tmp_path):
   assert Image.open(tmp_path / "e.png").size == (256, 256)
 
 
-class _Built(Exception):
-  """Stops a command once its Sampler's options are known."""
-
-
-_NINE = ",".join(["1"] * 9)
-
-
-@pytest.mark.parametrize("argv,want", [
-    (["sample", "--labels", "1,2"], "scan"),  # 1 call.
-    (["sample", "--labels", _NINE[2:], "--batch", "1"], "scan"),  # 8 calls.
-    (["sample", "--labels", _NINE, "--batch", "1"], "unrolled"),  # 9.
-    (["sample", "--per-class", "8", "--batch", "8"], "unrolled"),  # 10.
-    (["sample", "--labels", "1,2", "--layer-loop", "unrolled"], "unrolled"),
-    (["sample", "--labels", _NINE, "--batch", "1", "--layer-loop", "scan"],
-     "scan"),
-    (["edit", "--image", "IMG", "--box", "0,0,0.5,0.5", "--num", "3"],
-     "scan"),
-    (["sample-many", "--per-class", "2", "--out", "NPZ"], "scan"),
-    (["sample-many", "--per-class", "9", "--classes", "1,2", "--batch", "2",
-      "--out", "NPZ"], "unrolled"),  # 18 samples, 9 calls.
-])
-def test_short_jobs_get_the_scan_layer_loop(model_dir, tmp_path, monkeypatch,
-                                            argv, want):
+@pytest.mark.parametrize("calls,loops", [
+    (1, ("scan", "scan")), (8, ("scan", "scan")),
+    (9, ("python", "unrolled")), (800, ("python", "unrolled"))])
+def test_short_jobs_get_the_scan_loops(calls, loops):
   # Compiling or loading the unrolled program costs more than a few calls
-  # of the scan one: the layer loop follows the job's number of calls.
-  seen = []
-
-  def spy(self, vae, var, opts=SampleOptions(), **kw):
-    seen.append(opts.layer_loop)
-    raise _Built
-
-  monkeypatch.setattr(Sampler, "__init__", spy)
-  src = tmp_path / "img.png"
-  Image.new("RGB", (64, 64)).save(src)
-  argv = [{"IMG": str(src), "NPZ": str(tmp_path / "s.npz")}.get(a, a)
-          for a in argv]
-  out = [] if "--out" in argv else ["--out", str(tmp_path / "o.png")]
-  with pytest.raises(_Built):
-    cli.main(argv[:1] + ["--ckpt", str(model_dir)] + argv[1:] + out)
-  assert seen == [want]
+  # of the scan one saves.
+  assert loops_for(calls) == loops
 
 
 @pytest.mark.parametrize("argv,needle", [
     (["sample", "--labels", "3,x"], "comma-separated integers"),
     (["sample", "--labels", "11"], "class ids in [0, 10]"),
-    (["sample", "--top-p", "1.5"], "--top-p in [0, 1]"),
-    (["sample", "--batch", "0"], "--batch must be >= 1"),
     (["edit", "--image", "missing.png", "--box", "0,0,0.5,0.5"],
      "no such image file"),
     (["edit", "--image", "IMG", "--box", "0.5,0,0.4,1"], "box must satisfy"),
@@ -125,26 +93,24 @@ def test_missing_checkpoint_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow  # Several compiled samplers / subprocesses (minutes).
-def test_stochastic_forms_splits_and_dtypes_agree(golden_dir):
+def test_stochastic_loops_splits_and_dtypes_agree(golden_dir):
   vae, var = golden_vae(golden_dir), golden_var(golden_dir)
   labels = [1, 4, 10]
-  ref = Sampler(vae, var, SampleOptions(form="unrolled"))(labels, seed=5,
-                                                          allow_null=True)
-  scan = Sampler(vae, var, SampleOptions(form="scan", layer_loop="scan"))(
+  ref = Sampler(vae, var, SampleOptions())(labels, seed=5, allow_null=True)
+  scan = Sampler(vae, var, SampleOptions(scale_loop="scan", layer_loop="scan"))(
       labels, seed=5, allow_null=True)
-  split = Sampler(vae, var, SampleOptions(form="unrolled"))
+  split = Sampler(vae, var, SampleOptions())
   parts = [split(labels[:1], seed=5),
            split(labels[1:], seed=5, offset=1, allow_null=True)]
   for si in range(10):
     np.testing.assert_array_equal(scan.idx[si], ref.idx[si])
     np.testing.assert_array_equal(
         np.concatenate([p.idx[si] for p in parts]), ref.idx[si])
-  other = Sampler(vae, var, SampleOptions(form="unrolled"))(labels, seed=6,
-                                                            allow_null=True)
+  other = split(labels, seed=6, allow_null=True)
   assert not np.array_equal(other.idx[-1], ref.idx[-1])
   # bfloat16 compute and Gumbel smoothing: valid images, float32 out.
   for opts in (SampleOptions(dtype="bfloat16"),
-               SampleOptions(more_smooth=True, form="scan")):
+               SampleOptions(more_smooth=True, scale_loop="scan")):
     out = Sampler(vae, var, opts)(labels[:1], seed=5)
     img = np.asarray(out.images_BHWC)
     assert img.dtype == np.float32 and np.isfinite(img).all()

@@ -239,7 +239,8 @@ def stored_tuning(vae, var, dtype, batch):
 
 
 def _load(args, num_calls=None, batch=1):
-  """(ModelConfig, VQVAE, the VAR (the refiner with a drafter), Sampler).
+  """(ModelConfig, VQVAE, the VAR (the refiner with a drafter), Sampler,
+  the tuning notice for `_note`).
 
   `num_calls(num_classes)`, the number of sampler calls the job will make,
   picks the loops the flags leave open (`sampler.loops_for`). With
@@ -277,9 +278,14 @@ def _load(args, num_calls=None, batch=1):
       (var, drafter), key=lambda m: m.cfg.embed_dim)
   plan, notice = stored_tuning(vae, widest, opts.dtype, batch)
   sampler = Sampler(vae, var, opts, drafter=drafter, tuning=plan)
+  return model_config, vae, var, sampler, notice
+
+
+def _note(notice) -> None:
+  """Prints the tuning notice once every input is checked (an error stays
+  the only line a bad command prints)."""
   if notice:
     print(notice, file=sys.stderr)
-  return model_config, vae, var, sampler
 
 
 def _loops(sampler) -> str:
@@ -341,10 +347,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     rng = np.random.default_rng(args.seed)
     return rng.integers(0, n_cls, args.num).tolist(), args.ncol
 
-  model_config, _, var, sampler = _load(
+  model_config, _, var, sampler, notice = _load(
       args, num_calls=lambda n_cls: _calls(len(job(n_cls)[0]), args.batch),
       batch=args.batch)
   labels, ncol = job(var.cfg.num_classes)
+  _note(notice)
   t0 = time.perf_counter()
   idx, imgs = _sample_batched(sampler, labels, args.seed, args.batch)
   dt = time.perf_counter() - t0
@@ -377,7 +384,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
   from var_jax.sampling.var import edit
   from var_jax.sampling import images as image_io
   _check_outputs(args)
-  _, vae, var, sampler = _load(args, num_calls=lambda _: 1, batch=args.num)
+  _, vae, var, sampler, notice = _load(args, num_calls=lambda _: 1,
+                                       batch=args.num)
   side = vae.cfg.resolution
   pn = var.cfg.patch_nums[-1]
   mask = edit.box_mask(pn, _parse_box(args.box, side),
@@ -387,6 +395,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
   if not 0 <= label <= var.cfg.num_classes:
     raise _user_error(f"--label must be in [0, {var.cfg.num_classes}]")
   imgs = np.broadcast_to(img, (args.num,) + img.shape)
+  _note(notice)
   out = edit.zero_shot_edit(sampler, vae, imgs, mask, label, seed=args.seed,
                             allow_null=True)
   result = np.asarray(out.images_BHWC)
@@ -412,9 +421,10 @@ def cmd_sample_many(args: argparse.Namespace) -> int:
     return (list(range(n_cls)) if args.classes is None else
             _parse_labels(args.classes, n_cls, "--classes"))
 
-  _, _, var, sampler = _load(args, num_calls=lambda n_cls: _calls(
+  _, _, var, sampler, notice = _load(args, num_calls=lambda n_cls: _calls(
       len(chosen(n_cls)) * args.per_class, args.batch), batch=args.batch)
   classes = chosen(var.cfg.num_classes)
+  _note(notice)
   meta = {"ckpt": str(args.ckpt or "bundled"), "cfg": args.cfg,
           "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
           "temperature": args.temperature, "cfg_until": args.cfg_until,
