@@ -210,13 +210,16 @@ def bench_side_by_side(args):
   var = VAR(var_cfg, rngs=nnx.Rngs(0))
   load.load_official(var, var_rules(var_cfg), sd(var_t), "VAR",
                      var_cfg.patch_nums)
-  sampler = Sampler(vae, var, SampleOptions(cfg=args.cfg, top_k=args.top_k,
-                                            top_p=args.top_p,
-                                            dtype=args.dtype))
+  plan = None
+  if args.tuning == "stored":
+    from var_jax.sampling.commands import stored_tuning
+    plan, _ = stored_tuning(vae, var, args.dtype, args.batch)
+  sampler = Sampler(vae, var, SampleOptions(
+      cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, dtype=args.dtype,
+      scale_loop=args.scale_loop, layer_loop=args.layer_loop), tuning=plan)
   del var
   labels = np.random.default_rng(args.seed).integers(0, 1000, args.batch)
   ids = np.arange(args.batch, dtype=np.int32)
-  sampler.plan(args.batch)  # The CPU plan first: not compile time.
   t0 = time.perf_counter()
   run = sampler.compile(args.batch)
   compile_s = time.perf_counter() - t0
@@ -248,7 +251,9 @@ def bench_side_by_side(args):
           "speedup_min": round(best["official"] / best["var_jax"], 3),
           "speedup_median": round(median["official"] / median["var_jax"], 3),
           "var_jax_compile_s": round(compile_s, 2),
-          "cpu_plan": run.plan.describe(), "torch": torch.__version__,
+          "scale_loop": args.scale_loop, "layer_loop": args.layer_loop,
+          "cpu_tuning": None if plan is None else plan.describe(),
+          "torch": torch.__version__,
           "threads": torch.get_num_threads()}
 
 
@@ -355,6 +360,13 @@ def main(argv=None):
                  default="float32",
                  help="side-by-side: var-jax's compute dtype (the official "
                       "sampler runs float32)")
+  p.add_argument("--scale-loop", choices=("python", "scan"),
+                 default="python", help="side-by-side: var-jax's scale loop")
+  p.add_argument("--layer-loop", choices=("unrolled", "scan"),
+                 default="unrolled", help="side-by-side: var-jax's layer loop")
+  p.add_argument("--tuning", choices=("stored", "none"), default="stored",
+                 help="side-by-side: the CPU tuning `var-jax tune` stored "
+                      "for this model (XLA's defaults if none), or none")
   p.add_argument("--cfg", type=float, default=1.5)
   p.add_argument("--top-k", type=int, default=900)
   p.add_argument("--top-p", type=float, default=0.96)

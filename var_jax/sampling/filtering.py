@@ -27,11 +27,13 @@ def _sortable_key(x):
 
 
 def _bisect_key(pred):
-  """Largest uint32 `t` (per row) with `pred(t)` true, for monotone `pred`.
+  """The `fori_loop` body of a bisection for the largest uint32 `t` (per
+  row) with `pred(t)` true; run it for bits 0..31 from zeros.
 
   `pred` maps (...,) candidate keys to (...,) bools, true on a prefix
-  [0, t*]. One bit per step from the top: 32 cheap vectorised passes over
-  the vocabulary instead of a sort, which XLA runs slowly on CPU.
+  [0, t*]. Step i sets bit 31 - i when the candidate still satisfies `pred`:
+  32 cheap vectorised passes over the vocabulary instead of a sort, which
+  XLA runs slowly on CPU.
   """
   def body(i, ans):
     cand = ans | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
@@ -117,21 +119,19 @@ def filter_logits(logits_NV: jax.Array, top_k=0, top_p=0.0) -> jax.Array:
 
 
 def categorical(keys_N: jax.Array, filtered_NV: jax.Array,
-                temperature=None) -> jax.Array:
+                temperature) -> jax.Array:
   """One draw per row from softmax(filtered / temperature), own key per row.
 
   The temperature divides the logits after filtering, just before the draw
   (CoDe's `sample_with_top_k_top_p_(..., temp)`): the keep set is decided on
-  the untempered logits. None skips the division (temperature 1).
+  the untempered logits.
 
   Per-row keys make a token's draw independent of how many rows share the
   call, so padded and unpadded decoding (and any batch split) agree.
   """
   lead = filtered_NV.shape[:-1]
   flat_keys = keys_N.reshape((-1,) + keys_N.shape[len(lead):])
-  flat = filtered_NV.reshape(-1, filtered_NV.shape[-1])
-  if temperature is not None:
-    flat = flat / temperature
+  flat = filtered_NV.reshape(-1, filtered_NV.shape[-1]) / temperature
   idx = jax.vmap(jax.random.categorical)(flat_keys, flat)
   return idx.reshape(lead).astype(jnp.int32)
 

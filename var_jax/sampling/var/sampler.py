@@ -27,7 +27,8 @@ from flax import nnx
 
 from var_jax.errors import UserError
 from var_jax.models.scales import layout
-from var_jax.models.var.transformer import with_block_layout
+from var_jax.models.var.transformer import VAR, with_block_layout
+from var_jax.models.var.vqvae import VQVAE
 from var_jax.sampling.tuning import CpuPlan
 from var_jax.sampling.var import code, loop
 from var_jax.sampling.var.options import (  # noqa: F401  (re-exported)
@@ -118,6 +119,12 @@ class Sampler:
                drafter=None, tuning: CpuPlan | None = None):
     if not isinstance(opts, SampleOptions):
       raise UserError(f"opts must be a SampleOptions, got {opts!r}")
+    for name, model, kind in (("vae", vae, VQVAE), ("var", var, VAR),
+                              ("drafter", drafter, VAR)):
+      if not isinstance(model, kind) and (name != "drafter"
+                                          or model is not None):
+        raise UserError(f"{name} must be a {kind.__name__} (see "
+                        f"var_jax.load), got {type(model).__name__}")
     if (drafter is None) != (opts.draft_steps is None):
       raise UserError("collaborative decoding needs both a drafter model and "
                       "draft_steps" if drafter is None else
