@@ -51,14 +51,19 @@ def _env(devices: int, **extra) -> dict:
   return env
 
 
-def _cmd(workdir, vae_dir, *extra) -> list[str]:
-  return [sys.executable, "-m", "var_jax.cli", "train", "--config",
-          "train_tiny", "--vae-ckpt", str(vae_dir), "--workdir", str(workdir),
-          "--steps", str(STEPS), *extra]
+def _cmd(workdir, vae_dir, *extra, kill_at=None) -> list[str]:
+  """The train command; `kill_at`: SIGKILLed once the save of that step
+  started (tests/kill_at_step.py)."""
+  head = (["-m", "var_jax.cli"] if kill_at is None else
+          [str(ROOT / "tests" / "kill_at_step.py"), str(kill_at)])
+  return [sys.executable, *head, "train", "--config", "train_tiny",
+          "--vae-ckpt", str(vae_dir), "--workdir", str(workdir), "--steps",
+          str(STEPS), *extra]
 
 
-def _start(workdir, vae_dir, *extra, devices=1, **env) -> subprocess.Popen:
-  return subprocess.Popen(_cmd(workdir, vae_dir, *extra),
+def _start(workdir, vae_dir, *extra, devices=1, kill_at=None,
+           **env) -> subprocess.Popen:
+  return subprocess.Popen(_cmd(workdir, vae_dir, *extra, kill_at=kill_at),
                           env=_env(devices, **env), cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
@@ -71,9 +76,10 @@ def _finish(p: subprocess.Popen, expect=0) -> str:
   return err
 
 
-def _train(workdir, vae_dir, *extra, devices=1, expect=0, **env) -> str:
-  return _finish(_start(workdir, vae_dir, *extra, devices=devices, **env),
-                 expect)
+def _train(workdir, vae_dir, *extra, devices=1, expect=0, kill_at=None,
+           **env) -> str:
+  return _finish(_start(workdir, vae_dir, *extra, devices=devices,
+                        kill_at=kill_at, **env), expect)
 
 
 def _losses(workdir) -> dict[int, float]:
@@ -170,7 +176,7 @@ def test_two_processes_match_single_device(tmp_path, vae_dir, reference):
 def test_sigkill_mid_save_then_resume_is_exact(tmp_path, vae_dir, reference):
   # Killed right after starting the async save of step 4: that checkpoint
   # may be incomplete, so the restart resumes from step 2 or 4.
-  _train(tmp_path, vae_dir, expect=-9, VAR_JAX_FAULT_KILL_AT_STEP="4")
+  _train(tmp_path, vae_dir, expect=-9, kill_at=4)
   done = sorted(int(d.name) for d in (tmp_path / "checkpoints").iterdir()
                 if d.name.isdigit())
   assert done and max(done) >= 2

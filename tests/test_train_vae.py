@@ -46,9 +46,13 @@ def _env(cache) -> dict:
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
-def _start(workdir, cache, **env) -> subprocess.Popen:
-  cmd = [sys.executable, "-m", "var_jax.cli", "train-vae", "--config",
-         "train_vae_tiny", "--workdir", str(workdir), "--steps", str(STEPS)]
+def _start(workdir, cache, kill_at=None, **env) -> subprocess.Popen:
+  """`var-jax train-vae`; `kill_at`: SIGKILLed once the save of that step
+  started (tests/kill_at_step.py)."""
+  head = (["-m", "var_jax.cli"] if kill_at is None else
+          [str(ROOT / "tests" / "kill_at_step.py"), str(kill_at)])
+  cmd = [sys.executable, *head, "train-vae", "--config", "train_vae_tiny",
+         "--workdir", str(workdir), "--steps", str(STEPS)]
   return subprocess.Popen(cmd, env={**_env(cache), **env}, cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
@@ -85,7 +89,7 @@ def runs(tmp_path_factory):
   cache = tmp_path_factory.mktemp("jax_cache")
   ref, killed = (tmp_path_factory.mktemp(n) for n in ("ref", "killed"))
   procs = [_start(ref, cache),
-           _start(killed, cache, VAR_JAX_FAULT_KILL_AT_STEP="4")]
+           _start(killed, cache, kill_at=4)]
   _finish(procs[0])
   _finish(procs[1], expect=-9)
   done = sorted(int(d.name) for d in (killed / "checkpoints").iterdir()

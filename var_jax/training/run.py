@@ -5,8 +5,8 @@ A trainer supplies a `Task` (`trainer.VARTask`, `vae_trainer.VAETask`): its
 model config, state spec and initial state, its jitted step, and what its
 model directory holds. Everything else is here, once: config checks, the
 mesh, the loader, resume (after comparing the stored run record with this
-run's), the step loop with one step of metrics in flight, the fault hook,
-checkpoints, export and closing.
+run's), the step loop with one step of metrics in flight, checkpoints,
+export and closing.
 
 Every input of a step is a function of (config, step): the loader is
 deterministic per step, PRNG keys are fold_in(seed, step), learning rates
@@ -18,8 +18,6 @@ data, the checkpoint's record) is checked before it writes anything.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 
 import jax
@@ -30,9 +28,6 @@ from var_jax.training import mesh as mesh_lib
 from var_jax.training import metrics as metrics_lib
 from var_jax.training import sharding
 from var_jax.training.checkpointing import RunCheckpoints, export_model_dir
-
-# Test hook: SIGKILL this process right after starting the save of this step.
-FAULT_ENV = "VAR_JAX_FAULT_KILL_AT_STEP"
 
 
 def open_loader(cfg, resolution: int, *, split: str = "train",
@@ -158,7 +153,6 @@ class Run:
 
   def _loop(self, writer) -> dict:
     task = self.task
-    fault = int(os.environ.get(FAULT_ENV, "-1"))
     pending, last = None, {}
     t_prev = time.perf_counter()
     for step in range(self.start, self.total):
@@ -183,10 +177,7 @@ class Run:
         self._write(writer, step, self._checked(step, m), *pending[2:])
         writer.flush()
         pending = None
-      saved = self.ckpts.maybe_save(step + 1, self.state, self.record,
-                                    force=final)
-      if saved and step + 1 == fault:
-        os.kill(os.getpid(), signal.SIGKILL)
+      self.ckpts.maybe_save(step + 1, self.state, self.record, force=final)
     if pending is not None:
       step, m, dt, first = pending
       last = self._checked(step, m)  # Never export a diverged model.
