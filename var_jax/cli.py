@@ -44,13 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
            f"{COMPILE_CACHE_ENV}=0 also turns it off)")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   for name in _COMMAND_MODULES:
-    try:
-      mod = importlib.import_module(name)
-    except ModuleNotFoundError as e:
-      if e.name != name:
-        raise
-      continue
-    mod.register(sub)
+    # Every listed module ships with the package: a missing one is a broken
+    # installation, raised as is, never a command silently left out.
+    importlib.import_module(name).register(sub)
   return parser
 
 

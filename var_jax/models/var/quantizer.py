@@ -35,9 +35,11 @@ def num_phi(share_quant_resi: int, num_scales: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def phi_index(si: int, num_scales: int, n_phi: int, share: int = 4) -> int:
-  """Which Phi serves scale `si`: nearest tick to si / (K - 1)."""
-  del share  # The tick rule depends only on how many Phis exist.
+def phi_index(si: int, num_scales: int, n_phi: int) -> int:
+  """Which Phi serves scale `si`: nearest tick to si / (K - 1).
+
+  The tick rule depends only on how many Phis exist (`n_phi`).
+  """
   if n_phi == 1:
     return 0
   k = n_phi

@@ -210,8 +210,7 @@ class Quantizer(nnx.Module):
     """Phi_k(h) = (1 - r) h + r conv_k(h), with k chosen by the tick rule."""
     if not len(self.quant_resi):
       return h_BHWC
-    k = q.phi_index(si, num_scales, len(self.quant_resi),
-                    self.cfg.share_quant_resi)
+    k = q.phi_index(si, num_scales, len(self.quant_resi))
     r = abs(self.cfg.quant_resi)
     return h_BHWC * (1 - r) + self.quant_resi[k](h_BHWC) * r
 
