@@ -27,6 +27,7 @@ from var_jax import checkpoint, cli
 from var_jax.models.var.config import get_preset
 from var_jax.convert.var import download as dl
 from var_jax.convert.var.load import ConvertError
+from var_jax.errors import IncompatibleModelsError
 
 
 def run(capsys, *argv):
@@ -279,7 +280,8 @@ def test_pair_that_cannot_share_a_tokenizer_writes_nothing(golden_dir,
     return (golden_dir / "vae_tiny.pth", golden_dir / "var_tiny.pth",
             golden_dir / "var_tiny_saln512.pth")
 
-  with pytest.raises(ConvertError, match=r"drafter and refiner differ in "
+  with pytest.raises(IncompatibleModelsError, match=r"drafter and refiner "
+                     r"differ in "
                      r"patch_nums: \(1, 2, 3, 4, 5, 6, 8, 10, 13, 16\) vs"):
     dl.download_pair(tmp_path / "pair", drafter="d30", refiner="d16",
                      presets=(None, None), fetch=fetch, log=lambda _: None)

@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from var_jax.models.var.config import ModelConfig
+from var_jax.models.var.config import ModelConfig, check_compatible
 from var_jax.errors import CheckpointError
 from var_jax.io import as_path, atomic_dir, is_local, orbax_writes, write_text
 from var_jax.models.var.transformer import VAR
@@ -137,31 +137,13 @@ def _restore(path: epath.Path, ctor, cfg, what: str):
   return nnx.merge(graphdef, state)
 
 
-def check_config(cfg: ModelConfig, where) -> None:
-  """The tokenizer and transformer of one config must fit each other."""
-  vae, var = cfg.vae, cfg.var
-  if vae is None or var is None:
-    return
-  bad = []
-  if var.vocab_size != vae.vocab_size:
-    bad.append(f"VAR vocab_size {var.vocab_size} vs VQVAE "
-               f"{vae.vocab_size}")
-  if var.cvae != vae.z_channels:
-    bad.append(f"VAR cvae {var.cvae} vs VQVAE z_channels {vae.z_channels}")
-  if var.patch_nums[-1] != vae.v_patch_nums[-1]:
-    bad.append(f"VAR last scale {var.patch_nums[-1]} vs VQVAE latent side "
-               f"{vae.v_patch_nums[-1]}")
-  if bad:
-    raise CheckpointError(f"{where}: the transformer does not fit the "
-                          f"tokenizer: {'; '.join(bad)}")
-
-
 def load_config(ckpt_dir) -> ModelConfig:
   """Reads and checks DIR/config.json.
 
   Raises:
-    CheckpointError: no config.json, unreadable or invalid JSON, or a
-      transformer that does not fit the tokenizer.
+    CheckpointError: no config.json, unreadable or invalid JSON.
+    IncompatibleModelsError: a transformer that does not fit the tokenizer
+      (`check_compatible`).
   """
   d = as_path(ckpt_dir)
   f = d / "config.json"
@@ -176,7 +158,7 @@ def load_config(ckpt_dir) -> ModelConfig:
     cfg = ModelConfig.from_json(text)
   except (ValueError, KeyError, TypeError, AttributeError) as e:
     raise CheckpointError(f"{f} is invalid: {e}") from None
-  check_config(cfg, f)
+  check_compatible(cfg.vae, cfg.var, where=str(f))
   return cfg
 
 

@@ -26,6 +26,12 @@ class CheckpointError(VarJaxError, ValueError):
   does not match what it is used with."""
 
 
+class IncompatibleModelsError(CheckpointError):
+  """Models that cannot work together: a transformer and a tokenizer, or a
+  drafter and a refiner, that differ in a field they must share (named,
+  with both values)."""
+
+
 class ConvertError(VarJaxError, ValueError):
   """Official weights whose keys or shapes do not match the name table."""
 

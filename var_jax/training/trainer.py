@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from var_jax import checkpoint
-from var_jax.models.var.config import ModelConfig
+from var_jax.models.var.config import ModelConfig, check_compatible
 from var_jax.errors import DataError, UserError
 from var_jax.io import as_path
 from var_jax.training import flops as flops_lib
@@ -38,7 +38,13 @@ class Sources:
 
 
 def resolve_sources(cfg: TrainConfig) -> Sources:
-  """The model config and weight directories named by the config."""
+  """The model config and weight directories named by the config.
+
+  Raises:
+    UserError: no tokenizer named, or a directory without the weights the
+      run needs.
+    IncompatibleModelsError: a tokenizer that does not fit the model.
+  """
   model_cfg = cfg.model_config()
   if cfg.init_ckpt:
     d = as_path(cfg.init_ckpt)
@@ -59,17 +65,13 @@ def resolve_sources(cfg: TrainConfig) -> Sources:
   vcfg = checkpoint.load_config(d)
   if vcfg.vae is None or not (d / "vae").exists():
     raise UserError(f"{d} holds no tokenizer weights")
-  var = model_cfg.var
-  if (vcfg.vae.vocab_size, vcfg.vae.z_channels) != (var.vocab_size, var.cvae) \
-      or len(vcfg.vae.v_patch_nums) != len(var.patch_nums):
-    raise UserError(
-        f"tokenizer {d} (vocab {vcfg.vae.vocab_size}, "
-        f"{vcfg.vae.z_channels} channels, {len(vcfg.vae.v_patch_nums)} "
-        f"scales) does not fit model {model_cfg.name} (vocab "
-        f"{var.vocab_size}, {var.cvae} channels, {len(var.patch_nums)} "
-        "scales)")
-  # Tokenizer weights do not depend on the scale list; the VAR's decides.
-  vae_cfg = dataclasses.replace(vcfg.vae, v_patch_nums=var.patch_nums)
+  var, vae_cfg = model_cfg.var, vcfg.vae
+  # Tokenizer weights do not depend on the scale list: one trained on as
+  # many scales serves the VAR's list; another count is refused below.
+  if len(vae_cfg.v_patch_nums) == len(var.patch_nums):
+    vae_cfg = dataclasses.replace(vae_cfg, v_patch_nums=var.patch_nums)
+  check_compatible(vae_cfg, var,
+                   where=f"tokenizer {d} and model {model_cfg.name}")
   return Sources(dataclasses.replace(model_cfg, vae=vae_cfg), d, None)
 
 

@@ -8,7 +8,8 @@ import numpy as np
 from flax import nnx
 
 from var_jax import checkpoint
-from var_jax.models.var.config import ModelConfig, get_preset
+from var_jax.models.var.config import (ModelConfig, check_compatible,
+                                       get_preset)
 from var_jax.convert.var import load
 from var_jax.convert.pth import read_pth
 from var_jax.io import as_path
@@ -63,12 +64,7 @@ def infer_configs(vae_sd, var_sd, preset: str | None):
         raise load.ConvertError(f"preset {preset!r} has no VAR transformer")
       load.check_preset(want.var, var_cfg, "VAR")
       var_cfg = want.var
-  if var_cfg is not None and vae_cfg is not None and (
-      var_cfg.vocab_size, var_cfg.cvae) != (vae_cfg.vocab_size,
-                                            vae_cfg.z_channels):
-    raise load.ConvertError(
-        f"the VAR expects vocab {var_cfg.vocab_size} / Cvae {var_cfg.cvae} "
-        f"but the VQVAE has {vae_cfg.vocab_size} / {vae_cfg.z_channels}")
+  check_compatible(vae_cfg, var_cfg)
   return vae_cfg, var_cfg
 
 
@@ -103,6 +99,7 @@ def convert_files(vae_path=None, var_path=None, out_dir=None,
 
   Raises:
     ConvertError, PthError: unreadable files or keys/shapes that do not fit.
+    IncompatibleModelsError: a VAR that does not fit the VQVAE.
     CheckpointError: `out_dir` exists (checked before anything is read).
     WriteError: writing failed; nothing is left under `out_dir`.
   """

@@ -27,9 +27,6 @@ MODELS = ("d16", "d20", "d24", "d30", "d36")
 CODE_REPO = "Zigeng/VAR_CoDe"
 CODE_STEPS = (6, 7, 8, 9)
 CODE_MODELS = ("d30", "d16")
-# The pair's configs must agree in these for one image and one tokenizer
-# (the sampler's `code.check_pair`, which convert/ cannot import).
-_PAIR_FIELDS = ("patch_nums", "vocab_size", "cvae", "num_classes")
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
                 errno.EPERM)
 
@@ -287,22 +284,6 @@ def _run_fetch(fetch: Callable, what: str, *args):
     raise DownloadError(describe_fetch_error(e, what)) from None
 
 
-def check_pair(drafter_cfg, refiner_cfg) -> None:
-  """Checks that two VARConfigs can share one image and one tokenizer.
-
-  Raises:
-    ConvertError: they differ in the scale list, vocabulary, code width or
-      class count (named, with both values).
-  """
-  from var_jax.errors import ConvertError
-  for field in _PAIR_FIELDS:
-    a, b = getattr(drafter_cfg, field), getattr(refiner_cfg, field)
-    if a != b:
-      raise ConvertError(f"the drafter and refiner differ in {field}: {a} "
-                         f"vs {b}; collaborative decoding needs one "
-                         "tokenizer and one scale list")
-
-
 def download_pair(out, *, steps: int | None = None, drafter: str = "d30",
                   refiner: str = "d16", cache_dir=None, pth_dir=None,
                   overwrite: bool = False, presets=None,
@@ -335,13 +316,15 @@ def download_pair(out, *, steps: int | None = None, drafter: str = "d30",
   Raises:
     DownloadError: an unknown model or step count, a bad --pth-dir, or a
       failed fetch.
-    ConvertError, PthError: files that do not fit their preset, or a pair
-      that cannot share one tokenizer (see `check_pair`).
+    ConvertError, PthError: files that do not fit their preset.
+    IncompatibleModelsError: a pair that cannot share one tokenizer
+      (`check_compatible`), before anything is written.
     CheckpointError: OUT/drafter or OUT/refiner exists (before fetching).
     WriteError: writing failed; neither directory is left new.
   """
   from var_jax import checkpoint
-  from var_jax.models.var.config import ModelConfig, get_preset
+  from var_jax.models.var.config import (ModelConfig, check_compatible,
+                                         get_preset)
   from var_jax.convert.var import convert
   from var_jax.io import _rmtree, as_path
   # Every check that needs no network comes before the (large) download.
@@ -374,7 +357,7 @@ def download_pair(out, *, steps: int | None = None, drafter: str = "d30",
     vae_cfg, var_cfg = convert.infer_configs(vae_sd, sds[-1], preset)
     cfgs.append(ModelConfig(name=preset or "converted", vae=vae_cfg,
                             var=var_cfg))
-  check_pair(cfgs[0].var, cfgs[1].var)
+  check_compatible(cfgs[1].vae, cfgs[1].var, cfgs[0].var)
   # Both mapped (every key and shape checked) before anything is written;
   # the state dicts go as soon as they are mapped (d30 alone is 8 GB).
   states = []

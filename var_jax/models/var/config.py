@@ -10,7 +10,8 @@ import dataclasses
 import importlib
 import json
 from typing import Any
-from var_jax.errors import UserError
+
+from var_jax.errors import IncompatibleModelsError, UserError
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
@@ -100,6 +101,60 @@ class ModelConfig:
   @classmethod
   def from_json(cls, text: str) -> "ModelConfig":
     return cls.from_dict(json.loads(text))
+
+
+# What a drafter and its refiner must share: one image (scale list), one
+# tokenizer (vocabulary, code width) and one set of labels.
+_PAIR_FIELDS = ("patch_nums", "vocab_size", "cvae", "num_classes")
+# (VARConfig field, VQVAEConfig field) a transformer and its tokenizer share.
+_TOKENIZER_FIELDS = (("vocab_size", "vocab_size"), ("cvae", "z_channels"),
+                     ("patch_nums", "v_patch_nums"))
+
+
+def _value(v):
+  return tuple(v) if isinstance(v, list) else v
+
+
+def check_compatible(vae_cfg: VQVAEConfig | None, var_cfg: VARConfig | None,
+                     drafter_cfg: VARConfig | None = None, *,
+                     where: str | None = None) -> None:
+  """Checks that a tokenizer, a transformer and a drafter can work together.
+
+  The one compatibility rule of the package, on configs only (nothing is
+  loaded): a drafter and the transformer (its refiner) must agree in scale
+  list, vocabulary, code width and class count; the transformer and the
+  tokenizer in vocabulary, code width (`cvae` = `z_channels`) and scale
+  list (`patch_nums` = `v_patch_nums`). A part given as None is left out.
+
+  Args:
+    vae_cfg: the tokenizer's config.
+    var_cfg: the transformer's (with a drafter: the refiner's).
+    drafter_cfg: the drafter's config for collaborative decoding.
+    where: prefixed to the message (a path, a model name).
+
+  Raises:
+    IncompatibleModelsError: the first differing field, with both values.
+  """
+  head = f"{where}: " if where else ""
+  if drafter_cfg is not None and var_cfg is not None:
+    for field in _PAIR_FIELDS:
+      a, b = _value(getattr(drafter_cfg, field)), _value(getattr(var_cfg,
+                                                                 field))
+      if a != b:
+        raise IncompatibleModelsError(
+            f"{head}the drafter and refiner differ in {field}: {a} vs {b}; "
+            "collaborative decoding needs one tokenizer, one scale list and "
+            "one set of classes")
+  if vae_cfg is None or var_cfg is None:
+    return
+  for field, vae_field in _TOKENIZER_FIELDS:
+    a, b = _value(getattr(var_cfg, field)), _value(getattr(vae_cfg,
+                                                           vae_field))
+    if a != b:
+      named = "" if vae_field == field else f"{vae_field} "
+      raise IncompatibleModelsError(
+          f"{head}the transformer does not fit the tokenizer: VAR {field} "
+          f"{a} vs VQVAE {named}{b}")
 
 
 def _build(klass, d: dict[str, Any]):
