@@ -151,11 +151,9 @@ def load_images_u8(path, resolution: int) -> np.ndarray:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
   from var_jax.checkpoint import load_model
-  from var_jax.io import check_output_file
+  from var_jax.io import check_output_file, save_npz
+  from var_jax.models.var.vqvae import jit_tokenizer
   if args.batch < 1:
     raise _user_error(f"--batch must be at least 1, got {args.batch}")
   out = check_output_file(args.out, ".npz")
@@ -163,19 +161,11 @@ def cmd_encode(args: argparse.Namespace) -> int:
   imgs = load_images_u8(args.images, cfg.vae.resolution)
   if len(imgs) == 0:
     raise _user_error(f"--images {args.images} holds no images")
-  graphdef, state = nnx.split(vae)
-
-  @jax.jit
-  def encode(state, x_u8):
-    model = nnx.merge(graphdef, state)
-    x = x_u8.astype(jnp.float32) / 127.5 - 1.0
-    return model.img_to_idx(x)
-
+  encode = jit_tokenizer(vae)  # The same images -> tokens as `tokenize`.
   outs = [[] for _ in cfg.vae.v_patch_nums]
   for i in range(0, len(imgs), args.batch):
-    for k, idx in enumerate(encode(state, jnp.asarray(imgs[i:i + args.batch]))):
+    for k, idx in enumerate(encode(imgs[i:i + args.batch])):
       outs[k].append(np.asarray(idx, np.int32))
-  from var_jax.io import save_npz
   save_npz(out, **{f"idx_{k}": np.concatenate(o)
                    for k, o in enumerate(outs)})
   print(f"wrote {len(imgs)} x {len(outs)} token maps to {args.out}")

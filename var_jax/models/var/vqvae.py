@@ -328,12 +328,29 @@ def one_image_at_a_time(fn, x_B):
 
 
 def jit_tokenizer(vae: VQVAE, patch_nums=None):
-  """A jitted `images (B, H, W, 3) in [-1, 1] -> token ids per scale`."""
+  """The package's one images -> tokens function (`encode`, `tokenize`, edits).
+
+  Returns a jitted callable: images (B, H, W, 3), uint8 in [0, 255] or float
+  in [-1, 1], -> K int32 token maps (B, pn*pn), one per scale of
+  `patch_nums` (default: the tokenizer's). uint8 images are scaled inside
+  the program as the data pipeline scales them (`data.augment.to_pm1`:
+  x / 255, then x + x - 1), so a uint8 image and its float form give the
+  same tokens.
+  """
   graphdef, state = nnx.split(vae)
   pn = tuple(patch_nums or vae.cfg.v_patch_nums)
 
   @jax.jit
   def encode(state, x_BHWC):
+    if x_BHWC.dtype == jnp.uint8:
+      x_BHWC = x_BHWC.astype(jnp.float32) / jnp.float32(255.0)
+      x_BHWC = x_BHWC + x_BHWC - jnp.float32(1.0)
     return nnx.merge(graphdef, state).img_to_idx(x_BHWC, pn)
 
-  return lambda x_BHWC: encode(state, jnp.asarray(x_BHWC, jnp.float32))
+  def tokenize(x_BHWC) -> list[jax.Array]:
+    x_BHWC = jnp.asarray(x_BHWC)
+    if x_BHWC.dtype != jnp.uint8:
+      x_BHWC = x_BHWC.astype(jnp.float32)
+    return encode(state, x_BHWC)
+
+  return tokenize
