@@ -98,7 +98,8 @@ def test_tokenizer_width_differs(models, tmp_path, capsys):
 @pytest.mark.parametrize("change,match", [
     (dict(var__vocab_size=512), "VAR vocab_size 512 vs VQVAE 256"),
     (dict(var__cvae=8), "VAR cvae 8 vs VQVAE z_channels 16"),
-    (dict(var__patch_nums=[1, 2, 4, 8]), "VAR last scale 8 vs VQVAE latent"),
+    (dict(var__patch_nums=[1, 2, 4, 8]),
+     r"VAR patch_nums \(1, 2, 4, 8\) vs VQVAE v_patch_nums \(1, 2, 3,"),
 ])
 def test_transformer_must_fit_the_tokenizer(models, tmp_path, change, match):
   d = _copy(models, "m256", tmp_path)
