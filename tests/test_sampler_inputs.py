@@ -15,7 +15,7 @@ from golden_models import golden_vae, golden_var
 
 from var_jax import cli
 from var_jax.models.var.config import VARConfig
-from var_jax.errors import UserError
+from var_jax.errors import IncompatibleModelsError, UserError
 from var_jax.models.var.transformer import VAR
 from var_jax.sampling.var import edit
 from var_jax.sampling.var.sampler import SampleOptions, Sampler
@@ -76,7 +76,7 @@ def test_drafter_must_share_scales_and_classes(models):
     cfg = VARConfig(**{**var.cfg.__dict__, **change, "depth": 1})
     other = VAR(cfg, rngs=nnx.Rngs(0))
     field = next(iter(change))
-    with pytest.raises(UserError, match=f"differ in {field}"):
+    with pytest.raises(IncompatibleModelsError, match=f"differ in {field}"):
       Sampler(vae, var, SampleOptions(draft_steps=4), drafter=other)
   with pytest.raises(UserError, match="drafter model needs draft_steps"):
     Sampler(vae, var, SampleOptions(), drafter=var)

@@ -27,10 +27,11 @@ from flax import nnx
 
 from var_jax.errors import UserError
 from var_jax.models.scales import layout
+from var_jax.models.var.config import check_compatible
 from var_jax.models.var.transformer import VAR, with_block_layout
 from var_jax.models.var.vqvae import VQVAE
 from var_jax.sampling.tuning import CpuPlan
-from var_jax.sampling.var import code, loop
+from var_jax.sampling.var import loop
 from var_jax.sampling.var.options import (  # noqa: F401  (re-exported)
     LAYER_LOOPS, SCALE_LOOPS, SampleOptions, check_seed_value, is_int,
     loops_for)
@@ -129,7 +130,8 @@ class Sampler:
       raise UserError("collaborative decoding needs both a drafter model and "
                       "draft_steps" if drafter is None else
                       "a drafter model needs draft_steps (1..K-1)")
-    code.check_pair(var.cfg, vae.cfg, drafter)
+    check_compatible(vae.cfg, var.cfg,
+                     None if drafter is None else drafter.cfg)
     self.opts = opts
     self.tuning = tuning or CpuPlan()
     self.var_config = var.cfg
