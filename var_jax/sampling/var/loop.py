@@ -238,8 +238,7 @@ def _finish(ctx, g, j, state, h_RlC, cond_RD):
     top_p = (top_p, g.at([filtering.top_p_budget(p) for p in opts.top_p], j))
   idx, code = draw(ctx.quant, opts.more_smooth, logits, ctx.table["mix"][si],
                    ctx.table["temperature"][si], keys, g.at(opts.top_k, j),
-                   top_p,
-                   g.paired)
+                   top_p, g.paired)
   if ctx.edit is not None:
     given, keep = (jax.lax.dynamic_slice_in_dim(a, start, g.width, axis=1)
                    for a in ctx.edit)
