@@ -3,26 +3,40 @@ small random models for tests that need no reference numbers."""
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from var_jax.models.var.config import VARConfig, get_preset
 from var_jax.configs.models import DIGITS_VAE
-from var_jax.convert.var import load
-from var_jax.convert.var.convert import read_official
-from var_jax.convert.var.official_names import var_rules, vqvae_rules
+from var_jax.convert.var.convert import official_states, read_official
 from var_jax.models.var.transformer import VAR
 from var_jax.models.var.vqvae import VQVAE
+
+
+def _official_model(ctor, cfg, vae_sd=None, var_sd=None):
+  """`ctor(cfg)` holding an official state dict, through the converter's own
+  mapping (`official_states`, what `var-jax convert` writes).
+
+  Built from `nnx.eval_shape`, as `checkpoint.load_model` builds a model:
+  constructing eagerly would compile one XLA program per parameter shape
+  for initial values that are overwritten anyway (seconds per model).
+  """
+  graph, state = nnx.split(nnx.eval_shape(lambda: ctor(cfg, rngs=nnx.Rngs(0))))
+  vae_state, var_state = official_states(
+      vae_sd, var_sd, cfg if vae_sd is not None else None,
+      cfg if var_sd is not None else None)
+  pure = vae_state if vae_sd is not None else var_state
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
+  return nnx.merge(graph, state)
 
 
 @functools.lru_cache(maxsize=None)
 def golden_vae(golden_dir, preset="tiny"):
   cfg = get_preset(preset).vae
-  vae = VQVAE(cfg, rngs=nnx.Rngs(0))
   sd = read_official(golden_dir / "vae_tiny.pth", "vae")
-  load.load_official(vae, vqvae_rules(cfg), sd, "VQVAE")
-  return vae
+  return _official_model(VQVAE, cfg, vae_sd=sd)
 
 
 @functools.lru_cache(maxsize=None)
@@ -30,9 +44,7 @@ def golden_var(golden_dir, preset="tiny"):
   cfg = get_preset(preset).var
   pth = "var_tiny.pth" if preset == "tiny" else "var_tiny_saln512.pth"
   sd = read_official(golden_dir / pth, "var")
-  var = VAR(cfg, rngs=nnx.Rngs(0))
-  load.load_official(var, var_rules(cfg), sd, "VAR", cfg.patch_nums)
-  return var
+  return _official_model(VAR, cfg, var_sd=sd)
 
 
 # Small random models for equivalence tests that need no reference numbers

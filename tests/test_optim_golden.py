@@ -58,21 +58,32 @@ def _golden_batch(golden):
           "labels": io["label"].astype(np.int32)}
 
 
+_SETUPS = {}
+
+
 def _golden_setup(golden_dir, golden, **opts):
-  """The golden model in eval mode with a jitted step over one device."""
-  model_cfg = get_preset("tiny")
-  cfg = dataclasses.replace(model_cfg.var, cond_drop_rate=0.0)
-  model_cfg = dataclasses.replace(model_cfg, var=cfg)
-  mesh = mesh_lib.make_mesh(None, jax.devices()[:1])
-  tx = opt_lib.make_optimizer(cfg)
-  spec = state.var_state_spec(cfg, tx, mesh)
-  params = nnx.to_pure_dict(nnx.state(golden_var(golden_dir, "tiny")))
+  """The golden model in eval mode with a jitted step over one device.
+
+  The step (compiled on its first call) is made once per set of options and
+  shared by the tests of this file; the state is fresh every time (the step
+  donates it)."""
+  key = tuple(sorted(opts.items()))
+  if key not in _SETUPS:
+    model_cfg = get_preset("tiny")
+    cfg = dataclasses.replace(model_cfg.var, cond_drop_rate=0.0)
+    model_cfg = dataclasses.replace(model_cfg, var=cfg)
+    mesh = mesh_lib.make_mesh(None, jax.devices()[:1])
+    tx = opt_lib.make_optimizer(cfg)
+    spec = state.var_state_spec(cfg, tx, mesh)
+    params = nnx.to_pure_dict(nnx.state(golden_var(golden_dir, "tiny")))
+    vae_gd, vae_st, vae_sh = state.vae_state(golden_vae(golden_dir), mesh)
+    step = train_step.make_train_step(
+        model_cfg, spec, vae_gd, vae_sh, tx, mesh,
+        train_step.StepOptions(tokens=True, dropout=False, **opts))
+    batch = put_batch(_golden_batch(golden), mesh)
+    _SETUPS[key] = (cfg, spec, tx, params, vae_st, step, batch)
+  cfg, spec, tx, params, vae_st, step, batch = _SETUPS[key]
   st = state.state_from_params(spec, tx, params)
-  vae_gd, vae_st, vae_sh = state.vae_state(golden_vae(golden_dir), mesh)
-  step = train_step.make_train_step(
-      model_cfg, spec, vae_gd, vae_sh, tx, mesh,
-      train_step.StepOptions(tokens=True, dropout=False, **opts))
-  batch = put_batch(_golden_batch(golden), mesh)
   return cfg, spec, st, vae_st, step, batch
 
 

@@ -33,7 +33,9 @@ CASES = [("tiny", "var_tiny_io"), ("tiny_saln512", "var_tiny_saln512_io")]
 
 @functools.lru_cache(maxsize=None)
 def _problem(golden_dir, preset, io):
-  """(model, jitted loss of pure params, pure params, golden arrays)."""
+  """(model, jitted (loss, logits) of pure params, pure params, golden
+  arrays): one compiled forward serves the logits, the loss and every
+  finite difference."""
   g = dict(np.load(golden_dir / f"{io}.npz"))
   var = golden_var(golden_dir, preset)
   k = len(var.cfg.patch_nums)
@@ -42,28 +44,33 @@ def _problem(golden_dir, preset, io):
   tgt = jnp.concatenate([jnp.asarray(g[f"idx_{i}"]) for i in range(k)], 1)
   graph, state = nnx.split(var)
 
-  def loss(pure):
+  def loss_and_logits(pure):
     st = nnx.clone(state)
     nnx.replace_by_pure_dict(st, pure)
-    return official_loss(nnx.merge(graph, st)(labels, x), tgt)
+    logits = nnx.merge(graph, st)(labels, x)
+    return official_loss(logits, tgt), logits
 
-  return var, jax.jit(loss), nnx.to_pure_dict(state), g
+  return var, jax.jit(loss_and_logits), nnx.to_pure_dict(state), g
+
+
+def _grad(loss_and_logits):
+  return jax.jit(jax.grad(loss_and_logits, has_aux=True))
 
 
 @pytest.mark.parametrize("preset,io", CASES)
 def test_logits_and_loss(golden_dir, preset, io):
-  var, loss, params, g = _problem(golden_dir, preset, io)
-  logits = var(jnp.asarray(g["label"]), jnp.asarray(g["var_input"]))
+  _, run, params, g = _problem(golden_dir, preset, io)
+  loss, logits = run(params)
   assert logits.shape == g["logits_tf"].shape
   assert_close_rel(logits, g["logits_tf"], name="logits_tf")
-  assert_close_rel(loss(params), g["train_loss"], name="train_loss")
+  assert_close_rel(loss, g["train_loss"], name="train_loss")
 
 
 def test_every_gradient_matches_official(golden_dir):
-  var, loss, params, g = _problem(golden_dir, *CASES[0])
+  var, run, params, g = _problem(golden_dir, *CASES[0])
   grad_keys = sorted(k for k in g if k.startswith("grad/"))
   assert len(grad_keys) == 34  # Every trainable parameter of var_tiny.pth.
-  grads = jax.jit(jax.grad(loss))(params)
+  grads, _ = _grad(run)(params)
   state = nnx.state(var)
   nnx.replace_by_pure_dict(state, grads)
   flat = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(state)}
@@ -74,9 +81,9 @@ def test_every_gradient_matches_official(golden_dir):
 
 
 def test_512px_shared_adaln_gradients_match_finite_differences(golden_dir):
-  _, loss, params, g = _problem(golden_dir, *CASES[1])
+  _, run, params, g = _problem(golden_dir, *CASES[1])
   assert not any(k.startswith("grad/") for k in g)  # Hence this check.
-  grads = jax.jit(jax.grad(loss))(params)
+  grads, _ = _grad(run)(params)
   paths_p, tree = jax.tree_util.tree_flatten_with_path(params)
   leaves = [v for _, v in paths_p]
   g_leaves = jax.tree_util.tree_leaves(grads)
@@ -84,8 +91,8 @@ def test_512px_shared_adaln_gradients_match_finite_differences(golden_dir):
   assert "['shared_ada_lin']['kernel']" in names and len(names) == 23
 
   def loss_with(i, delta):
-    return float(loss(jax.tree_util.tree_unflatten(
-        tree, leaves[:i] + [leaves[i] + delta] + leaves[i + 1:])))
+    return float(run(jax.tree_util.tree_unflatten(
+        tree, leaves[:i] + [leaves[i] + delta] + leaves[i + 1:]))[0])
 
   errors = {}
   for i, (name, p, gr) in enumerate(zip(names, leaves, g_leaves)):
