@@ -71,7 +71,8 @@ def register(sub) -> None:
 
   p = sub.add_parser(
       "verify", help="compare with the official PyTorch code side by side",
-      description="Needs torch and a checkout of FoundationVision/VAR.")
+      description="Needs torch (pip install torch; a CPU wheel is enough) "
+                  "and a checkout of FoundationVision/VAR.")
   p.add_argument("--torch-repo", required=True, help="official VAR checkout")
   p.add_argument("--vae", required=True, help="official VQVAE .pth")
   p.add_argument("--var", help="official VAR .pth")
@@ -173,11 +174,12 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-  from var_jax.convert.var.verify import print_report, run_verify
+  from var_jax.convert.var.verify import import_torch, print_report, run_verify
   if not 1 <= args.batch <= 64:
     raise _user_error(f"--batch must be in 1..64, got {args.batch}")
   if args.seed < 0:
     raise _user_error(f"--seed must be >= 0, got {args.seed}")
+  import_torch()  # Before reading any file: one line with the install command.
   report = run_verify(args.torch_repo, args.vae, args.var, args.batch,
                       args.seed)
   return print_report(report)

@@ -80,17 +80,27 @@ def _import_fidelity_inception():
     return FeatureExtractorInceptionV3
 
 
+def import_official():
+  """(torch, torch-fidelity's extractor class), or a one-line UserError with
+  the install command.
+
+  torch-fidelity is installed without its dependencies: it would pull in
+  torchvision, which only its CLIP extractor needs.
+  """
+  try:
+    import torch
+    return torch, _import_fidelity_inception()
+  except ImportError as e:
+    from var_jax.errors import UserError
+    raise UserError(f"--official needs torch and torch-fidelity ({e}): "
+                    "pip install torch && pip install --no-deps "
+                    "torch-fidelity") from None
+
+
 def _official(sd, images_BHWC, iters, warmup, threads):
   """(seconds per batch, threads, torch version, {feature: output}) of
   torch-fidelity's extractor on the same weights and images."""
-  try:
-    import torch
-    FeatureExtractorInceptionV3 = _import_fidelity_inception()
-  except ImportError as e:
-    from var_jax.errors import UserError
-    raise UserError(f"--official needs torch and torch-fidelity ({e}); "
-                    "pip install torch && pip install --no-deps "
-                    "torch-fidelity") from None
+  torch, FeatureExtractorInceptionV3 = import_official()
   if threads:
     torch.set_num_threads(threads)
   with tempfile.TemporaryDirectory() as tmp:
@@ -122,6 +132,8 @@ def run(args) -> int:
   from var_jax.eval.features import ADM_FEATURES, FeatureExtractor
   if args.batch < 1 or args.iters < 1 or args.size < 1:
     raise UserError("--batch, --iters and --size must be >= 1")
+  if args.official:
+    import_official()  # Before the timings: a missing package is one line.
   if args.random_init:
     sd = ci.random_state_dict(0)
   else:

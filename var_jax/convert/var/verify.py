@@ -25,12 +25,28 @@ from var_jax.errors import VerifyError
 REL_TOL = 1e-4
 
 
-def _import_official(repo: pathlib.Path):
+# The one line `var-jax verify` prints without torch: a command that works
+# as it stands (torch is the whole `verify` extra).
+TORCH_HINT = ("torch is not installed, and verify runs the official PyTorch "
+              "code: pip install torch (a CPU wheel is enough: pip install "
+              "torch --index-url https://download.pytorch.org/whl/cpu)")
+
+
+def import_torch():
+  """torch, or a VerifyError that says how to install it.
+
+  Raises:
+    VerifyError: torch cannot be imported.
+  """
   try:
-    import torch  # noqa: F401
+    import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
-    raise VerifyError("verify needs torch: pip install 'var-jax[verify]' "
-                      "(a CPU wheel is enough)") from None
+    raise VerifyError(TORCH_HINT) from None
+  return torch
+
+
+def _import_official(repo: pathlib.Path):
+  import_torch()
   if not (repo / "models" / "var.py").is_file():
     raise VerifyError(f"{repo} is not a checkout of FoundationVision/VAR "
                       "(no models/var.py)")
@@ -42,7 +58,14 @@ def _import_official(repo: pathlib.Path):
       stub.PyTorchModelHubMixin = type("PyTorchModelHubMixin", (), {})
       sys.modules["huggingface_hub"] = stub
   sys.path.insert(0, str(repo))
-  import models  # pylint: disable=import-outside-toplevel
+  try:
+    import models  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    # Not one of ours to name an install command for: the official code's
+    # own requirements (its requirements.txt pins an old torch).
+    raise VerifyError(f"importing the official code in {repo} failed ("
+                      f"{' '.join(str(e).split())}); it needs what its "
+                      "requirements.txt lists") from None
   return models
 
 
@@ -73,8 +96,13 @@ def _rel(a, b) -> float:
 
 
 def run_verify(torch_repo, vae_path, var_path=None, batch=2, seed=0) -> dict:
-  """Runs both implementations on random inputs; returns the differences."""
-  import torch
+  """Runs both implementations on random inputs; returns the differences.
+
+  Raises:
+    VerifyError: torch is not installed (the message says how to install
+      it), or `torch_repo` is not a checkout of FoundationVision/VAR.
+  """
+  torch = import_torch()
   models = _import_official(pathlib.Path(torch_repo))
   vae_sd = convert.read_official(vae_path, "vae")
   var_sd = convert.read_official(var_path, "var") if var_path else None
@@ -138,4 +166,4 @@ def print_report(report: dict) -> int:
   return 0 if report["ok"] else 1
 
 
-__all__ = ["run_verify", "print_report", "VerifyError"]
+__all__ = ["run_verify", "print_report", "import_torch", "VerifyError"]
