@@ -23,9 +23,10 @@ def register(sub) -> None:
   p.add_argument("--ref", help="reference batch: ADM .npz (arr_0 and/or "
                  "precomputed mu, sigma, mu_s, sigma_s, e.g. "
                  "VIRTUAL_imagenet256_labeled.npz) or an image folder")
-  p.add_argument("--metrics", default="all",
+  p.add_argument("--metrics", default=None,
                  help="comma-separated subset of is,fid,sfid,precision,recall"
-                      " (pr = precision,recall; default all)")
+                      " (pr = precision,recall; default all with --ref, the "
+                      "Inception Score alone without)")
   p.add_argument("--inception", help="torch-fidelity's "
                  "weights-inception-2015-12-05-6726825d.pth (or pytorch-fid's "
                  "pt_inception-2015-12-05-6726825d.pth); default "
@@ -76,5 +77,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
       from var_jax.io import write_text
       write_text(args.out, line + "\n")
     print(suite.table(result), file=sys.stderr)
+    note = suite.ref_note(plan)
+    if note:
+      print(note, file=sys.stderr)
     print(line, flush=True)
   return 0

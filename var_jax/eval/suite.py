@@ -119,17 +119,28 @@ class Plan:
   ref_needs: list[str]
   sample_cache: str | None
   ref_cache: str | None
+  # Metrics left out because no reference was given and none were named
+  # (what `--ref` would add); empty otherwise.
+  need_ref: tuple[str, ...] = ()
 
 
-def plan(samples_path, ref_path, metric_spec: str, sample_cache=None,
+def plan(samples_path, ref_path, metric_spec: str | None, sample_cache=None,
          ref_cache=None) -> Plan:
   """Checks every input without running the network.
 
+  `metric_spec` None means every metric the inputs allow: all of them with a
+  reference, the Inception Score alone without one (the others are listed
+  in `Plan.need_ref`).
+
   Raises:
-    UserError / DataError: as the checks above; a reference is required for
-      every metric but the IS.
+    UserError / DataError: as the checks above; a metric named in
+      `metric_spec` that needs a reference when there is none.
   """
-  names = parse_metrics(metric_spec)
+  need_ref = ()
+  if metric_spec is None and not ref_path:
+    names, need_ref = ("is",), tuple(m for m in METRICS if m != "is")
+  else:
+    names = parse_metrics("all" if metric_spec is None else metric_spec)
   samples = inputs.open_images(samples_path)
   ref = open_reference(ref_path) if ref_path else None
   if ref is None and any(m != "is" for m in names):
@@ -142,7 +153,7 @@ def plan(samples_path, ref_path, metric_spec: str, sample_cache=None,
   for c in (sample_cache, ref_cache):
     if c and os.path.isdir(os.path.expanduser(str(c))):
       raise UserError(f"feature cache {c} is a directory; give an .npz path")
-  return Plan(names, samples, ref, needs, sample_cache, ref_cache)
+  return Plan(names, samples, ref, needs, sample_cache, ref_cache, need_ref)
 
 
 def _features(extractor, source, cache, desc, progress):
@@ -223,6 +234,23 @@ def run(p: Plan, extractor, progress: bool = True) -> dict:
                                    else None),
   })
   return out
+
+
+_LABELS = {"is": "Inception Score", "fid": "FID", "sfid": "sFID",
+           "precision": "precision", "recall": "recall"}
+
+
+def ref_note(p: Plan) -> str | None:
+  """One line saying what a reference would add, when metrics were left
+  out for the lack of one; None otherwise."""
+  if not p.need_ref:
+    return None
+  names = [_LABELS[m] for m in p.need_ref]
+  listed = names[0]
+  if len(names) > 1:
+    listed = f"{', '.join(names[:-1])} and {names[-1]}"
+  return (f"no --ref: computed the Inception Score only; --ref REF (an ADM "
+          f"reference batch .npz or an image folder) would add {listed}")
 
 
 def table(result: dict) -> str:
