@@ -125,6 +125,11 @@ def test_a_released_name_is_fetched_and_converted_once(
   monkeypatch.setenv(api.MODELS_ENV, str(kept))
   assert api.default_models_dir() == kept
   assert var_jax.load("d16").path == d
+  # Every reader of a model directory takes the name (the commands' --ckpt
+  # go through checkpoint.load_model / load_config).
+  assert checkpoint.model_dir("d16") == d
+  cfg, _, var = checkpoint.load_model("d16")
+  assert cfg.name == "tiny" and var.cfg.depth == m.var.cfg.depth
 
 
 def test_default_models_dir_is_under_the_user_cache(monkeypatch, tmp_path):
@@ -144,3 +149,65 @@ def test_unknown_names_and_missing_directories_are_named(tmp_path):
   with pytest.raises(DownloadError, match="unknown model 'd17'"):
     api.released_model_dir("d17", models_dir=tmp_path)
   assert list(tmp_path.iterdir()) == []
+
+
+def test_bundled_models_are_named():
+  assert api.model_dir() == api.model_dir("digits") == checkpoint.DEFAULT_MODEL
+  refiner = api.model_dir("digits_refiner")
+  assert refiner == checkpoint.DEFAULT_MODEL.with_name("digits_refiner")
+  # Only a str is a name: a Path is a directory, whatever it is called.
+  assert api.model_dir(checkpoint.DEFAULT_MODEL.parent.parent / "d16") == (
+      checkpoint.DEFAULT_MODEL.parent.parent / "d16")
+  assert api.model_names() == ("digits", "digits_refiner", *dl.MODELS)
+  # The refiner ships without a tokenizer: it comes with the digits one.
+  m, digits = var_jax.load("digits_refiner"), var_jax.load("digits")
+  assert m.path == refiner and m.var.cfg.depth < digits.var.cfg.depth
+  a, b = _params(m.vae), _params(digits.vae)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_catalog_lists_presets_configs_and_models(tmp_path):
+  groups = dict(api.catalog(models_dir=tmp_path))
+  assert list(groups) == [
+      "presets (--preset; a training config's model)",
+      "training configs (train / train-vae --config NAME)",
+      "bundled models (--ckpt NAME; shipped, no download)",
+      f"released models (--ckpt NAME, var_jax.load(NAME); downloaded once "
+      f"into {tmp_path})"]
+  presets, configs, bundled, released = (dict(rows)
+                                         for rows in groups.values())
+  from var_jax.configs.models import PRESETS
+  assert list(presets) == list(PRESETS)
+  assert presets["vqvae"] == "tokenizer only, 109M parameters; 256px"
+  # The released family's sizes, as the VAR paper gives them.
+  for name, size in (("d16", "310M"), ("d20", "601M"), ("d24", "1.03B"),
+                     ("d30", "2.01B"), ("d36", "2.35B")):
+    assert presets[name].startswith(f"VAR {size} + tokenizer 109M "), name
+    assert released[name].startswith(presets[name] + "; download about ")
+  assert released["d16"].endswith("download about 1.7 GB")
+  assert "512px" in released["d36"]
+  assert {"train_d16", "train_digits", "train_vae_digits"} <= set(configs)
+  assert configs["train_digits"].startswith("The bundled default model's")
+  assert list(bundled) == ["digits", "digits_refiner"]
+  assert bundled["digits"] == presets["digits"]
+  assert bundled["digits_refiner"].startswith(
+      "VAR 701K parameters, with the digits tokenizer; 64px, 10 classes")
+  assert list(tmp_path.iterdir()) == []  # Looked at, never created.
+  # A kept model is marked.
+  (tmp_path / "d20").mkdir()
+  (tmp_path / "d20" / "config.json").write_text("{}")
+  released = dict(dict(api.catalog(models_dir=tmp_path))[
+      f"released models (--ckpt NAME, var_jax.load(NAME); downloaded once "
+      f"into {tmp_path})"])
+  assert released["d20"].endswith("; downloaded")
+  assert not released["d16"].endswith("; downloaded")
+
+
+def test_one_tokenizer_trace_serves_every_scale_list():
+  # parameter_counts traces each tokenizer with one scale: the count is
+  # the same as with the preset's own list (256px and 512px alike).
+  from var_jax.configs.models import PRESETS
+  cfg = PRESETS["tiny_saln512"]
+  assert api.parameter_counts(cfg)[1] == api._count("vae", cfg.vae)

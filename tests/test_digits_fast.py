@@ -57,3 +57,24 @@ def test_fast_refuses_another_model(tmp_path, capsys):
   err = capsys.readouterr().err.strip()
   assert rc == 2 and len(err.splitlines()) == 1 and "--fast" in err, err
   assert not (tmp_path / "x.png").exists()
+
+
+def test_the_bundled_pair_by_name_is_what_fast_draws(tmp_path, capsys):
+  # --ckpt and --drafter-ckpt take the bundled models' names; the refiner
+  # comes with the digits tokenizer.
+  fast, named = tmp_path / "fast.npz", tmp_path / "named.npz"
+  common = ["--labels", "1,4", "--batch", "2", "--seed", "5"]
+  assert cli.main(["sample", "--fast", *common, "--out",
+                   str(tmp_path / "a.png"), "--save-npz", str(fast)]) == 0
+  assert cli.main(["sample", "--ckpt", "digits_refiner", "--drafter-ckpt",
+                   "digits", "--draft-steps", str(commands.FAST_DRAFT_STEPS),
+                   *common, "--out", str(tmp_path / "b.png"),
+                   "--save-npz", str(named)]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  want = (f"wrote 2 samples of digits + digits_refiner (CoDe, "
+          f"{commands.FAST_DRAFT_STEPS} draft scales) to ")
+  assert len(lines) == 2 and all(x.startswith(want) for x in lines), lines
+  a, b = np.load(fast), np.load(named)
+  assert a.files == b.files
+  for k in a.files:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)

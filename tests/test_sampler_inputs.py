@@ -125,6 +125,14 @@ def test_zero_shot_edit_checks_labels_and_images(models):
     edit.zero_shot_edit(s, vae, img, mask, 12, allow_null=True)
   with pytest.raises(UserError, match="finite"):
     edit.zero_shot_edit(s, vae, img * np.nan, mask, 1)
+  # One range in and out: [0, 1]. 8-bit and [-1, 1] pixels are named.
+  with pytest.raises(UserError, match=r"images must be floats in \[0, 1\], "
+                     r"got values in \[0, 255\]; divide 8-bit pixels by 255"):
+    edit.zero_shot_edit(s, vae, img + np.linspace(0, 255, 256)[:, None, None],
+                        mask, 1)
+  with pytest.raises(UserError, match=r"got values in \[-1, 0\]"):
+    edit.zero_shot_edit(s, vae, img - 1 + np.eye(256)[None, ..., None], mask,
+                        1)
   with pytest.raises(UserError, match="seed"):
     edit.zero_shot_edit(s, vae, img, mask, 1, seed=2 ** 40)
 
@@ -192,6 +200,14 @@ def test_sample_many_batch_not_dividing_devices_writes_nothing(model_dir,
     (["edit", "--image", "{d}/in.png", "--box", "0,0,1,1", "--out", "{d}"],
      "is a directory"),
     (["sample-many", "--out", "{d}/samples.png"], "--out must end in .npz"),
+    (["sample", "--out", "{d}/x.gif"],
+     "--out {d}/x.gif: .gif is not an image format written here; end the "
+     "name in .png, .jpg, .jpeg or .webp"),
+    (["sample", "--out", "{d}/grid"], "no extension names the image format"),
+    (["edit", "--image", "{d}/in.png", "--box", "0,0,1,1", "--out",
+      "{d}/x.bmp"], ".bmp is not an image format written here"),
+    (["sample", "--out-dir", "{d}/file.txt"],
+     "--out-dir {d}/file.txt is a file, not a directory"),
 ])
 def test_unwritable_outputs_are_refused_before_the_model_loads(
     tmp_path, capsys, monkeypatch, argv, needle):

@@ -1,5 +1,6 @@
 """`var-jax sample`, `edit`, `sample-many` and the sampler's invariances."""
 
+import io
 import os
 import subprocess
 import sys
@@ -22,8 +23,14 @@ def test_sample_cli_greedy_matches_official(model_dir, golden, tmp_path,
                    "--cfg", "1.5", "--top-k", "1", "--top-p", "0",
                    "--batch", "1", "--out", str(png),
                    "--save-npz", str(npz)]) == 0
-  # Two calls: a short job, which gets the fast-compiling scan loops.
-  assert "scan scale loop, scan layer loop" in capsys.readouterr().out
+  # Two calls: a short job, which gets the fast-compiling scan loops. The
+  # line names every file, and the model by its folder: converted without a
+  # preset, its config calls it "converted".
+  line = capsys.readouterr().out.strip()
+  assert "(compiled with the scan loops: quick to compile, for a short job)" \
+      in line, line
+  assert line.startswith(f"wrote 2 samples of tiny to {png} and {npz} in "), \
+      line
   out = np.load(npz)
   for si in range(10):
     assert out[f"idx_{si}"].dtype == np.int32
@@ -35,7 +42,8 @@ def test_sample_cli_greedy_matches_official(model_dir, golden, tmp_path,
   assert Image.open(png).size == (2 * 256 + 6, 256 + 4)
 
 
-def test_edit_cli_matches_official_inpaint(model_dir, golden, tmp_path):
+def test_edit_cli_matches_official_inpaint(model_dir, golden, tmp_path,
+                                           capsys):
   g = golden("var_tiny_io")
   src = tmp_path / "in.png"
   Image.fromarray(g["img_u8"][0].transpose(1, 2, 0)).save(src)
@@ -49,6 +57,10 @@ def test_edit_cli_matches_official_inpaint(model_dir, golden, tmp_path):
   ref = g["edit_inpaint_img"][0].transpose(1, 2, 0)
   assert np.abs(out["images"][0] - ref).max() <= 1e-3
   assert Image.open(tmp_path / "e.png").size == (256, 256)
+  # The null class is called what it is, and both files are named.
+  line = capsys.readouterr().out.strip()
+  assert line.startswith(f"wrote {tmp_path / 'e.png'} and {npz}: "), line
+  assert "by tiny, unconditional," in line and "label 10" not in line, line
 
 
 @pytest.mark.parametrize("calls,loops", [
@@ -158,6 +170,14 @@ def test_sample_many_resumes_and_is_batch_invariant(golden_dir, tmp_path):
   ref = np.load(full)["arr_0"]
   assert ref.shape == (6, 256, 256, 3) and ref.dtype == np.uint8
   assert not (tmp_path / "full.npz.parts").exists()
+  # Run again, the finished file is found: no sampler call, nothing written.
+  stamp = full.stat().st_mtime_ns
+  assert many.sample_many(_StopAfter(Sampler(vae, var), 0), classes, 2, 4, 0,
+                          full, meta, allow_null=True) == 6
+  with pytest.raises(cli.UserError, match="exists with other settings"):
+    many.sample_many(_StopAfter(Sampler(vae, var), 0), classes, 2, 4, 0,
+                     full, {"test": 2}, allow_null=True)
+  assert full.stat().st_mtime_ns == stamp
 
   out = tmp_path / "resumed.npz"
   with pytest.raises(_Interrupt):
@@ -194,3 +214,127 @@ def test_sample_many_on_four_devices_matches(model_dir, tmp_path):
   # a few pixels may land one level apart (a changed token moves many).
   diff = np.abs(outs[0].astype(int) - outs[1].astype(int))
   assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
+# ------------------------------------------- how many samples, which classes
+@pytest.mark.parametrize("labels,num,per_class,n_cls,want", [
+    ("7", 16, None, 10, [7] * 16),  # --num cycles over the given labels.
+    ("3,7", 5, None, 10, [3, 7, 3, 7, 3]),
+    ("3,7", None, 2, 10, [3, 3, 7, 7]),  # --per-class: P of each label.
+    ("3,7", None, None, 10, [3, 7]),  # One of each.
+    # Without labels --num spreads N over the classes, sorted, every class
+    # within one of the others' count.
+    (None, 16, None, 10, [0, 0, 1, 1, 2, 3, 3, 4, 5, 5, 6, 6, 7, 8, 8, 9]),
+    (None, 5, None, 10, [0, 2, 4, 6, 8]),
+    (None, None, 2, 3, [0, 0, 1, 1, 2, 2]),
+    (None, None, None, 3, [c for c in range(3) for _ in range(8)]),
+])
+def test_num_and_per_class_mean_what_they_say(labels, num, per_class, n_cls,
+                                              want):
+  from var_jax.sampling import commands
+  got, ncol = commands.sample_labels(labels, num, per_class, n_cls, seed=0)
+  assert got == want
+  assert ncol == (per_class if per_class else
+                  8 if (labels, num) == (None, None) else None)
+
+
+def test_large_label_sets_draw_num_random_classes_or_per_class_of_all():
+  from var_jax.sampling import commands
+  got, _ = commands.sample_labels(None, 12, None, 1000, seed=0)
+  assert len(got) == 12 and all(0 <= c < 1000 for c in got)
+  assert got == commands.sample_labels(None, 12, None, 1000, seed=0)[0]
+  assert len(commands.sample_labels(None, None, None, 1000, seed=0)[0]) == 8
+  assert commands.sample_labels(None, None, 1, 1000, seed=0)[0] == list(
+      range(1000))
+
+
+def test_num_with_per_class_is_refused_before_loading(tmp_path, capsys):
+  rc = cli.main(["sample", "--ckpt", str(tmp_path / "no_model"), "--num",
+                 "4", "--per-class", "2", "--out", str(tmp_path / "o.png")])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and len(err.splitlines()) == 1, err
+  assert "--num N (N samples in all) and --per-class P" in err
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_num_counts_samples_and_out_names_the_format(tmp_path, capsys):
+  """`--labels 7 --num 16` is 16 sevens, the .jpg a JPEG, and --out-dir one
+  PNG per sample named by index, label and seed; the line names them all."""
+  grid, npz, each = tmp_path / "g.jpg", tmp_path / "s.npz", tmp_path / "each"
+  assert cli.main(["sample", "--labels", "7", "--num", "16", "--batch", "16",
+                   "--seed", "3", "--out", str(grid), "--save-npz", str(npz),
+                   "--out-dir", str(each)]) == 0
+  line = capsys.readouterr().out.strip()
+  assert line.startswith(f"wrote 16 samples of digits to {grid}, {npz} and "
+                         f"{each}/ (16 PNG files) in "), line
+  out = np.load(npz)
+  np.testing.assert_array_equal(out["labels"], [7] * 16)
+  assert out["images"].shape == (16, 64, 64, 3)
+  with Image.open(grid) as im:
+    assert im.format == "JPEG" and im.size == (8 * 66 + 2, 2 * 66 + 2)
+  names = sorted(p.name for p in each.iterdir())
+  assert names == [f"{i:05d}_label7_seed3.png" for i in range(16)]
+  with Image.open(each / names[5]) as im:
+    assert im.format == "PNG"
+    np.testing.assert_array_equal(
+        np.asarray(im), np.clip(out["images"][5] * 255 + 0.5, 0, 255
+                                ).astype(np.uint8))
+
+  # Without labels: 16 images over the 10 classes; --out-dir alone writes
+  # no grid.
+  only = tmp_path / "only"
+  assert cli.main(["sample", "--num", "16", "--batch", "16", "--out-dir",
+                   str(only)]) == 0
+  names = sorted(p.name for p in only.iterdir())
+  assert len(names) == 16
+  assert {int(n.split("_label")[1].split("_")[0]) for n in names} == set(
+      range(10))
+  assert not (tmp_path / "samples.png").exists()
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      "each", "g.jpg", "only", "s.npz"]
+
+
+def test_sample_many_leaves_a_finished_run_alone(tmp_path, capsys):
+  out = tmp_path / "m.npz"
+  argv = ["sample-many", "--per-class", "1", "--classes", "1,2",
+          "--batch", "2", "--out", str(out)]
+  assert cli.main(argv) == 0
+  line = capsys.readouterr().out.strip().splitlines()[-1]
+  assert line == f"wrote 2 samples of digits to {out} (arr_0, uint8)"
+  first, stamp = out.read_bytes(), out.stat().st_mtime_ns
+
+  # The same job (another batch size changes no sample): reported, untouched.
+  assert cli.main(argv[:-4] + ["--batch", "1", "--out", str(out)]) == 0
+  captured = capsys.readouterr()
+  assert captured.out.strip() == (
+      f"{out} is complete: 2 samples with these settings; nothing to do "
+      "(--overwrite draws them again)")
+  assert out.stat().st_mtime_ns == stamp and out.read_bytes() == first
+
+  # Other settings: one line naming them, nothing written.
+  assert cli.main(argv + ["--seed", "1"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err == (f"var-jax sample-many: error: {out} exists with other "
+                 "settings (seed); --overwrite replaces it")
+  assert out.stat().st_mtime_ns == stamp
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz"]
+
+  # --overwrite draws them again.
+  assert cli.main(argv + ["--seed", "1", "--overwrite"]) == 0
+  assert "wrote 2 samples" in capsys.readouterr().out
+  again = np.load(out)
+  assert again["arr_0"].shape == (2, 64, 64, 3)
+  assert not np.array_equal(again["arr_0"], np.load(io.BytesIO(first))[
+      "arr_0"])
+
+
+def test_sample_many_refuses_an_npz_it_did_not_write(tmp_path, capsys):
+  out = tmp_path / "other.npz"
+  np.savez(out, arr_0=np.zeros((2, 64, 64, 3), np.uint8))
+  before = out.read_bytes()
+  rc = cli.main(["sample-many", "--per-class", "1", "--classes", "1,2",
+                 "--batch", "2", "--out", str(out)])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and len(err.splitlines()) == 1, err
+  assert "was not written by sample-many" in err and "--overwrite" in err
+  assert out.read_bytes() == before

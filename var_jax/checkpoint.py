@@ -7,7 +7,9 @@ Layout of a model directory (what `var-jax convert` writes and `sample`,
   DIR/vae/          Orbax StandardCheckpointer tree of the VQVAE state
   DIR/var/          same for the VAR transformer (absent for a tokenizer)
 
-DIR may be local or `gs://...` (any `etils.epath` path). Writes go to a
+DIR may be local or `gs://...` (any `etils.epath` path), or, where a
+directory is read, a model name (`api.model_dir`: digits, digits_refiner,
+d16..d36). Writes go to a
 temporary sibling directory that is renamed into place, so a crash or a full
 disk never leaves a half-written DIR behind. Reads compare config.json with
 the stored trees (parameter names and shapes) before restoring anything.
@@ -15,20 +17,23 @@ the stored trees (parameter names and shapes) before restoring anything.
 
 from __future__ import annotations
 
-import pathlib
+import os
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from var_jax import api
 from var_jax.models.var.config import ModelConfig, check_compatible
 from var_jax.errors import CheckpointError
 from var_jax.io import as_path, atomic_dir, is_local, orbax_writes, write_text
 from var_jax.models.var.transformer import VAR
 from var_jax.models.var.vqvae import VQVAE
 
-DEFAULT_MODEL = pathlib.Path(__file__).parent / "assets" / "digits"
+DEFAULT_MODEL = api.BUNDLED["digits"]
+# The shipped refiner holds no tokenizer copy: it shares the digits one.
+_REFINER = api.BUNDLED["digits_refiner"]
 # Mismatching parameters named in one error before "... and N more".
 _NAMED = 4
 
@@ -137,15 +142,26 @@ def _restore(path: epath.Path, ctor, cfg, what: str):
   return nnx.merge(graphdef, state)
 
 
+def model_dir(ckpt_dir):
+  """The directory of a model path or name (None: the bundled digits model);
+  see `api.model_dir`, which may download a released model once."""
+  return api.model_dir(ckpt_dir)
+
+
+def _tokenizer_dir(d: epath.Path) -> epath.Path:
+  """Where the VQVAE weights of model directory `d` are stored."""
+  return as_path(DEFAULT_MODEL) if os.fspath(d) == os.fspath(_REFINER) else d
+
+
 def load_config(ckpt_dir) -> ModelConfig:
-  """Reads and checks DIR/config.json.
+  """Reads and checks DIR/config.json (DIR: a path or a model name).
 
   Raises:
     CheckpointError: no config.json, unreadable or invalid JSON.
     IncompatibleModelsError: a transformer that does not fit the tokenizer
       (`check_compatible`).
   """
-  d = as_path(ckpt_dir)
+  d = model_dir(ckpt_dir)
   f = d / "config.json"
   try:
     text = f.read_text() if f.is_file() else None
@@ -153,7 +169,8 @@ def load_config(ckpt_dir) -> ModelConfig:
     raise CheckpointError(f"cannot read {f}: {e.strerror or e}") from None
   if text is None:
     raise CheckpointError(f"{d} is not a var-jax model directory "
-                          "(no config.json); create one with `var-jax convert`")
+                          "(no config.json); create one with `var-jax "
+                          "convert`, or name a model (`var-jax list`)")
   try:
     cfg = ModelConfig.from_json(text)
   except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -166,21 +183,25 @@ def load_model(ckpt_dir=None, need_var: bool = True):
   """Returns (ModelConfig, VQVAE, VAR or None); None loads the bundled model.
 
   Args:
-    ckpt_dir: model directory, local or `gs://` (None: the bundled model).
+    ckpt_dir: model directory, local or `gs://`, or a model name (None:
+      the bundled digits model; see `model_dir`). The bundled
+      digits_refiner comes with the digits tokenizer.
     need_var: refuse a directory without a transformer.
 
   Raises:
     CheckpointError: missing or invalid parts, or stored parameters whose
       names or shapes differ from what config.json describes (each named).
+    DownloadError, WriteError: fetching a released model failed.
   """
-  d = as_path(ckpt_dir) if ckpt_dir is not None else as_path(DEFAULT_MODEL)
+  d = model_dir(ckpt_dir)
   cfg = load_config(d)
-  if cfg.vae is None or not (d / "vae").exists():
+  vae_dir = _tokenizer_dir(d)
+  if cfg.vae is None or not (vae_dir / "vae").exists():
     raise CheckpointError(f"{d} has no VQVAE weights; convert it with --vae")
   if need_var and (cfg.var is None or not (d / "var").exists()):
     raise CheckpointError(f"{d} holds a tokenizer only; this command needs a "
                           "VAR transformer too (convert with --var)")
-  vae = _restore(d / "vae", VQVAE, cfg.vae, "VQVAE")
+  vae = _restore(vae_dir / "vae", VQVAE, cfg.vae, "VQVAE")
   var = None
   if cfg.var is not None and (d / "var").exists():
     var = _restore(d / "var", VAR, cfg.var, "VAR")
@@ -197,7 +218,7 @@ def load_var(ckpt_dir):
     CheckpointError: no config.json, no transformer, or stored parameters
       that differ from what config.json describes.
   """
-  d = as_path(ckpt_dir)
+  d = model_dir(ckpt_dir)
   cfg = load_config(d)
   if cfg.var is None or not (d / "var").exists():
     raise CheckpointError(f"{d} holds no VAR transformer")

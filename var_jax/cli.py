@@ -1,8 +1,10 @@
 """The `var-jax` command line.
 
 Each area registers its own subcommands (`register(subparsers)` in its
-`commands.py`), so this file only wires them together and turns user-facing
-errors into one line on stderr and a nonzero exit.
+`commands.py`), so this file wires them together, adds what belongs to no
+area (`--version`, `list`: `api.catalog`), shows every option's default in
+--help, and turns user-facing errors into one line on stderr and a nonzero
+exit.
 """
 
 from __future__ import annotations
@@ -25,18 +27,40 @@ _COMMAND_MODULES = (
 )
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+  """Shows each option's default after its help text, unless the text
+  already names it or there is none to name (None, a flag that is off)."""
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    default = action.default
+    if (not action.option_strings or default is None or default is False
+        or default is argparse.SUPPRESS or "default" in text.lower()):
+      return text
+    return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
-  """argparse with one-line usage errors (exit 2), like every other error."""
+  """argparse with one-line usage errors (exit 2), like every other error,
+  and defaults in --help (for every subcommand: they inherit the class)."""
+
+  def __init__(self, *args, **kwargs):
+    kwargs.setdefault("formatter_class", _HelpFormatter)
+    super().__init__(*args, **kwargs)
 
   def error(self, message):
     self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
+  from var_jax import __version__
   parser = _Parser(
       prog="var-jax",
       description="VAR (next-scale prediction) in JAX: convert, sample, edit, "
                   "train.")
+  parser.add_argument("--version", action="version",
+                      version=f"var-jax {__version__}",
+                      help="print the version and exit")
   parser.add_argument(
       "--no-compile-cache", action="store_true",
       help="do not keep compiled programs between runs (default: kept in "
@@ -47,7 +71,29 @@ def build_parser() -> argparse.ArgumentParser:
     # Every listed module ships with the package: a missing one is a broken
     # installation, raised as is, never a command silently left out.
     importlib.import_module(name).register(sub)
+  p = sub.add_parser(
+      "list", help="presets, training configs, bundled and released models",
+      description="Prints, one per line and grouped, the model presets, the "
+                  "bundled training configs, the bundled models and the "
+                  "released ones, with their parameter counts (and a "
+                  "released model's download size). Every model name works "
+                  "wherever a model directory is taken (--ckpt, "
+                  "--drafter-ckpt).")
+  p.set_defaults(func=cmd_list)
   return parser
+
+
+def cmd_list(args) -> int:
+  """`var-jax list`: `api.catalog()`, a heading per group, a line per entry."""
+  del args
+  from var_jax import api
+  groups = api.catalog()
+  width = max(len(name) for _, rows in groups for name, _ in rows)
+  for i, (heading, rows) in enumerate(groups):
+    print(("\n" if i else "") + heading + ":")
+    for name, text in rows:
+      print(f"  {name:<{width}}  {text}")
+  return 0
 
 
 def enable_compile_cache(path: str) -> None:

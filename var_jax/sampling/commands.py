@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from typing import NamedTuple
 
 from var_jax.models.var.config import COMPUTE_DTYPES
 
@@ -57,8 +58,11 @@ _POSITIVE = _flag_type(int, _int_at_least(1), "an integer >= 1")
 
 def _add_sampling_flags(p, *, cfg, top_k, top_p):
   s = _checks()
-  p.add_argument("--ckpt", help="model directory (default: the bundled "
-                 "digits model); with --drafter-ckpt, the refiner")
+  p.add_argument("--ckpt", metavar="DIR_OR_NAME",
+                 help="model directory, or a model name: digits, "
+                      "digits_refiner, d16..d36 (downloaded once; `var-jax "
+                      "list`). Default: the bundled digits model. With "
+                      "--drafter-ckpt, the refiner")
   p.add_argument("--cfg", default=cfg,
                  type=_flag_type(float, s.check_cfg, "a finite number"),
                  help=f"classifier-free guidance scale (default {cfg})")
@@ -81,10 +85,11 @@ def _add_sampling_flags(p, *, cfg, top_k, top_p):
                  type=_flag_type(int, _int_at_least(0), "a scale index >= 0"),
                  help="from this scale index on, sample without guidance "
                       "(batch B instead of 2B; default: guidance to the end)")
-  p.add_argument("--drafter-ckpt", metavar="DIR",
-                 help="collaborative decoding (CoDe): a larger model that "
-                      "draws the first --draft-steps scales; --ckpt draws "
-                      "the rest. Both must share the tokenizer")
+  p.add_argument("--drafter-ckpt", metavar="DIR_OR_NAME",
+                 help="collaborative decoding (CoDe): a larger model "
+                      "(directory or name, as --ckpt) that draws the first "
+                      "--draft-steps scales; --ckpt draws the rest. Both "
+                      "must share the tokenizer")
   p.add_argument("--draft-steps", default=None, metavar="N",
                  type=_flag_type(int, _int_at_least(1), "an integer >= 1"),
                  help="scales the drafter draws (1..K-1; with "
@@ -96,7 +101,8 @@ def _add_sampling_flags(p, *, cfg, top_k, top_p):
   p.add_argument("--more-smooth", action="store_true",
                  help="Gumbel-softmax smoothing (for viewing, not for FID)")
   p.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32",
-                 help="transformer compute dtype (sampling stays float32)")
+                 help="transformer compute dtype (sampling stays float32; "
+                      "default float32)")
   p.add_argument("--scale-loop", choices=s.SCALE_LOOPS, default=None,
                  help="how the program steps over the scales: python (one "
                       "exact-size step per scale: a larger program, faster "
@@ -111,24 +117,45 @@ def _add_sampling_flags(p, *, cfg, top_k, top_p):
                       "chosen with --scale-loop's rule, scan for short jobs")
 
 
+_IMAGE_EXTS = "png, jpg/jpeg or webp"
+
+
 def register(sub) -> None:
   p = sub.add_parser(
-      "sample", help="class-conditional samples -> a PNG grid",
-      description="Samples with classifier-free guidance. Without --labels "
-                  "a model with at most 100 classes draws --per-class "
-                  "samples of every class (one row per class); a larger "
-                  "one draws --num random classes.")
+      "sample", help="class-conditional samples -> an image grid",
+      description="Samples with classifier-free guidance. --labels picks "
+                  "the classes (one sample each; --num N: N samples "
+                  "cycling over them; --per-class P: P of each). Without "
+                  "--labels, --num N draws N samples spread over the "
+                  "classes (random classes for models of over 100), and "
+                  "--per-class P draws P of every class; with neither, a "
+                  "model with at most 100 classes draws 8 of every class, "
+                  "one row per class, a larger one 8 of random classes.")
   _add_sampling_flags(p, cfg=1.5, top_k=900, top_p=0.96)
-  p.add_argument("--labels", help="comma-separated class ids, e.g. 207,980")
-  p.add_argument("--per-class", type=_POSITIVE, default=8,
-                 help="samples per class without --labels (default 8)")
-  p.add_argument("--num", type=_POSITIVE, default=8,
-                 help="random-class samples for large label sets")
+  p.add_argument("--labels", help="comma-separated class ids, e.g. 207,980 "
+                 "(the class count means unconditional)")
+  p.add_argument("--num", type=_POSITIVE, default=None, metavar="N",
+                 help="samples in all: cycling over --labels, or spread "
+                      "over the classes without (default: one per label, "
+                      "or --per-class's rule); not with --per-class")
+  p.add_argument("--per-class", type=_POSITIVE, default=None, metavar="P",
+                 help="samples of each class: of every --labels entry, or "
+                      "of every class without --labels (default 8 of every "
+                      "class for models of at most 100 classes); not with "
+                      "--num")
   p.add_argument("--batch", type=_POSITIVE, default=64,
                  help="samples per compiled call (default 64)")
-  p.add_argument("--ncol", type=int, help="grid columns")
-  p.add_argument("--out", default="samples.png", help="grid PNG to write")
-  p.add_argument("--save-npz", help="also write idx_0.. and images here")
+  p.add_argument("--ncol", type=int, help="grid columns (default: "
+                 "--per-class, else 8)")
+  p.add_argument("--out", default=None,
+                 help=f"grid image to write, {_IMAGE_EXTS} by its extension "
+                      "(default samples.png, or none with --out-dir alone)")
+  p.add_argument("--out-dir", metavar="DIR",
+                 help="also (or, without --out, only) write each sample as "
+                      "its own PNG in DIR, named by index, label and seed, "
+                      "e.g. 00003_label207_seed0.png")
+  p.add_argument("--save-npz", help="also write the tokens (idx_0..), images "
+                 "(float32 in [0, 1]) and labels to this .npz")
   p.add_argument("--fast", action="store_true",
                  help="collaborative decoding with the bundled pair: the "
                       "digits VAR draws the first scales, a half-depth "
@@ -140,14 +167,22 @@ def register(sub) -> None:
       "sample-many", help="the 50k-sample FID/IS run (ADM .npz format)",
       description="Samples --per-class images of every class, sharded over "
                   "all local devices, in chunks that survive interruption: "
-                  "re-running the same command resumes.")
+                  "re-running the same command resumes, and once --out is "
+                  "complete reports it and does nothing.")
   _add_sampling_flags(p, cfg=1.5, top_k=900, top_p=0.96)
-  p.add_argument("--per-class", type=_POSITIVE, default=50)
+  p.add_argument("--per-class", type=_POSITIVE, default=50, metavar="P",
+                 help="samples of each class (default 50: 50,000 for "
+                      "ImageNet's 1000 classes)")
   p.add_argument("--classes", help="comma-separated subset of classes "
                  "(default: all)")
   p.add_argument("--batch", type=_POSITIVE, default=64,
-                 help="samples per step over all local devices")
-  p.add_argument("--out", required=True, help="output .npz (arr_0 uint8)")
+                 help="samples per step over all local devices (default "
+                      "64)")
+  p.add_argument("--out", required=True, help="output .npz (arr_0 uint8 "
+                 "(N, H, W, 3), the settings in meta)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="start over: draw every sample again, replacing an "
+                      "existing --out and the parts of an interrupted run")
   p.set_defaults(func=cmd_sample_many)
 
   p = sub.add_parser(
@@ -163,12 +198,18 @@ def register(sub) -> None:
                  "white.")
   p.add_argument("--box", required=True, help="y0,x0,y1,x1 as fractions in "
                  "[0, 1] of the side, or pixels of the model resolution")
-  p.add_argument("--mode", choices=("inpaint", "outpaint"), default="inpaint")
+  p.add_argument("--mode", choices=("inpaint", "outpaint"), default="inpaint",
+                 help="inpaint: generate inside the box, keep the rest; "
+                      "outpaint: keep the box, generate around it (default "
+                      "inpaint)")
   p.add_argument("--label", type=int, help="class to edit towards (default: "
                  "unconditional, the null class)")
-  p.add_argument("--num", type=_POSITIVE, default=1, help="variants to draw")
-  p.add_argument("--out", required=True, help="output PNG")
-  p.add_argument("--save-npz", help="also write idx_0.., images and mask")
+  p.add_argument("--num", type=_POSITIVE, default=1,
+                 help="variants to draw, side by side (default 1)")
+  p.add_argument("--out", required=True,
+                 help=f"output image, {_IMAGE_EXTS} by its extension")
+  p.add_argument("--save-npz", help="also write idx_0.., images (float32 in "
+                 "[0, 1]) and mask")
   p.set_defaults(func=cmd_edit)
 
   p = sub.add_parser(
@@ -180,8 +221,9 @@ def register(sub) -> None:
                   "block each; seconds, not minutes) and stores the fastest "
                   "in the cache directory's cpu_plans.json, for one-image "
                   "and many-image calls.")
-  p.add_argument("--ckpt", help="model directory whose shape to tune for "
-                 "(default: the bundled digits model)")
+  p.add_argument("--ckpt", metavar="DIR_OR_NAME",
+                 help="model directory or name (as sample's --ckpt) whose "
+                      "shape to tune for (default: the bundled digits model)")
   p.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32",
                  help="transformer compute dtype to tune for")
   p.set_defaults(func=cmd_tune)
@@ -238,9 +280,24 @@ def stored_tuning(vae, var, dtype, batch):
   return plan, None
 
 
-def _load(args, num_calls=None, batch=1):
-  """(ModelConfig, VQVAE, the VAR (the refiner with a drafter), Sampler,
-  the tuning notice for `_note`).
+def model_name(config, path) -> str:
+  """What a model is called in a success line: its config's name, or, for
+  a directory converted without a preset ("converted"), the folder's."""
+  if config.name not in ("converted", "custom", ""):
+    return config.name
+  return path.name or str(path)
+
+
+class _Loaded(NamedTuple):
+  name: str  # The model(s), as the success line names them.
+  vae: object
+  var: object  # The refiner with a drafter.
+  sampler: object
+  notice: str | None  # The tuning notice for `_note`.
+
+
+def _load(args, num_calls=None, batch=1) -> _Loaded:
+  """The models and `Sampler` the sampling flags describe.
 
   `num_calls(num_classes)`, the number of sampler calls the job will make,
   picks the loops the flags leave open (`sampler.loops_for`). With
@@ -260,17 +317,22 @@ def _load(args, num_calls=None, batch=1):
   elif (args.drafter_ckpt is None) != (steps is None):
     raise _user_error("--drafter-ckpt and --draft-steps go together")
   if fast:
-    model_config, vae, drafter = checkpoint.load_model(None, need_var=True)
+    _, vae, drafter = checkpoint.load_model("digits", need_var=True)
     # The refiner ships without a tokenizer copy: it is the bundled one.
-    var = checkpoint.load_var(checkpoint.DEFAULT_MODEL.with_name(
-        "digits_refiner"))
+    var = checkpoint.load_var("digits_refiner")
+    name = "digits + digits_refiner"
   else:
-    model_config, vae, var = checkpoint.load_model(args.ckpt, need_var=True)
+    d = checkpoint.model_dir(args.ckpt)
+    model_config, vae, var = checkpoint.load_model(d, need_var=True)
+    name = model_name(model_config, d)
     drafter = None
     if args.drafter_ckpt is not None:
-      _, d_vae, drafter = checkpoint.load_model(args.drafter_ckpt,
-                                                need_var=True)
+      dd = checkpoint.model_dir(args.drafter_ckpt)
+      d_config, d_vae, drafter = checkpoint.load_model(dd, need_var=True)
       code.check_same_tokenizer(d_vae, vae)
+      name = f"{model_name(d_config, dd)} + {name}"
+  if drafter is not None:
+    name += f" (CoDe, {steps} draft scales)"
   loops = loops_for(num_calls(var.cfg.num_classes)) if num_calls else (
       "python", "unrolled")
   opts = options_from_flags(args, draft_steps=steps, loops=loops)
@@ -278,7 +340,7 @@ def _load(args, num_calls=None, batch=1):
       (var, drafter), key=lambda m: m.cfg.embed_dim)
   plan, notice = stored_tuning(vae, widest, opts.dtype, batch)
   sampler = Sampler(vae, var, opts, drafter=drafter, tuning=plan)
-  return model_config, vae, var, sampler, notice
+  return _Loaded(name, vae, var, sampler, notice)
 
 
 def _note(notice) -> None:
@@ -288,9 +350,28 @@ def _note(notice) -> None:
     print(notice, file=sys.stderr)
 
 
-def _loops(sampler) -> str:
+def _loops(args, sampler) -> str:
+  """How the program was compiled, in words, and why."""
   o = sampler.opts
-  return f"{o.scale_loop} scale loop, {o.layer_loop} layer loop"
+  pair = (o.scale_loop, o.layer_loop)
+  what = {("scan", "scan"): "the scan loops",
+          ("python", "unrolled"): "the unrolled loops"}.get(
+              pair, f"the {o.scale_loop} scale loop and the {o.layer_loop} "
+                    "layer loop")
+  if args.scale_loop is not None or args.layer_loop is not None:
+    why = "as asked"
+  elif pair == ("scan", "scan"):
+    why = "quick to compile, for a short job"
+  else:
+    why = "slower to compile, faster per image, for a long job"
+  return f"compiled with {what}: {why}"
+
+
+def _files(names) -> str:
+  """'a', 'a and b', 'a, b and c'."""
+  names = [str(n) for n in names]
+  return names[0] if len(names) == 1 else (
+      ", ".join(names[:-1]) + " and " + names[-1])
 
 
 def _parse_labels(text, num_classes, flag="--labels"):
@@ -308,11 +389,18 @@ def _parse_labels(text, num_classes, flag="--labels"):
 
 def _check_outputs(args, suffix=None):
   """Refuses --out / --save-npz paths that can never be written, before the
-  model is loaded (nothing is written by the check)."""
+  model is loaded (nothing is written by the check). Without `suffix`,
+  --out is an image whose extension names its format."""
   from var_jax.io import check_output_file
-  check_output_file(args.out, suffix)
+  from var_jax.sampling import images as image_io
+  if args.out is not None:
+    check_output_file(args.out, suffix)
+    if suffix is None:
+      image_io.image_format(args.out)
   if getattr(args, "save_npz", None):
     check_output_file(args.save_npz, ".npz", "--save-npz")
+  if getattr(args, "out_dir", None):
+    image_io.check_output_dir(args.out_dir)
 
 
 def _sample_batched(sampler, labels, seed, batch, on_chunk=None):
@@ -332,37 +420,83 @@ def _sample_batched(sampler, labels, seed, batch, on_chunk=None):
 
 
 # ------------------------------------------------------------------ sample
+# Without --labels, models with at most this many classes draw every class.
+_EVERY_CLASS_MAX = 100
+_DEFAULT_COUNT = 8
+
+
+def sample_labels(labels_text, num, per_class, num_classes, seed):
+  """(labels, grid columns or None) that `var-jax sample`'s flags ask for.
+
+  --labels with --num N: N samples cycling over the labels; with
+  --per-class P: P of each, one grid row per label; alone: one each.
+  Without --labels, --num N spreads N samples evenly over the classes
+  (sorted, each class within one of the others' count; random classes for
+  models of over 100), and --per-class P draws P of every class. With
+  neither, 8 of every class for at most 100 classes, else 8 random ones.
+
+  Raises:
+    UserError: --num with --per-class, or bad --labels.
+  """
+  import numpy as np
+  if num is not None and per_class is not None:
+    raise _user_error("--num N (N samples in all) and --per-class P (P of "
+                      "each class) do not combine; give one")
+  if labels_text is not None:
+    given = _parse_labels(labels_text, num_classes)
+    if num is not None:
+      return [given[i % len(given)] for i in range(num)], None
+    if per_class is not None:
+      return [c for c in given for _ in range(per_class)], per_class
+    return given, None
+  rng = np.random.default_rng(seed)
+  if num is not None:
+    if num_classes <= _EVERY_CLASS_MAX:
+      return [i * num_classes // num for i in range(num)], None
+    return rng.integers(0, num_classes, num).tolist(), None
+  if per_class is not None or num_classes <= _EVERY_CLASS_MAX:
+    p = per_class or _DEFAULT_COUNT
+    return [c for c in range(num_classes) for _ in range(p)], p
+  return rng.integers(0, num_classes, _DEFAULT_COUNT).tolist(), None
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
   import numpy as np
   from var_jax.sampling import images as image_io
+  if args.out is None and args.out_dir is None:
+    args.out = "samples.png"
+  if args.num is not None and args.per_class is not None:
+    sample_labels(None, args.num, args.per_class, 1, 0)  # Raises.
   _check_outputs(args)
 
   def job(n_cls):
-    """(labels, grid columns) for a model of `n_cls` classes."""
-    if args.labels is not None:
-      return _parse_labels(args.labels, n_cls), args.ncol
-    if n_cls <= 100:
-      return ([c for c in range(n_cls) for _ in range(args.per_class)],
-              args.ncol or args.per_class)
-    rng = np.random.default_rng(args.seed)
-    return rng.integers(0, n_cls, args.num).tolist(), args.ncol
+    return sample_labels(args.labels, args.num, args.per_class, n_cls,
+                         args.seed)
 
-  model_config, _, var, sampler, notice = _load(
-      args, num_calls=lambda n_cls: _calls(len(job(n_cls)[0]), args.batch),
-      batch=args.batch)
-  labels, ncol = job(var.cfg.num_classes)
-  _note(notice)
+  m = _load(args, num_calls=lambda n_cls: _calls(len(job(n_cls)[0]),
+                                                 args.batch),
+            batch=args.batch)
+  labels, ncol = job(m.var.cfg.num_classes)
+  _note(m.notice)
   t0 = time.perf_counter()
-  idx, imgs = _sample_batched(sampler, labels, args.seed, args.batch)
+  idx, imgs = _sample_batched(m.sampler, labels, args.seed, args.batch)
   dt = time.perf_counter() - t0
-  image_io.save_png(args.out, image_io.grid(imgs, ncol or 8))
+  written = []
+  if args.out is not None:
+    image_io.save_image(args.out, image_io.grid(imgs, args.ncol or ncol or 8))
+    written.append(args.out)
   if args.save_npz:
     image_io.save_npz(args.save_npz, images=imgs.astype(np.float32),
                       labels=np.asarray(labels, np.int32),
                       **{f"idx_{i}": a.astype(np.int32)
                          for i, a in enumerate(idx)})
-  print(f"wrote {len(labels)} samples of {model_config.name} to {args.out} "
-        f"({dt:.1f} s including compilation; {_loops(sampler)})")
+    written.append(args.save_npz)
+  if args.out_dir:
+    image_io.save_each(args.out_dir, imgs, labels, args.seed)
+    written.append(f"{str(args.out_dir).rstrip('/')}/ ({len(labels)} PNG "
+                   "files)")
+  print(f"wrote {len(labels)} samples of {m.name} to {_files(written)} in "
+        f"{dt:.1f} s, compilation included ({_loops(args, m.sampler)})")
   return 0
 
 
@@ -384,57 +518,74 @@ def cmd_edit(args: argparse.Namespace) -> int:
   from var_jax.sampling.var import edit
   from var_jax.sampling import images as image_io
   _check_outputs(args)
-  _, vae, var, sampler, notice = _load(args, num_calls=lambda _: 1,
-                                       batch=args.num)
-  side = vae.cfg.resolution
-  pn = var.cfg.patch_nums[-1]
+  m = _load(args, num_calls=lambda _: 1, batch=args.num)
+  side = m.vae.cfg.resolution
+  pn = m.var.cfg.patch_nums[-1]
   mask = edit.box_mask(pn, _parse_box(args.box, side),
                        inpaint=args.mode == "inpaint")
-  img = image_io.load_image(args.image, side)
-  label = var.cfg.num_classes if args.label is None else args.label
-  if not 0 <= label <= var.cfg.num_classes:
-    raise _user_error(f"--label must be in [0, {var.cfg.num_classes}]")
+  img = image_io.read_image(args.image, side)  # [0, 1], as edit takes.
+  n_cls = m.var.cfg.num_classes
+  label = n_cls if args.label is None else args.label
+  if not 0 <= label <= n_cls:
+    raise _user_error(f"--label must be in [0, {n_cls}] ({n_cls} = "
+                      f"unconditional), got {label}")
   imgs = np.broadcast_to(img, (args.num,) + img.shape)
-  _note(notice)
-  out = edit.zero_shot_edit(sampler, vae, imgs, mask, label, seed=args.seed,
-                            allow_null=True)
+  _note(m.notice)
+  out = edit.zero_shot_edit(m.sampler, m.vae, imgs, mask, label,
+                            seed=args.seed, allow_null=True)
   result = np.asarray(out.images_BHWC)
-  image_io.save_png(args.out, image_io.grid(result, args.num, pad=0)
-                    if args.num > 1 else image_io.to_uint8(result[0]))
+  image_io.save_image(args.out, image_io.grid(result, args.num, pad=0)
+                      if args.num > 1 else image_io.to_uint8(result[0]))
+  written = [args.out]
   if args.save_npz:
     image_io.save_npz(args.save_npz, images=result, mask=mask,
                       **{f"idx_{i}": np.asarray(a, np.int32)
                          for i, a in enumerate(out.idx)})
+    written.append(args.save_npz)
+  target = "unconditional" if label == n_cls else f"towards class {label}"
   kept = int(mask.sum())
-  print(f"wrote {args.out}: {args.mode} keeping {kept}/{mask.size} "
-        f"last-scale tokens, label {label} ({_loops(sampler)})")
+  variants = f" ({args.num} variants)" if args.num > 1 else ""
+  print(f"wrote {_files(written)}: {args.image} {args.mode}ed{variants} by "
+        f"{m.name}, {target}, {kept} of {mask.size} finest-scale tokens "
+        f"kept ({_loops(args, m.sampler)})")
   return 0
 
 
 # ------------------------------------------------------------------ many
 def cmd_sample_many(args: argparse.Namespace) -> int:
+  from var_jax import checkpoint
   from var_jax.sampling import many
   _check_outputs(args, suffix=".npz")
   many.check_devices(args.batch)
-
-  def chosen(n_cls):
-    return (list(range(n_cls)) if args.classes is None else
-            _parse_labels(args.classes, n_cls, "--classes"))
-
-  _, _, var, sampler, notice = _load(args, num_calls=lambda n_cls: _calls(
-      len(chosen(n_cls)) * args.per_class, args.batch), batch=args.batch)
-  classes = chosen(var.cfg.num_classes)
-  _note(notice)
-  meta = {"ckpt": str(args.ckpt or "bundled"), "cfg": args.cfg,
-          "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
-          "temperature": args.temperature, "cfg_until": args.cfg_until,
-          "drafter_ckpt": args.drafter_ckpt, "draft_steps": args.draft_steps,
-          "more_smooth": args.more_smooth, "dtype": args.dtype,
-          "per_class": args.per_class, "batch": args.batch,
-          "classes": classes}
-  n = many.sample_many(sampler, classes, args.per_class,
-                       args.batch, args.seed, args.out, meta, allow_null=True)
-  print(f"wrote {n} samples to {args.out} (arr_0, uint8)", file=sys.stderr)
+  ckpt = checkpoint.model_dir(args.ckpt)
+  n_cls = checkpoint.load_config(ckpt).var
+  if n_cls is None:
+    raise _user_error(f"{ckpt} holds a tokenizer only; sample-many needs a "
+                      "VAR transformer too")
+  n_cls = n_cls.num_classes
+  classes = (list(range(n_cls)) if args.classes is None else
+             _parse_labels(args.classes, n_cls, "--classes"))
+  meta = many.job_meta(
+      {"ckpt": ("bundled" if args.ckpt in (None, "digits") else
+               str(args.ckpt)), "cfg": args.cfg,
+       "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
+       "temperature": args.temperature, "cfg_until": args.cfg_until,
+       "drafter_ckpt": args.drafter_ckpt, "draft_steps": args.draft_steps,
+       "more_smooth": args.more_smooth, "dtype": args.dtype,
+       "per_class": args.per_class, "batch": args.batch,
+       "classes": classes}, classes, args.per_class)
+  n = many.finished(args.out, meta, overwrite=args.overwrite)
+  if n is not None:
+    print(f"{args.out} is complete: {n} samples with these settings; "
+          "nothing to do (--overwrite draws them again)")
+    return 0
+  m = _load(args, num_calls=lambda _: _calls(len(classes) * args.per_class,
+                                             args.batch), batch=args.batch)
+  _note(m.notice)
+  n = many.sample_many(m.sampler, classes, args.per_class, args.batch,
+                       args.seed, args.out, meta, allow_null=True,
+                       overwrite=args.overwrite)
+  print(f"wrote {n} samples of {m.name} to {args.out} (arr_0, uint8)")
   return 0
 
 

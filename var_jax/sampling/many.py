@@ -5,7 +5,10 @@ each written under a temporary name and renamed, so an interrupted run
 loses at most the chunk in flight and re-running the same command resumes.
 A `meta.json` beside the chunks refuses to resume with other settings. When
 every chunk exists they are joined into the ADM evaluation format (`arr_0`,
-uint8 (N, H, W, 3)), written atomically, and the parts are removed.
+uint8 (N, H, W, 3), plus the settings as JSON text in `meta`), written
+atomically, and the parts are removed. Running the same job again finds the
+finished file and leaves it alone (`finished`); other settings are refused
+unless the caller asks to overwrite.
 
 Sample i always has class classes[i // per_class] and the per-token keys of
 global index i, so the result does not depend on the batch size or device
@@ -15,6 +18,7 @@ count.
 from __future__ import annotations
 
 import json
+import zipfile
 
 import jax
 import numpy as np
@@ -31,16 +35,86 @@ def _parts_dir(out):
   return out.parent / (out.name + ".parts")
 
 
+# Settings that do not change a sample (sample i depends on the seed and i
+# only), left out of the finished file's record.
+_RESULT_FREE = ("batch",)
+
+
+def _differing(old: dict, new: dict) -> list[str]:
+  return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
 def _check_meta(parts, meta: dict) -> None:
   """Refuses to resume a parts directory written with other settings."""
   path = parts / "meta.json"
   if path.exists():
     old = json.loads(path.read_text())
     if old != meta:
-      diff = sorted(k for k in set(old) | set(meta)
-                    if old.get(k) != meta.get(k))
       raise UserError(f"{parts} holds an interrupted run with other settings "
-                      f"({', '.join(diff)}); delete it or use the same flags")
+                      f"({', '.join(_differing(old, meta))}); delete it, use "
+                      "the same flags, or --overwrite to start over")
+
+
+def _result_meta(meta: dict) -> dict:
+  return {k: v for k, v in meta.items() if k not in _RESULT_FREE}
+
+
+def _stored(out) -> tuple[dict | None, int]:
+  """(settings stored in a finished file or None, its sample count), read
+  from the npz headers without loading the images."""
+  with out.open("rb") as fh, zipfile.ZipFile(fh) as zf:
+    names = set(zf.namelist())
+    if "arr_0.npy" not in names:
+      return None, 0
+    with zf.open("arr_0.npy") as arr:
+      fmt = np.lib.format
+      read = (fmt.read_array_header_1_0 if fmt.read_magic(arr) == (1, 0)
+              else fmt.read_array_header_2_0)
+      shape = read(arr)[0]
+    meta = None
+    if "meta.npy" in names:
+      with zf.open("meta.npy") as fm:
+        meta = json.loads(str(np.load(fm)))
+  return meta, int(shape[0]) if shape else 0
+
+
+def finished(out, meta: dict, *, overwrite: bool = False) -> int | None:
+  """The sample count of a finished run at `out` with the settings `meta`.
+
+  Args:
+    out: the final .npz path (local or `gs://`).
+    meta: the settings, as `sample_many` takes them.
+    overwrite: the caller will replace `out`: never refuse, return None.
+
+  Returns:
+    The count when `out` holds this job's complete result; None when there
+    is no `out` (or `overwrite`).
+
+  Raises:
+    UserError: `out` exists but holds another job's samples (other
+      settings, named), or a file this command did not write.
+  """
+  out = io.as_path(out)
+  with io.reachable(out, "--out"):
+    exists = out.exists()
+  if overwrite or not exists:
+    return None
+  meta = _result_meta(json.loads(json.dumps(meta, default=_plain)))
+  try:
+    old, n = _stored(out)
+  except (OSError, ValueError, zipfile.BadZipFile):
+    old, n = None, 0
+  if old is None:
+    raise UserError(f"{out} exists and was not written by sample-many (no "
+                    "settings stored); --overwrite replaces it")
+  if old != meta:
+    raise UserError(f"{out} exists with other settings "
+                    f"({', '.join(_differing(old, meta))}); --overwrite "
+                    "replaces it")
+  if n != meta.get("total"):
+    raise UserError(f"{out} holds {n} samples, not the {meta.get('total')} "
+                    "these settings make; --overwrite replaces it")
+  return n
 
 
 def _write_meta(parts, meta: dict) -> None:
@@ -69,11 +143,31 @@ def _shard(sampler):
   return NamedSharding(mesh, P("data"))
 
 
+def _plain(value):
+  """NumPy values as the Python ones JSON stores."""
+  if isinstance(value, (np.ndarray, np.generic)):
+    return value.tolist()
+  raise UserError(f"meta values must be JSON values, got {value!r}")
+
+
+def job_meta(meta: dict, classes, per_class: int) -> dict:
+  """`meta` completed with the sample count, as stored (JSON types: tuples
+  become lists, NumPy numbers Python ones).
+
+  Raises:
+    UserError: a value JSON cannot store.
+  """
+  meta = dict(meta, total=len(classes) * per_class)
+  return json.loads(json.dumps(meta, default=_plain))
+
+
 def sample_many(sampler, classes, per_class: int, batch: int,
-                seed: int, out, meta: dict, *, allow_null: bool = False) -> int:
+                seed: int, out, meta: dict, *, allow_null: bool = False,
+                overwrite: bool = False) -> int:
   """Runs (or resumes) the whole job; returns the number of samples.
 
-  Everything is checked before the first file is written.
+  Everything is checked before the first file is written. A finished `out`
+  made with the same settings is left as it is (its count returned).
 
   Args:
     sampler: a `Sampler`; its options apply.
@@ -81,12 +175,15 @@ def sample_many(sampler, classes, per_class: int, batch: int,
     per_class, batch, seed: as the CLI flags (batch: over all local
       devices).
     out: the final .npz path (local or `gs://`).
-    meta: the settings that must match when resuming.
+    meta: the settings that must match when resuming (JSON values); they
+      are stored in the result as `meta`.
     allow_null: accept the null class (unconditional samples) in `classes`.
+    overwrite: start over: draw every sample again, replacing a finished
+      `out` and discarding the parts of an interrupted run.
 
   Raises:
-    UserError: bad classes, per_class, batch or seed, or a parts directory
-      of a run with other settings.
+    UserError: bad classes, per_class, batch or seed; without `overwrite`,
+      a parts directory or a finished `out` of a run with other settings.
   """
   from tqdm import tqdm
   out = io.as_path(out)
@@ -98,7 +195,12 @@ def sample_many(sampler, classes, per_class: int, batch: int,
   labels = np.repeat(classes, per_class)
   total = len(labels)
   parts = _parts_dir(out)
-  meta = dict(meta, total=total)
+  meta = job_meta(meta, classes, per_class)
+  n = finished(out, meta, overwrite=overwrite)
+  if n is not None:
+    return n
+  if overwrite and parts.exists():
+    parts.rmtree()
   _check_meta(parts, meta)
   _write_meta(parts, meta)
   n_chunks = -(-total // batch)
@@ -126,6 +228,8 @@ def sample_many(sampler, classes, per_class: int, batch: int,
     with (parts / f"chunk_{c:06d}.npz").open("rb") as fh:
       arrs.append(np.load(fh)["arr_0"])
   arr = np.concatenate(arrs)
-  image_io.save_npz(out, arr_0=arr)
+  image_io.save_npz(out, arr_0=arr,
+                    meta=np.asarray(json.dumps(_result_meta(meta),
+                                               sort_keys=True)))
   parts.rmtree()
   return len(arr)

@@ -6,6 +6,10 @@ mask lives on the last scale's grid and reaches each scale by bilinear
 resizing thresholded at 0.5; the 1x1 scale always keeps the given token.
 Because keeping happens per token before Phi and upsampling, the sampler
 takes the given ids and the keep masks as per-scale lists.
+
+Images go in and come out as float32 (B, H, W, 3) in [0, 1], the range of
+every image in var-jax's Python API (the sampler's outputs, `read_image`);
+8-bit pixels are divided by 255 first.
 """
 
 from __future__ import annotations
@@ -84,7 +88,7 @@ def keep_tokens(mask_hw: np.ndarray, patch_nums: Sequence[int]) -> np.ndarray:
 class EditOut(NamedTuple):
   drawn: list  # Ids the sampler drew per scale (B, pn*pn), as the notebook.
   idx: list  # The edited image's ids: given where kept, drawn elsewhere.
-  images_BHWC: jax.Array  # float32 in [0, 1].
+  images_BHWC: jax.Array  # float32 (B, H, W, 3) in [0, 1].
   mask_hw: np.ndarray  # The last-scale keep mask used.
 
 
@@ -98,8 +102,9 @@ def zero_shot_edit(sampler, vae, images_BHWC, mask_hw, labels=None, *,
   Args:
     sampler: a `Sampler` over (vae, var); its options (cfg, top-k, ...) apply.
     vae: the tokenizer that encodes `images_BHWC`.
-    images_BHWC: float images (B, H, W, 3) in [-1, 1] at the model's
-      resolution.
+    images_BHWC: float images (B, H, W, 3) in [0, 1] at the model's
+      resolution (8-bit pixels / 255, e.g. `sampling.images.read_image`;
+      anything outside [0, 1] is refused).
     mask_hw: (pn_K, pn_K) mask on the last scale's grid, 1 = keep (see
       `box_mask`).
     labels: class per image (or one for all) in [0, num_classes); None
@@ -108,10 +113,11 @@ def zero_shot_edit(sampler, vae, images_BHWC, mask_hw, labels=None, *,
     allow_null: accept the null class `num_classes` in `labels`.
 
   Returns:
-    `EditOut`; images float32 (B, H, W, 3) in [0, 1].
+    `EditOut`; images float32 (B, H, W, 3) in [0, 1], the input's range.
 
   Raises:
-    UserError: a mask, image, label or seed that does not fit.
+    UserError: a mask, image, label or seed that does not fit; images with
+      values outside [0, 1] (e.g. 0-255 or [-1, 1] pixels), named.
   """
   patch_nums = sampler.patch_nums
   lay = layout(patch_nums)
@@ -125,7 +131,11 @@ def zero_shot_edit(sampler, vae, images_BHWC, mask_hw, labels=None, *,
     raise UserError(f"images must be (B, {side}, {side}, 3), got "
                     f"{tuple(images_BHWC.shape)}")
   if not np.isfinite(images_BHWC).all():
-    raise UserError("images must be finite values in [-1, 1]")
+    raise UserError("images must be finite values in [0, 1]")
+  low, high = float(images_BHWC.min()), float(images_BHWC.max())
+  if low < 0 or high > 1:
+    raise UserError(f"images must be floats in [0, 1], got values in "
+                    f"[{low:g}, {high:g}]; divide 8-bit pixels by 255")
   b = images_BHWC.shape[0]
   if labels is None:
     labels, allow_null = sampler.num_classes, True
@@ -135,7 +145,10 @@ def zero_shot_edit(sampler, vae, images_BHWC, mask_hw, labels=None, *,
   labels = sampler.check_labels(labels, allow_null=allow_null)
   if labels.shape[0] != b:
     raise UserError(f"{labels.shape[0]} labels for {b} images")
-  given = vqvae.jit_tokenizer(vae, patch_nums)(images_BHWC)
+  # The tokenizer takes [-1, 1], scaled as the data pipeline does
+  # (`data.augment.to_pm1`): x + x - 1, bit for bit.
+  given = vqvae.jit_tokenizer(vae, patch_nums)(
+      images_BHWC + images_BHWC - np.float32(1))
   keep_L = keep_tokens(mask_hw, patch_nums)
   keep = [np.broadcast_to(k, (b, k.size)) for k in lay.split(keep_L[None])]
   out = sampler(labels, seed=seed, given=given, keep=keep,
