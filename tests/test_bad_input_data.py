@@ -142,13 +142,21 @@ def _class_images(root, n_per_class, corrupt):
   return files
 
 
-def _expected_tokens(vae_dir, files):
+@pytest.fixture(scope="module")
+def digits_tokenizer(random_digits_vae_dir):
+  """(resolution, jitted tokenizer) of the random digits VQVAE, made once:
+  its one-image program is compiled once for the file, not per test."""
   from var_jax import checkpoint
-  from var_jax.data import augment
   from var_jax.models.var.vqvae import jit_tokenizer
-  cfg, vae, _ = checkpoint.load_model(vae_dir, need_var=False)
-  encode = jit_tokenizer(vae)
-  res = cfg.vae.resolution
+  cfg, vae, _ = checkpoint.load_model(random_digits_vae_dir, need_var=False)
+  return cfg.vae.resolution, jit_tokenizer(vae)
+
+
+def _expected_tokens(tokenizer, files):
+  """Each file encoded on its own (a batch of one), as decoded and center
+  cropped by the data pipeline."""
+  from var_jax.data import augment
+  res, encode = tokenizer
   rows = []
   for p, _ in files:
     x = augment.augment(augment.decode_image(p), res, train=False,
@@ -159,11 +167,13 @@ def _expected_tokens(vae_dir, files):
 
 @pytest.mark.parametrize("corrupt", [
     ("c1/04.png",),               # In the last, partial batch (10 -> 4,4,2).
-    ("c0/01.png",),               # In a full batch, before another class.
+    # In a full batch, before another class: the class-boundary case below
+    # has it too (a gap in a full batch), so the default suite skips it.
+    pytest.param(("c0/01.png",), marks=pytest.mark.slow),
     ("c0/04.png", "c1/00.png"),   # At a class boundary, in a full batch.
 ], ids=["last-partial", "full-batch", "class-boundary"])
 def test_token_cache_holds_exactly_the_decodable_images(
-    random_digits_vae_dir, tmp_path, capsys, corrupt):
+    random_digits_vae_dir, digits_tokenizer, tmp_path, capsys, corrupt):
   files = _class_images(tmp_path / "imgs", 5, corrupt)
   out = tmp_path / "tok.npz"
   code = cli.main(["tokenize", "--ckpt", str(random_digits_vae_dir), "--data",
@@ -176,7 +186,7 @@ def test_token_cache_holds_exactly_the_decodable_images(
   z = np.load(out)
   np.testing.assert_array_equal(z["labels"], [k for _, k in files])
   np.testing.assert_array_equal(z["tokens"],
-                                _expected_tokens(random_digits_vae_dir, files))
+                                _expected_tokens(digits_tokenizer, files))
   assert int(z["skipped"]) == len(corrupt)
   assert len(TokenSource(str(out))) == len(files)
 
