@@ -26,7 +26,9 @@ def add_bench_model_args(p) -> None:
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--random-init", action="store_true",
                    help="random weights for the VAR and the tokenizer")
-  src.add_argument("--ckpt", help="model directory to take the weights from")
+  src.add_argument("--ckpt", metavar="DIR_OR_NAME",
+                   help="model directory, or a model name (digits, d16.., "
+                        "`var-jax list`), to take the weights from")
 
 
 def add_batch_dtype_args(p, *, batch: int, batch_help: str,
