@@ -31,7 +31,8 @@ def add_parser(bench_subparsers) -> None:
   p.add_argument("--batch", type=int, default=64, help="images per step")
   p.add_argument("--size", type=int, default=256,
                  help="input side before the resize to 299 (default 256)")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="compute dtype of the Inception network's convolutions")
   p.add_argument("--iters", type=int, default=2, help="timed batches")
   p.add_argument("--warmup", type=int, default=1,
                  help="untimed batches after compilation")

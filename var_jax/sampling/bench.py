@@ -43,12 +43,15 @@ def add_parser(bench_subparsers) -> None:
   p.add_argument("--cfg-until", type=int, metavar="SCALE",
                  help="drop guidance from this scale index on")
   p.add_argument("--cfg", type=float, default=1.5, help="guidance scale")
-  p.add_argument("--top-k", type=int, default=900)
-  p.add_argument("--top-p", type=float, default=0.96)
+  p.add_argument("--top-k", type=int, default=900,
+                 help="keep the k most likely tokens, 0 = all")
+  p.add_argument("--top-p", type=float, default=0.96,
+                 help="nucleus mass in [0, 1], 0 = off")
   p.add_argument("--iters", type=int, default=2, help="timed calls")
   p.add_argument("--warmup", type=int, default=1,
                  help="untimed calls after compilation")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0,
+                 help="seed of the random labels and of the first call")
   p.add_argument("--time-decoder", action="store_true",
                  help="also time the VQVAE decoder alone on the batch")
   p.add_argument("--no-matmul-peak", action="store_true",
