@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -25,6 +26,48 @@ os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="var-jax-tests-")
 IN_REPO_GOLDEN = _ROOT / "tests" / "golden"
 # Where the copy is refreshed from when it sits beside the repository.
 SHARED_GOLDEN = _ROOT.parent / "shared" / "golden"
+
+
+# ------------------------------------------------------------------ xdist
+# The suite runs on two pytest-xdist workers (pyproject.toml: `-n 2 --dist
+# loadgroup --no-loadscope-reorder`). Each test without an xdist_group of its
+# own is put in its file's group, so a file runs in one worker: its module
+# fixtures (converted model directories, random Inception weights) and the
+# programs its tests compile are made once, not once per worker. Groups are
+# handed out in the order below: the longest first, so that neither worker is
+# left alone with a long file at the end (the rest keep collection order).
+# Seconds are what each file's tests took on a 2-core machine; only the
+# order matters.
+_LONG_FIRST = {
+    "test_code_golden": 100, "test_default_model": 45,
+    "test_sampler_golden": 45, "test_sampling_cli": 40,
+    "test_convert_cli": 30, "test_eval_cli": 28, "test_optim_golden": 25,
+    "test_sampler_inputs": 25, "test_download": 23, "test_tuning": 21,
+    "test_api": 19, "test_var_golden": 18, "test_code_cli": 18,
+    "test_bad_input_disk": 18, "test_bench_sample": 17,
+    "test_train_vae": 16, "test_train_units": 15, "test_eval_inception": 14,
+    "test_vqvae_golden": 13, "test_digits_fast": 13, "test_train_runs": 13,
+    "test_attention": 12, "test_bad_input_data": 12,
+    "test_tokens_one_path": 8, "test_bad_input_model_dir": 8,
+}
+
+
+def _xdist_group(item) -> str:
+  return pathlib.Path(str(item.fspath)).stem
+
+
+@pytest.hookimpl(tryfirst=True)  # Before xdist reads the groups.
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    if item.get_closest_marker("xdist_group") is None:
+      item.add_marker(pytest.mark.xdist_group(_xdist_group(item)))
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    def cost(item):
+      mark = item.get_closest_marker("xdist_group")
+      name = mark.args[0] if mark.args else mark.kwargs.get("name", "")
+      return -_LONG_FIRST.get(name, 0)
+    items.sort(key=cost)  # Stable: a group's tests keep their order.
 
 
 def golden_path() -> pathlib.Path:
@@ -67,15 +110,24 @@ def assert_close_rel(actual, expected, rel=1e-4, name="array"):
   return err
 
 
-@pytest.fixture(scope="module")
-def model_dir(golden_dir, tmp_path_factory):
-  """The golden tiny VQVAE + VAR converted to a model directory (per module,
-  so a test that changes it cannot leak into another file)."""
+@pytest.fixture(scope="session")
+def _converted_tiny(golden_dir, tmp_path_factory):
+  """The golden tiny VQVAE + VAR converted once per session (per worker);
+  tests get copies (`model_dir`), never this directory."""
   from var_jax import cli
-  out = tmp_path_factory.mktemp("m") / "tiny"
+  out = tmp_path_factory.mktemp("converted") / "tiny"
   assert cli.main(["convert", "--vae", str(golden_dir / "vae_tiny.pth"),
                    "--var", str(golden_dir / "var_tiny.pth"),
                    "--out", str(out)]) == 0
+  return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(_converted_tiny, tmp_path_factory):
+  """The golden tiny VQVAE + VAR converted to a model directory (a copy per
+  module, so a test that changes it cannot leak into another file)."""
+  out = tmp_path_factory.mktemp("m") / "tiny"
+  shutil.copytree(_converted_tiny, out)
   return out
 
 

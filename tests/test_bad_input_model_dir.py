@@ -17,14 +17,14 @@ from var_jax.errors import CheckpointError
 
 
 @pytest.fixture(scope="module")
-def models(golden_dir, tmp_path_factory):
-  """Two converted tiny models: 256px scales and the 512px shared-AdaLN one."""
+def models(golden_dir, model_dir, tmp_path_factory):
+  """Two converted tiny models: 256px scales (the session's `model_dir`) and
+  the 512px shared-AdaLN one."""
   root = tmp_path_factory.mktemp("models")
-  quiet = lambda _: None
-  convert_files(golden_dir / "vae_tiny.pth", golden_dir / "var_tiny.pth",
-                root / "m256", log=quiet)
+  shutil.copytree(model_dir, root / "m256")
   convert_files(golden_dir / "vae_tiny.pth",
-                golden_dir / "var_tiny_saln512.pth", root / "m512", log=quiet)
+                golden_dir / "var_tiny_saln512.pth", root / "m512",
+                log=lambda _: None)
   return root
 
 

@@ -47,7 +47,8 @@ def _numbers(result):
   return {k: result.get(k) for k in _NUMBERS}
 
 
-def test_scores_twice_equal_and_cache_reuse(weights, tmp_path, capsys):
+def _score_once(weights, tmp_path, capsys):
+  """One scored run that writes its feature caches: (arguments, result)."""
   samples, ref = tmp_path / "s.npz", tmp_path / "r.npz"
   np.savez(samples, arr_0=_images(0, 5))
   np.savez(ref, arr_0=_images(1, 6))
@@ -66,11 +67,11 @@ def test_scores_twice_equal_and_cache_reuse(weights, tmp_path, capsys):
   assert json.loads((tmp_path / "res.json").read_text()) == first
   assert 1.0 <= first["inception_score"] <= 5.0
   assert 0.0 <= first["precision"] <= 1.0 and 0.0 <= first["recall"] <= 1.0
+  return common, first
 
-  rc, out, err = _eval(common, capsys)  # Recomputed: no caches.
-  assert rc == 0, err
-  assert _numbers(json.loads(out)) == _numbers(first)
 
+def test_scores_twice_equal_and_cache_reuse(weights, tmp_path, capsys):
+  common, first = _score_once(weights, tmp_path, capsys)
   rc, out, err = _eval(common + ["--sample-cache", tmp_path / "sc.npz",
                                  "--ref-cache", tmp_path / "rc.npz"], capsys)
   again = json.loads(out)
@@ -78,6 +79,15 @@ def test_scores_twice_equal_and_cache_reuse(weights, tmp_path, capsys):
   assert _numbers(again) == _numbers(first)
   assert again["seconds"]["sample_features"] == 0.0
   assert again["seconds"]["ref_features"] == 0.0
+
+
+@pytest.mark.slow  # Also claimed by the sharded digits run below.
+def test_scores_recomputed_without_caches_are_equal(weights, tmp_path,
+                                                    capsys):
+  common, first = _score_once(weights, tmp_path, capsys)
+  rc, out, err = _eval(common, capsys)  # Recomputed: no caches.
+  assert rc == 0, err
+  assert _numbers(json.loads(out)) == _numbers(first)
 
 
 def test_folder_equals_npz_and_precomputed_reference(weights, tmp_path,

@@ -4,15 +4,16 @@ Everything the user names is a `gs://` path in the GCS emulator (the
 tokenizer given to `train`, the workdir with its Orbax checkpoints,
 metrics.jsonl, TensorBoard events and the exported model, the sample's
 outputs); the commands run as subprocesses from an empty directory that must
-stay empty. The run is SIGKILLed right after it starts saving step 3 (the
-trainer's fault hook), resumed from the newest complete checkpoint, and must
-then match, loss for loss and weight for weight, an uninterrupted run on the
-local disk.
+stay empty. The run is SIGKILLed right after it starts saving step 3
+(tests/kill_at_step.py wraps the command), resumed from the newest complete
+checkpoint, and must then match, loss for loss and weight for weight, an
+uninterrupted run on the local disk.
 """
 
 import io
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -24,19 +25,25 @@ from PIL import Image
 from var_jax import checkpoint
 
 STEPS = 4
+KILL_AT_STEP = pathlib.Path(__file__).resolve().parent / "kill_at_step.py"
 
 
-def _var_jax(*args, env, cwd, expect=0) -> str:
-  p = subprocess.run([sys.executable, "-m", "var_jax.cli", *args], env=env,
-                     cwd=cwd, capture_output=True, text=True, timeout=600)
+def _var_jax(*args, env, cwd, expect=0, kill_at=None) -> str:
+  """`var-jax ARGS`; `kill_at`: SIGKILLed once the save of that step has
+  started (tests/kill_at_step.py)."""
+  head = (["-m", "var_jax.cli"] if kill_at is None
+          else [str(KILL_AT_STEP), str(kill_at)])
+  p = subprocess.run([sys.executable, *head, *args], env=env, cwd=cwd,
+                     capture_output=True, text=True, timeout=600)
   assert p.returncode == expect, p.stderr[-3000:]
   return p.stderr
 
 
-def _train(workdir, vae, env, cwd, expect=0) -> str:
+def _train(workdir, vae, env, cwd, expect=0, kill_at=None) -> str:
   return _var_jax("train", "--config", "train_tiny", "--vae-ckpt", str(vae),
                   "--workdir", str(workdir), "--steps", str(STEPS),
-                  "--ckpt-every", "1", env=env, cwd=cwd, expect=expect)
+                  "--ckpt-every", "1", env=env, cwd=cwd, expect=expect,
+                  kill_at=kill_at)
 
 
 def _losses(metrics_jsonl: str) -> dict[int, float]:
@@ -73,8 +80,7 @@ def test_train_kill_resume_export_and_sample_on_gcs(
   _train(local, random_digits_vae_dir, env, cwd)
 
   run = f"{gcs_dir}/run"
-  _train(run, f"{gcs_dir}/vae", dict(env, VAR_JAX_FAULT_KILL_AT_STEP="3"), cwd,
-         expect=-9)
+  _train(run, f"{gcs_dir}/vae", env, cwd, expect=-9, kill_at=3)
   steps = {int(n.split("/")[3]) for n in
            gcs_emulator.objects(f"{prefix}/run/checkpoints/")
            if n.split("/")[3].isdigit()}

@@ -4,6 +4,7 @@ No weights are needed: models are built with `nnx.eval_shape`, and the mapping
 table is checked key by key and shape by shape against the official lists.
 """
 
+import functools
 import json
 
 import numpy as np
@@ -31,6 +32,7 @@ def manifest(golden_dir):
   return json.loads((golden_dir / "manifest_official.json").read_text())
 
 
+@functools.lru_cache(maxsize=None)  # Abstract models: nothing changes them.
 def _build(name):
   preset, _ = MODELS[name]
   cfg = get_preset(preset)
