@@ -117,13 +117,13 @@ class FeatureExtractor:
     Raises:
       DataError: the source failed while being read.
     """
-    from tqdm import tqdm
+    from var_jax.progress import progress_bar
     n = source.n
     start, stop, per = self._share(n)
     out = {k: np.zeros((max(per, stop - start), FEATURE_DIMS[k]), np.float32)
            for k in self.names}
-    bar = tqdm(total=stop - start, unit="img", desc=desc, dynamic_ncols=True,
-               disable=not progress or jax.process_index() != 0)
+    bar = progress_bar(stop - start, unit="img", desc=desc,
+                       disable=not progress or jax.process_index() != 0)
     pending = None  # (offset, count, device result) of the batch in flight.
     done = 0
     for x in _prefetch(source.batches(start, stop, self.batch)):

@@ -185,7 +185,7 @@ def sample_many(sampler, classes, per_class: int, batch: int,
     UserError: bad classes, per_class, batch or seed; without `overwrite`,
       a parts directory or a finished `out` of a run with other settings.
   """
-  from tqdm import tqdm
+  from var_jax.progress import progress_bar
   out = io.as_path(out)
   classes = sampler.check_labels(classes, allow_null=allow_null)
   if per_class < 1:
@@ -207,8 +207,7 @@ def sample_many(sampler, classes, per_class: int, batch: int,
   done = {int(p.stem.split("_")[1]) for p in parts.glob("chunk_*.npz")}
   todo = [c for c in range(n_chunks) if c not in done]
   sharding = _shard(sampler) if todo else None
-  bar = tqdm(total=total, initial=min(len(done) * batch, total), unit="img",
-             dynamic_ncols=True)
+  bar = progress_bar(total, initial=min(len(done) * batch, total), unit="img")
   for c in todo:
     start = c * batch
     # The last chunk is padded to the full batch (one compiled shape) and

@@ -47,13 +47,12 @@ def tokenize_dataset(ckpt, spec: str, split: str, out, *, batch: int = 64,
     DataError: bad source, or no decodable image at all.
     WriteError: the output could not be written (nothing is left behind).
   """
-  from tqdm import tqdm
-
   from var_jax import checkpoint
   from var_jax.data.loader import SkipCounter
   from var_jax.data.sources import AugConfig, CorruptImageError, open_source
   from var_jax.io import check_output_file, save_npz
   from var_jax.models.var.vqvae import jit_tokenizer
+  from var_jax.progress import progress_bar
 
   if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
     raise UserError(f"batch must be an integer >= 1, got {batch!r}")
@@ -95,7 +94,7 @@ def tokenize_dataset(ckpt, spec: str, split: str, out, *, batch: int = 64,
   toks, labels, pending = [], [], []
   workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
   with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool, \
-      tqdm(total=n, unit="img", dynamic_ncols=True) as bar:
+      progress_bar(n, unit="img", desc="tokenize") as bar:
     for start in range(0, n, batch):
       for ex in pool.map(load, range(start, min(start + batch, n))):
         bar.update(1)
