@@ -6,6 +6,9 @@ the quantizer's commitment/codebook loss (beta 0.25), and a 3-layer PatchGAN
 hinge loss with the adaptive weight (0.8) switched on after 100k steps.
 Adam betas (0.5, 0.9) and VQGAN's lr rule 4.5e-6 x batch (5.8e-4 at 128),
 cosine to 1% after a 1% warmup. Dead codes restart every 1000 steps.
+After training it measures reconstruction PSNR on `validation` (with
+`--data folder:PATH`, PATH/val or PATH/validation, whichever exists);
+`--eval-split none` skips that, `--eval-batch N` sizes it.
 
 LPIPS needs VGG weights the user supplies:
   var-jax train-vae --config train_vae_imagenet --workdir DIR \\

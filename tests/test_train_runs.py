@@ -51,22 +51,28 @@ def _env(devices: int, **extra) -> dict:
   return env
 
 
-def _cmd(workdir, vae_dir, *extra, kill_at=None) -> list[str]:
+def _cmd(workdir, vae_dir, *extra, kill_at=None, signal_at=None,
+         steps=STEPS) -> list[str]:
   """The train command; `kill_at`: SIGKILLed once the save of that step
-  started (tests/kill_at_step.py)."""
-  head = (["-m", "var_jax.cli"] if kill_at is None else
-          [str(ROOT / "tests" / "kill_at_step.py"), str(kill_at)])
+  started (tests/kill_at_step.py); `signal_at`: (SIGNAL, step), that signal
+  sent while that step runs (tests/signal_at_step.py)."""
+  head = ["-m", "var_jax.cli"]
+  if kill_at is not None:
+    head = [str(ROOT / "tests" / "kill_at_step.py"), str(kill_at)]
+  if signal_at is not None:
+    head = [str(ROOT / "tests" / "signal_at_step.py"), signal_at[0],
+            str(signal_at[1])]
   return [sys.executable, *head, "train", "--config", "train_tiny",
           "--vae-ckpt", str(vae_dir), "--workdir", str(workdir), "--steps",
-          str(STEPS), *extra]
+          str(steps), *extra]
 
 
 def _start(workdir, vae_dir, *extra, devices=1, kill_at=None,
-           **env) -> subprocess.Popen:
-  return subprocess.Popen(_cmd(workdir, vae_dir, *extra, kill_at=kill_at),
+           signal_at=None, stderr=subprocess.PIPE, **env) -> subprocess.Popen:
+  return subprocess.Popen(_cmd(workdir, vae_dir, *extra, kill_at=kill_at,
+                               signal_at=signal_at),
                           env=_env(devices, **env), cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+                          stdout=subprocess.PIPE, stderr=stderr, text=True)
 
 
 def _finish(p: subprocess.Popen, expect=0) -> str:
@@ -77,9 +83,9 @@ def _finish(p: subprocess.Popen, expect=0) -> str:
 
 
 def _train(workdir, vae_dir, *extra, devices=1, expect=0, kill_at=None,
-           **env) -> str:
+           signal_at=None, **env) -> str:
   return _finish(_start(workdir, vae_dir, *extra, devices=devices,
-                        kill_at=kill_at, **env), expect)
+                        kill_at=kill_at, signal_at=signal_at, **env), expect)
 
 
 def _losses(workdir) -> dict[int, float]:
@@ -187,6 +193,111 @@ def test_sigkill_mid_save_then_resume_is_exact(tmp_path, vae_dir, reference):
   assert ref_p.keys() == got_p.keys()
   for k in ref_p:
     np.testing.assert_array_equal(got_p[k], ref_p[k], err_msg=k)
+
+
+def _same_as_reference(workdir, reference) -> None:
+  assert _losses(workdir) == _losses(reference)
+  ref_p, got_p = _params(reference), _params(workdir)
+  assert ref_p.keys() == got_p.keys()
+  for k in ref_p:
+    np.testing.assert_array_equal(got_p[k], ref_p[k], err_msg=k)
+
+
+@pytest.mark.slow
+def test_sigint_saves_the_step_then_resume_is_exact(tmp_path, vae_dir,
+                                                    reference):
+  """A real SIGINT while step 2 runs: step 3 is saved (between the periodic
+  checkpoints), exit 130 with one line; the same command resumes from step 3
+  and ends as the uninterrupted run."""
+  err = _train(tmp_path, vae_dir, expect=130, signal_at=("INT", 2))
+  assert err.splitlines()[-1] == (
+      f"var-jax train: error: interrupted by SIGINT: saved step 3/{STEPS} in "
+      f"{tmp_path}/checkpoints; run the same command again to resume from it")
+  assert sorted(int(d.name) for d in (tmp_path / "checkpoints").iterdir()
+                if d.name.isdigit())[-1] == 3
+  assert sorted(_losses(tmp_path)) == [0, 1, 2]
+  assert not (tmp_path / "model").exists()
+  err = _train(tmp_path, vae_dir)
+  assert f"steps 3->{STEPS}" in err, err
+  _same_as_reference(tmp_path, reference)
+
+
+@pytest.mark.slow
+def test_sigterm_in_the_last_step_then_resume_exports(tmp_path, vae_dir,
+                                                      reference):
+  err = _train(tmp_path, vae_dir, expect=143, signal_at=("TERM", STEPS - 1))
+  assert err.splitlines()[-1].endswith(
+      f"interrupted by SIGTERM: saved step {STEPS}/{STEPS} in {tmp_path}/"
+      "checkpoints; run the same command again to export the model directory")
+  assert not (tmp_path / "model").exists()
+  err = _train(tmp_path, vae_dir)
+  assert f"steps {STEPS}->{STEPS}" in err, err
+  _same_as_reference(tmp_path, reference)
+
+
+@pytest.mark.slow
+def test_two_processes_stop_after_the_same_step(tmp_path, vae_dir):
+  """SIGINT to process 1 only, while step 2 runs: both processes stop after
+  the step agreed on through the coordination service (3 + STOP_MARGIN),
+  save it together and exit 130 with the same line."""
+  from var_jax.training.interrupt import STOP_MARGIN
+  addr = f"127.0.0.1:{_free_port()}"
+  steps, stop = 20, 3 + STOP_MARGIN
+  procs = [subprocess.Popen(
+      _cmd(tmp_path, vae_dir, "--mesh", "data=2,fsdp=2",
+           "--coordinator-address", addr, "--num-processes", "2",
+           "--process-id", str(i), "--ckpt-every", "1000", steps=steps,
+           signal_at=("INT", 2) if i == 1 else None),
+      env=_env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  want = (f"var-jax train: error: interrupted by SIGINT: saved step "
+          f"{stop}/{steps} in {tmp_path}/checkpoints; run the same command "
+          "again to resume from it")
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 130, err[-3000:]
+    assert err.splitlines()[-1] == want, err[-3000:]
+  assert [d.name for d in (tmp_path / "checkpoints").iterdir()
+          if d.name.isdigit()] == [str(stop)]
+  assert sorted(_losses(tmp_path)) == list(range(stop))
+
+
+@pytest.mark.slow
+def test_log_file_gets_whole_lines_and_done_last(tmp_path, vae_dir):
+  """stderr to a file: no bar frames (carriage returns, escapes), one line
+  per progress report, and the done line after the bar's last report."""
+  log = tmp_path / "train.log"
+  with open(log, "w") as f:
+    p = _start(tmp_path / "w", vae_dir, stderr=f)
+    p.communicate(timeout=600)
+  text = log.read_text()
+  assert p.returncode == 0, text[-3000:]
+  assert "\r" not in text and "\x1b" not in text, text
+  lines = text.splitlines()
+  assert lines[0].startswith(f"[train] train_tiny: steps 0->{STEPS}"), lines
+  reports = [l for l in lines if l.startswith("train: ")]
+  assert [l.split(" ")[2] for l in reports] == [
+      f"{s}/{STEPS}" for s in range(1, STEPS + 1)], lines
+  assert all(", loss " in l for l in reports), reports
+  assert lines[-2] == reports[-1], lines
+  assert lines[-1] == (f"[train] done: {STEPS} steps; model directory "
+                       f"{tmp_path / 'w' / 'model'}"), lines
+
+
+@pytest.mark.slow
+def test_eval_split_adds_held_out_metrics(tmp_path, vae_dir):
+  """`--eval-split val`: held-out loss and accuracy (eval mode) in the last
+  record and one line before the done line."""
+  err = _train(tmp_path, vae_dir, "--eval-split", "val", "--eval-batch", "60")
+  last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+  assert last["step"] == STEPS - 1
+  for k in ("val_loss_mean", "val_acc", "val_loss_tail", "val_acc_tail",
+            "val_loss_s1", "val_acc_s4"):
+    assert np.isfinite(last[k]), k
+  lines = err.splitlines()
+  assert lines[-2].startswith("[train] val: loss ") and lines[-2].endswith(
+      " over 180 examples"), lines
+  assert lines[-1].startswith("[train] done:"), lines
 
 
 _LAYOUT = """

@@ -155,6 +155,42 @@ def test_var_training_and_sampling_use_the_tokenizer(runs, tmp_path):
   assert np.asarray(out.images_BHWC).shape == (2, 16, 16, 3)
 
 
+@pytest.mark.slow
+def test_sigterm_from_outside_saves_then_resume_continues(tmp_path):
+  """SIGTERM sent by another process at an arbitrary moment of a long run:
+  exit 143, one line naming the saved step; the same command resumes there
+  and runs to the end."""
+  import signal
+  import time
+  work, cache = tmp_path / "w", tmp_path / "cache"
+  cmd = [sys.executable, "-m", "var_jax.cli", "train-vae", "--config",
+         "train_vae_tiny", "--workdir", str(work), "--steps", "400",
+         "--ckpt-every", "1000", "--eval-split", "none"]
+  p = subprocess.Popen(cmd, env=_env(cache), cwd=ROOT, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
+  log = work / "metrics.jsonl"
+  deadline = time.monotonic() + 600
+  while not (log.exists() and len(log.read_text().splitlines()) >= 3):
+    assert p.poll() is None and time.monotonic() < deadline
+    time.sleep(0.1)
+  p.send_signal(signal.SIGTERM)
+  err = _finish(p, expect=143)
+  saved = [int(d.name) for d in (work / "checkpoints").iterdir()
+           if d.name.isdigit()]
+  assert len(saved) == 1 and 3 <= saved[0] < 400, saved
+  n = saved[0]
+  assert err.splitlines()[-1] == (
+      f"var-jax train-vae: error: interrupted by SIGTERM: saved step {n}/400 "
+      f"in {work}/checkpoints; run the same command again to resume from it")
+  assert sorted(_records(work)) == list(range(n))
+  p = subprocess.Popen(cmd, env=_env(cache), cwd=ROOT, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
+  err = _finish(p)
+  assert f"steps {n}->400" in err, err
+  assert sorted(_records(work)) == list(range(400))
+  assert (work / "model" / "config.json").exists()
+
+
 # ------------------------------------------------------------ codebook upkeep
 @pytest.fixture(scope="module")
 def tiny_vae():

@@ -31,6 +31,23 @@ _PERM_SALT, _AUG_SALT = 0, 1
 _MAX_CONSECUTIVE_CORRUPT = 64
 
 
+class SplitTooSmallError(DataError):
+  """A split with fewer examples than one global batch.
+
+  Attributes: spec, split, where (the folder the split was read from, or
+  None), examples, batch; callers that know which setting chose the batch
+  name it (see `training.run.open_loader`).
+  """
+
+  def __init__(self, spec: str, split: str, where, examples: int,
+               batch: int):
+    self.spec, self.split, self.where = spec, split, where
+    self.examples, self.batch = examples, batch
+    at = f" ({where})" if where is not None else ""
+    super().__init__(f"{spec!r} split {split!r}{at} has {examples} examples, "
+                     f"fewer than global_batch={batch}")
+
+
 class SkipCounter:
   """The one policy for undecodable images, shared by training and tokenize.
 
@@ -266,8 +283,8 @@ def make_loader(spec: str, *, split: str, resolution: int, global_batch: int,
   if len(source) == 0:
     raise DataError(f"no images in {spec!r} split {split!r}")
   if len(source) < global_batch:
-    raise DataError(f"{spec!r} split {split!r} has {len(source)} examples, "
-                    f"fewer than global_batch={global_batch}")
+    raise SplitTooSmallError(spec, split, getattr(source, "root", None),
+                             len(source), global_batch)
   return Loader(source, seed=seed, global_batch=global_batch,
                 local_batch=global_batch // process_count,
                 process_index=process_index, start_step=start_step,

@@ -232,7 +232,7 @@ class FolderSource:
   """
 
   def __init__(self, path, split: str, aug: AugConfig):
-    root = _split_root(path, split)
+    root = split_root(path, split)
     listing = list_folder(root)
     warning = describe_skipped(root, listing)
     if warning:
@@ -259,17 +259,48 @@ class FolderSource:
     return self.paths[index]
 
 
-def _split_root(path, split: str):
-  """PATH/<split> in the official layout, else PATH itself (an epath)."""
+# Folder names a split is found under, in order of preference: ImageNet's
+# own archives unpack to `val`, TFDS and many tools call it `validation`.
+SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "validation"),
+                 "validation": ("validation", "val")}
+
+
+class SplitMissingError(DataError):
+  """A data folder laid out in splits that lacks the requested one."""
+
+
+def split_folders(split: str) -> tuple[str, ...]:
+  """Folder names that hold `split` (`val` and `validation` are one split)."""
+  return SPLIT_FOLDERS.get(split, (split,))
+
+
+def split_root(path, split: str):
+  """PATH/<split> in the official layout, else PATH itself (an epath).
+
+  `val` and `validation` name the same split: whichever folder exists is
+  used. A folder without any split folder is one split by itself (class
+  folders directly under PATH).
+
+  Raises:
+    DataError: PATH is not a directory.
+    SplitMissingError: PATH has split folders, but none for `split`; names
+      the folders tried and the split folders present.
+  """
   from var_jax.io import as_path
   p = as_path(path)
   if not p.is_dir():
     raise DataError(f"data directory not found: {path}")
-  cand = p / split
-  if cand.is_dir():
-    return cand
-  if any((p / s).is_dir() for s in ("train", "val")):
-    raise DataError(f"split directory missing: {cand}")
+  names = split_folders(split)
+  for name in names:
+    if (p / name).is_dir():
+      return p / name
+  known = dict.fromkeys(n for v in SPLIT_FOLDERS.values() for n in v)
+  present = [n for n in known if (p / n).is_dir()]
+  if present:
+    tried = " or ".join(str(p / n) for n in names)
+    raise SplitMissingError(
+        f"split directory missing: no {tried} for split {split!r} ({p} has "
+        f"{', '.join(n + '/' for n in present)})")
   return p
 
 
@@ -294,13 +325,14 @@ class DigitsSource:
   """
 
   def __init__(self, split: str, aug: AugConfig):
-    if split not in ("train", "val"):
-      raise DataError(f"digits has splits 'train' and 'val', not {split!r}")
+    if split not in ("train", "val", "validation"):
+      raise DataError(f"digits has splits 'train' and 'val' (also called "
+                      f"'validation'), not {split!r}")
     # Lazy: scikit-learn is optional and slow to import.
     datasets = import_sklearn("datasets", "the digits data source")
     data = datasets.load_digits()
     held_out = np.arange(len(data.target)) % 10 == 0
-    keep = held_out if split == "val" else ~held_out
+    keep = held_out if split != "train" else ~held_out
     self.indices = np.flatnonzero(keep)  # Positions in the full 1797 set.
     self.images_NHW = data.images[keep]
     self.labels = data.target[keep].astype(np.int32)

@@ -16,8 +16,9 @@ _WORKDIR_HELP = ("checkpoints, metrics.jsonl, tb/ and the final model/ (a "
                  "local path or gs://...)")
 
 
-def _add_run_flags(p, *, batch_what: str, tokens: bool) -> None:
-  """The flags every training command shares (config, data, run, mesh)."""
+def _add_run_flags(p, *, batch_what: str, tokens: bool, what: str) -> None:
+  """The flags every training command shares (config, data, run, eval,
+  mesh); `what` says what the evaluation measures."""
   data = (_DATA_HELP.replace("digits", "digits | tokens:PATH.npz", 1)
           if tokens else _DATA_HELP)
   p.add_argument("--data", help=data + _FOLDER_HELP)
@@ -31,6 +32,13 @@ def _add_run_flags(p, *, batch_what: str, tokens: bool) -> None:
   p.add_argument("--dtype", choices=COMPUTE_DTYPES)
   p.add_argument("--seed", type=int)
   p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
+  p.add_argument("--eval-split", metavar="NAME|none",
+                 help=f"held-out split evaluated once training ends ({what}; "
+                 "val and validation are one split); none skips it "
+                 "(default: the config's eval_split)")
+  p.add_argument("--eval-batch", type=int, metavar="N",
+                 help="examples per evaluation batch, over all processes "
+                 "(default: the config's eval_batch)")
   g = p.add_argument_group("multi-process (all three, or none)")
   g.add_argument("--coordinator-address", help="HOST:PORT of process 0")
   g.add_argument("--num-processes", type=int)
@@ -45,7 +53,8 @@ def register(subparsers) -> None:
   p.add_argument("--config", required=True,
                  help="a config file (configs/train_d16.py) or a bundled name "
                       "(train_d16, d16, train_tiny)")
-  _add_run_flags(p, batch_what="examples", tokens=True)
+  _add_run_flags(p, batch_what="examples", tokens=True,
+                 what="loss and accuracy")
   w = p.add_mutually_exclusive_group()
   w.add_argument("--vae-ckpt", help="model directory holding the tokenizer")
   w.add_argument("--init-ckpt", help="model directory (tokenizer + VAR) to "
@@ -64,7 +73,8 @@ def register(subparsers) -> None:
                  help="a config file (configs/train_vae_digits.py) or a "
                       "bundled name (train_vae_digits, train_vae_imagenet, "
                       "train_vae_tiny)")
-  _add_run_flags(p, batch_what="images", tokens=False)
+  _add_run_flags(p, batch_what="images", tokens=False,
+                 what="reconstruction PSNR")
   p.add_argument("--lpips-weights", help="LPIPS VGG weights: FILE.npz or "
                  "VGG16.pth,LPIPS_VGG.pth (torchvision vgg16-397923af.pth "
                  "and lpips' vgg.pth)")
@@ -75,7 +85,7 @@ def register(subparsers) -> None:
 
 # Flag -> config field, for the flags that override a config value.
 _OVERRIDES = ("data", "steps", "global_batch", "dtype", "seed", "ckpt_every",
-              "vae_ckpt", "init_ckpt", "lpips_weights")
+              "eval_batch", "vae_ckpt", "init_ckpt", "lpips_weights")
 
 
 def _run(args) -> int:
@@ -93,6 +103,13 @@ def _run(args) -> int:
   cfg = load_config(args.config, cls)
   kw = {f: getattr(args, f) for f in _OVERRIDES
         if getattr(args, f, None) is not None}
+  if args.eval_split is not None:
+    if not args.eval_split.strip():
+      from var_jax.errors import UserError
+      raise UserError("--eval-split needs a split name (val, validation, "
+                      "...) or none")
+    none = args.eval_split.strip().lower() == "none"
+    kw["eval_split"] = None if none else args.eval_split.strip()
   # One weights source: the flag given replaces the config's other one.
   if kw.get("vae_ckpt"):
     kw["init_ckpt"] = None

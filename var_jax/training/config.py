@@ -31,7 +31,8 @@ class RunConfig:
   # (or name where the same inputs live).
   RESUMABLE = frozenset({"data", "data_workers", "tfds_data_dir",
                          "ckpt_every", "keep_ckpts", "log_every", "vae_ckpt",
-                         "init_ckpt", "lpips_weights", "eval_batch"})
+                         "init_ckpt", "lpips_weights", "eval_split",
+                         "eval_batch"})
 
   data: str = "tfds:imagenet2012"  # folder:PATH | tfds:NAME | digits | tokens:F.
   global_batch: int = 64  # Examples per optimizer step, all processes [bs].
@@ -44,6 +45,11 @@ class RunConfig:
   ckpt_every: int = 1000
   keep_ckpts: int = 3
   log_every: int = 1
+  # Held-out evaluation once training ends, on this split (`val` and
+  # `validation` are one split; None: no evaluation) in batches of
+  # `eval_batch` examples over all processes (a remainder is left out).
+  eval_split: str | None = None
+  eval_batch: int = 64
 
   @property
   def accum_steps(self) -> int:
@@ -55,7 +61,7 @@ class RunConfig:
 
   def _checks(self) -> list[tuple[bool, str]]:
     return [
-        (self.global_batch >= 1, "global_batch must be >= 1"),
+        (self.global_batch >= 1, "global_batch must be >= 1 (--global-batch)"),
         (self.dtype in COMPUTE_DTYPES,
          f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, not "
          f"{self.dtype!r}"),
@@ -63,6 +69,9 @@ class RunConfig:
          "ckpt_every and keep_ckpts must be >= 1"),
         (self.log_every >= 1, "log_every must be >= 1"),
         (self.mid_reso >= 1, "mid_reso must be >= 1"),
+        (self.eval_batch >= 1, "eval_batch must be >= 1 (--eval-batch)"),
+        (self.eval_split is None or bool(self.eval_split),
+         "eval_split must be a split name or None (--eval-split none)"),
     ]
 
   def validate(self) -> None:
@@ -200,9 +209,6 @@ class VAETrainConfig(RunConfig):
   # uniform share restart from random latent vectors of the batch.
   restart_every: int = 0
   restart_threshold: float = 0.03
-  # Held-out reconstruction PSNR after training (None: skipped).
-  eval_split: str | None = None
-  eval_batch: int = 64
 
   def vae_config(self) -> VQVAEConfig:
     m = self.model
@@ -262,7 +268,6 @@ class VAETrainConfig(RunConfig):
         (0 <= self.warmup < 1 and round(self.warmup * self.steps)
          < self.steps - 1, "warmup must be a fraction in [0, 1) that leaves "
          "at least 2 steps after it"),
-        (self.eval_batch >= 1, "eval_batch must be >= 1"),
         (self.lpips_weight == 0 or res >= lpips.MIN_RESOLUTION,
          f"LPIPS needs >= {lpips.MIN_RESOLUTION}px images, the tokenizer "
          f"works at {res}px"),

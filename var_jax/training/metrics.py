@@ -1,4 +1,4 @@
-"""Per-step metrics: a JSONL file, TensorBoard events and a progress bar.
+"""Per-step metrics: a JSONL file, TensorBoard events and progress reports.
 
 Only process 0 writes. Per-scale arrays (metric names starting `scale_`)
 are flattened as `{name}_s{pn}` (pn = the scale's side in tokens), e.g.
@@ -106,7 +106,7 @@ class MetricsWriter:
   """
 
   def __init__(self, workdir, *, enabled: bool, total_steps: int,
-               start_step: int):
+               start_step: int, desc: str | None = None):
     self.enabled = enabled
     self._tb = self._bar = self._log = None
     if not enabled:
@@ -118,11 +118,10 @@ class MetricsWriter:
       self._log = _Jsonl(self.path)
       from tensorboardX import SummaryWriter  # Heavy import; writers only.
       self._tb = SummaryWriter(logdir=os.fspath(workdir / "tb"))
-    from tqdm import tqdm
-    # Without a terminal (log files) redraw rarely instead of every step.
-    self._bar = tqdm(total=total_steps, initial=start_step, unit="step",
-                     dynamic_ncols=True, file=sys.stderr,
-                     mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    from var_jax.progress import progress_bar
+    # A live bar on a terminal; whole report lines in a log file.
+    self._bar = progress_bar(total_steps, initial=start_step, unit="step",
+                             desc=desc, file=sys.stderr)
 
   def write(self, step: int, values: dict) -> None:
     """`values`: flat floats (or strings such as mfu 'n/a') for `step`."""
@@ -133,8 +132,9 @@ class MetricsWriter:
       for k, v in values.items():
         if isinstance(v, (int, float)) and math.isfinite(v):
           self._tb.add_scalar(f"train/{k}", v, step)
-    self._bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}",
-                          refresh=False)
+    if self._bar is not None:
+      self._bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}",
+                            refresh=False)
 
   def flush(self) -> None:
     """Makes every line written so far durable (a remote log is rewritten).
@@ -153,18 +153,23 @@ class MetricsWriter:
       self._bar.update(n)
 
   def note(self, msg: str) -> None:
-    """A line for the user that does not break the progress bar."""
+    """A line for the user on stderr that does not break the progress bar."""
     if not self.enabled:
       return
     if self._bar is not None:
       self._bar.write(msg, file=sys.stderr)
     else:
-      print(msg, file=sys.stderr)
+      print(msg, file=sys.stderr, flush=True)
+
+  def end_progress(self) -> None:
+    """Closes the progress bar: later notes follow its last report."""
+    if self._bar is not None:
+      bar, self._bar = self._bar, None
+      bar.close()
 
   def close(self) -> None:
     """Closes everything; the first write error (if any) is raised last."""
-    if self._bar is not None:
-      self._bar.close()
+    self.end_progress()
     first = None
     for what in (self._tb, self._log):
       if what is None:

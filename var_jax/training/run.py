@@ -4,9 +4,10 @@ checkpoints -> exported model directory.
 A trainer supplies a `Task` (`trainer.VARTask`, `vae_trainer.VAETask`): its
 model config, state spec and initial state, its jitted step, and what its
 model directory holds. Everything else is here, once: config checks, the
-mesh, the loader, resume (after comparing the stored run record with this
-run's), the step loop with one step of metrics in flight, checkpoints,
-export and closing.
+mesh, the loaders (training, and the held-out split evaluated at the end),
+resume (after comparing the stored run record with this run's), the step
+loop with one step of metrics in flight, checkpoints, the stop on SIGINT or
+SIGTERM (`interrupt`), export and closing.
 
 Every input of a step is a function of (config, step): the loader is
 deterministic per step, PRNG keys are fold_in(seed, step), learning rates
@@ -23,24 +24,90 @@ import time
 import jax
 
 from var_jax import io
-from var_jax.errors import CheckpointError
+from var_jax.errors import CheckpointError, DataError, TrainingDiverged
+from var_jax.errors import UserError
+from var_jax.training import interrupt
 from var_jax.training import mesh as mesh_lib
 from var_jax.training import metrics as metrics_lib
 from var_jax.training import sharding
 from var_jax.training.checkpointing import RunCheckpoints, export_model_dir
 
 
+# (what, config field, flag) of the batch a loader is opened with.
+_TRAIN_BATCH = ("global batch", "global_batch", "--global-batch")
+_EVAL_BATCH = ("eval batch", "eval_batch", "--eval-batch")
+_EVAL_SPLIT = "(config eval_split, --eval-split; 'none' skips evaluation)"
+
+
 def open_loader(cfg, resolution: int, *, split: str = "train",
-                start_step: int = 0, global_batch: int | None = None, **kw):
-  """The data loader of a run config (this process's shard of each batch)."""
+                start_step: int = 0, global_batch: int | None = None,
+                batch_names=_TRAIN_BATCH, **kw):
+  """The data loader of a run config (this process's shard of each batch).
+
+  Raises:
+    DataError: as `make_loader`; a split smaller than the batch is named
+      with the setting that chose the batch (`batch_names`: what, config
+      field, flag).
+  """
   from var_jax.data import make_loader  # Heavy (grain, PIL): import late.
-  return make_loader(
-      cfg.data, split=split, resolution=resolution,
-      global_batch=global_batch or cfg.global_batch, seed=cfg.seed,
-      hflip=cfg.hflip, process_index=jax.process_index(),
-      process_count=jax.process_count(), start_step=start_step,
-      num_workers=cfg.data_workers, data_dir=cfg.tfds_data_dir,
-      mid_reso=cfg.mid_reso, **kw)
+  from var_jax.data.loader import SplitTooSmallError
+  batch = global_batch or cfg.global_batch
+  try:
+    return make_loader(
+        cfg.data, split=split, resolution=resolution, global_batch=batch,
+        seed=cfg.seed, hflip=cfg.hflip, process_index=jax.process_index(),
+        process_count=jax.process_count(), start_step=start_step,
+        num_workers=cfg.data_workers, data_dir=cfg.tfds_data_dir,
+        mid_reso=cfg.mid_reso, **kw)
+  except SplitTooSmallError as e:
+    what, field, flag = batch_names
+    at = f" ({e.where})" if e.where is not None else ""
+    raise DataError(f"{what} {batch} (config {field}, {flag}) exceeds the "
+                    f"{e.examples} examples of {cfg.data} split {e.split!r}"
+                    f"{at}") from None
+
+
+def open_eval_loader(cfg, resolution: int, mesh, train_loader):
+  """One pass over `cfg.eval_split` in `cfg.eval_batch` batches, or None.
+
+  Opened before training starts, so that a missing split or a batch that
+  does not fit fails before any step; every message names the config field
+  and the flag to change.
+
+  Raises:
+    UserError: an eval batch the mesh or the processes cannot split.
+    DataError: token-cache data (one split only), a missing split, a split
+      smaller than one batch, or a split folder that is the training folder.
+  """
+  split, batch = cfg.eval_split, cfg.eval_batch
+  if not split:
+    return None
+  if train_loader.yields_tokens:
+    raise DataError(f"{cfg.data} is a token cache, which has one split: "
+                    f"evaluating split {split!r} {_EVAL_SPLIT} needs image "
+                    "data; pass --eval-split none")
+  n = mesh.devices.size
+  for parts, what in ((n, f"the {n} devices of mesh {dict(mesh.shape)}"),
+                      (jax.process_count(),
+                       f"the {jax.process_count()} processes")):
+    if batch % parts:
+      raise UserError(f"eval batch {batch} (config eval_batch, --eval-batch)"
+                      f" is not divisible by {what}")
+  from var_jax.data.sources import SplitMissingError, split_root
+  root = getattr(train_loader.source, "root", None)  # Folder data only.
+  try:
+    if root is not None and split != "train":
+      if str(split_root(cfg.data.partition(":")[2], split)) == str(root):
+        raise DataError(
+            f"eval split {split!r} {_EVAL_SPLIT} would read the training "
+            f"images: {root} has class folders but no split folders; put "
+            f"held-out images in {root}/val/<class>/ and training images in "
+            f"{root}/train/<class>/, or pass --eval-split none")
+    loader = open_loader(cfg, resolution, split=split, global_batch=batch,
+                         batch_names=_EVAL_BATCH, shuffle=False, num_epochs=1)
+  except SplitMissingError as e:
+    raise DataError(f"eval split {split!r} {_EVAL_SPLIT}: {e}") from None
+  return loader
 
 
 class Task:
@@ -132,19 +199,28 @@ class Run:
       raise
 
   def run(self) -> dict:
-    """Trains from the resume point to the end; returns the last metrics."""
+    """Trains from the resume point to the end; returns the last metrics.
+
+    Raises:
+      interrupt.TrainingInterrupted: SIGINT or SIGTERM stopped the run; the
+        step finished when it arrived is saved (its metrics permitting) and
+        everything is closed.
+    """
     cfg, task = self.cfg, self.task
     writer = None
     try:
       writer = metrics_lib.MetricsWriter(
           self.workdir, enabled=self.is_main, total_steps=self.total,
-          start_step=self.start)
+          start_step=self.start, desc=task.command)
       writer.note(f"[{task.command}] {task.model_cfg.name}: steps "
                   f"{self.start}->{self.total}, global batch "
                   f"{cfg.global_batch}, mesh {dict(self.mesh.shape)}, "
                   f"{jax.process_count()} process(es), {cfg.dtype}"
                   f"{task.describe()}")
       last = self._loop(writer)
+    except interrupt.TrainingInterrupted:
+      self._close(writer, quiet=False)  # The line comes after the bar.
+      raise
     except BaseException:
       self._close(writer, quiet=True)
       raise
@@ -155,40 +231,81 @@ class Run:
     task = self.task
     pending, last = None, {}
     t_prev = time.perf_counter()
-    for step in range(self.start, self.total):
-      raw = next(self.loader)
-      batch = sharding.put_batch({k: raw[k] for k in task.batch_keys},
-                                 self.mesh)
-      self.state, m = task.step(self.state, batch, step)
-      # Read the previous step's metrics now: the device is already busy
-      # with this one, so logging never stalls the pipeline.
-      if pending is not None:
-        self._write(writer, pending[0], self._checked(*pending[:2]),
-                    *pending[2:])
-      now = time.perf_counter()
-      pending = (step, m, now - t_prev, step == self.start)
-      t_prev = now
-      final = step + 1 == self.total
-      if not final and self.ckpts.due(step + 1):
-        # A resume from this checkpoint never redoes the steps it holds:
-        # their lines must be durable first (a remote log is otherwise
-        # rewritten only every minute). The final step's line waits for
-        # the evaluation after export, as in every run.
-        self._write(writer, step, self._checked(step, m), *pending[2:])
-        writer.flush()
-        pending = None
-      self.ckpts.maybe_save(step + 1, self.state, self.record, force=final)
+    stop = interrupt.StopOnSignal(
+        task.command, process_count=jax.process_count(),
+        key=f"var_jax_stop_{self.start}")
+    with stop:
+      for step in range(self.start, self.total):
+        raw = next(self.loader)
+        batch = sharding.put_batch({k: raw[k] for k in task.batch_keys},
+                                   self.mesh)
+        self.state, m = task.step(self.state, batch, step)
+        # Read the previous step's metrics now: the device is already busy
+        # with this one, so logging never stalls the pipeline.
+        if pending is not None:
+          self._write(writer, pending[0], self._checked(*pending[:2]),
+                      *pending[2:])
+        now = time.perf_counter()
+        pending = (step, m, now - t_prev, step == self.start)
+        t_prev = now
+        final = step + 1 == self.total
+        signum = stop.stop_after(step + 1, self.total)
+        if signum is not None:
+          self._stop(writer, signum, step, pending)
+        if not final and self.ckpts.due(step + 1):
+          # A resume from this checkpoint never redoes the steps it holds:
+          # their lines must be durable first (a remote log is otherwise
+          # rewritten only every minute). The final step's line waits for
+          # the evaluation after export, as in every run.
+          self._write(writer, step, self._checked(step, m), *pending[2:])
+          writer.flush()
+          pending = None
+        self.ckpts.maybe_save(step + 1, self.state, self.record, force=final)
+      signum = stop.stop_at_end()
+      if signum is not None and self.start < self.total:
+        self._stop(writer, signum, self.total - 1, pending)
     if pending is not None:
       step, m, dt, first = pending
       last = self._checked(step, m)  # Never export a diverged model.
     self.ckpts.wait()
     out = self.workdir / "model"
     export_model_dir(out, task.model_cfg, *task.export_trees(self.state))
-    writer.note(f"[{task.command}] done; model directory {out}")
-    last.update(task.evaluate(self.state, writer.note))
+    notes = []  # Printed after the progress bar's last report.
+    last.update(task.evaluate(self.state, notes.append))
     if pending is not None:
       self._write(writer, step, last, dt, first)
+    writer.end_progress()
+    for line in notes:
+      writer.note(line)
+    writer.note(f"[{task.command}] done: {self.total} steps; model directory "
+                f"{out}")
     return last
+
+  def _stop(self, writer, signum: int, step: int, pending) -> None:
+    """Saves the state after `step` (its metrics permitting) and raises
+    TrainingInterrupted saying what was saved and how to resume."""
+    done, name = step + 1, interrupt.signal_name(signum)
+    try:
+      if pending is not None:
+        self._write(writer, pending[0], self._checked(*pending[:2]),
+                    *pending[2:])
+      writer.flush()
+    except TrainingDiverged as e:
+      self.ckpts.wait()  # A periodic save already under way completes.
+      newest = self.ckpts.latest_step()
+      kept = (f"the newest checkpoint is step {newest}" if newest else
+              "no checkpoint was saved")
+      raise interrupt.TrainingInterrupted(
+          f"interrupted by {name}; step {done} not saved: {e}; {kept}",
+          signum) from None
+    self.ckpts.wait()  # Settles a save under way (maybe of this step).
+    self.ckpts.maybe_save(done, self.state, self.record, force=True)
+    self.ckpts.wait()
+    nxt = ("resume from it" if done < self.total else
+           "export the model directory")
+    raise interrupt.TrainingInterrupted(
+        f"interrupted by {name}: saved step {done}/{self.total} in "
+        f"{self.ckpts.dir}; run the same command again to {nxt}", signum)
 
   def _checked(self, step: int, m) -> dict:
     flat = metrics_lib.flatten(jax.device_get(m), self.task.patch_nums)

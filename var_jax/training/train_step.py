@@ -3,7 +3,8 @@
 images -> frozen VQVAE tokens -> teacher-forcing input -> VAR (class dropout
 to the null class, drop-path) -> weighted CE -> gradients (optionally
 accumulated over micro-batches) -> clip + AdamW. Everything random derives
-from (seed, step), so a resumed run repeats an uninterrupted one.
+from (seed, step), so a resumed run repeats an uninterrupted one. The
+held-out evaluation (`make_eval_step`) shares the tokenizer path.
 """
 
 from __future__ import annotations
@@ -38,6 +39,33 @@ class StepOptions:
   dropout: bool = True  # Class dropout and drop-path (False: eval mode).
 
 
+def _make_tokenize(model_cfg: ModelConfig, vae_graphdef: nnx.GraphDef,
+                   mesh: Mesh, tokens: bool) -> Callable:
+  """tokenize(vae_state, batch) -> (teacher-forcing input, targets (B, L))."""
+  patch_nums = model_cfg.var.patch_nums
+  layout = scales.layout(tuple(patch_nums))
+  # See vqvae.one_image_at_a_time (sharded batches are encoded whole).
+  encode_one_by_one = (mesh.devices.size == 1 and
+                       mesh.devices.flat[0].platform == "cpu")
+
+  def tokenize(vae_state, batch):
+    vae = nnx.merge(vae_graphdef, vae_state)
+    if tokens:
+      idx = layout.split(batch["tokens"])
+    else:
+      images = batch["images"]
+      if encode_one_by_one:
+        f = one_image_at_a_time(vae.encode, images)
+      else:
+        f = vae.encode(images)
+      idx = q.f_to_idx(vae.quantize, f, patch_nums)
+    x_BLC = q.idx_to_var_input(vae.quantize, idx, patch_nums)
+    tgt_BL = layout.join(idx)
+    return jax.lax.stop_gradient(x_BLC), tgt_BL
+
+  return tokenize
+
+
 def make_train_step(model_cfg: ModelConfig, var_spec: StateSpec,
                     vae_graphdef: nnx.GraphDef, vae_shardings: dict,
                     tx: optax.GradientTransformation, mesh: Mesh,
@@ -50,28 +78,10 @@ def make_train_step(model_cfg: ModelConfig, var_spec: StateSpec,
   `key` is the run's base PRNG key. Returns (new state, metrics).
   """
   patch_nums = model_cfg.var.patch_nums
-  layout = scales.layout(tuple(patch_nums))
   dtype = jnp.dtype(opts.dtype)
   n_micro = opts.grad_accum
   batch_sh = sharding.batch_sharding(mesh)
-  # See vqvae.one_image_at_a_time (sharded batches are encoded whole).
-  encode_one_by_one = (mesh.devices.size == 1 and
-                       mesh.devices.flat[0].platform == "cpu")
-
-  def tokenize(vae_state, batch):
-    vae = nnx.merge(vae_graphdef, vae_state)
-    if opts.tokens:
-      idx = layout.split(batch["tokens"])
-    else:
-      images = batch["images"]
-      if encode_one_by_one:
-        f = one_image_at_a_time(vae.encode, images)
-      else:
-        f = vae.encode(images)
-      idx = q.f_to_idx(vae.quantize, f, patch_nums)
-    x_BLC = q.idx_to_var_input(vae.quantize, idx, patch_nums)
-    tgt_BL = layout.join(idx)
-    return jax.lax.stop_gradient(x_BLC), tgt_BL
+  tokenize = _make_tokenize(model_cfg, vae_graphdef, mesh, opts.tokens)
 
   def micro_step(params, vae_state, batch, weights_L, key):
     x_BLC, tgt_BL = tokenize(vae_state, batch)
@@ -139,3 +149,32 @@ def step_inputs(lr: float, wd: float, weights_L: np.ndarray, step: int):
   """Host scalars in the dtypes the compiled step expects."""
   return (np.float32(lr), np.float32(wd), np.asarray(weights_L, np.float32),
           np.int32(step))
+
+
+def make_eval_step(model_cfg: ModelConfig, var_spec: StateSpec,
+                   vae_graphdef: nnx.GraphDef, vae_shardings: dict,
+                   mesh: Mesh, opts: StepOptions = StepOptions()) -> Callable:
+  """Returns sums(params, vae_state, batch): held-out metric sums.
+
+  The official evaluation: the model in eval mode (no class dropout, no
+  drop-path), teacher-forced on the ground-truth tokens, unsmoothed cross
+  entropy and top-1 accuracy per scale and over all tokens, as the batch
+  sums of `loss.scale_metrics` (replicated; add them over batches and pass
+  the total to `loss.finalize_metrics`).
+  """
+  patch_nums = model_cfg.var.patch_nums
+  dtype = jnp.dtype(opts.dtype)
+  tokenize = _make_tokenize(model_cfg, vae_graphdef, mesh, opts.tokens)
+
+  def sums(params, vae_state, batch):
+    x_BLC, tgt_BL = tokenize(vae_state, batch)
+    var = nnx.merge(var_spec.graphdef, params)
+    logits_BLV = var(batch["labels"], x_BLC, dropout_key=None, dtype=dtype)
+    return loss_lib.scale_metrics(logits_BLV, tgt_BL, patch_nums)
+
+  batch_sh = sharding.batch_sharding(mesh)
+  data_key = "tokens" if opts.tokens else "images"
+  return jax.jit(sums, in_shardings=(
+      var_spec.shardings["params"], vae_shardings,
+      {data_key: batch_sh, "labels": batch_sh}),
+      out_shardings=sharding.replicated(mesh))

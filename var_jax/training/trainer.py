@@ -3,7 +3,8 @@
 What is VAR-specific: where the weights come from (a tokenizer directory,
 or a full model directory to start from), the optimizer and its schedules
 (lr, wd, progressive-training token weights per step), the jitted step over
-the frozen tokenizer, MFU, and a model directory holding both models.
+the frozen tokenizer, MFU, the held-out loss and accuracy after training,
+and a model directory holding both models.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from var_jax.errors import DataError, UserError
 from var_jax.io import as_path
 from var_jax.training import flops as flops_lib
 from var_jax.training import loss as loss_lib
+from var_jax.training import metrics as metrics_lib
 from var_jax.training import optimizer as opt_lib
 from var_jax.training import run as run_lib
 from var_jax.training import schedule
+from var_jax.training import sharding
 from var_jax.training import state as state_lib
 from var_jax.training import train_step as step_lib
 from var_jax.training.checkpointing import restore_tree, restore_vae
@@ -109,6 +112,7 @@ class VARTask(run_lib.Task):
 
   def __init__(self, cfg: TrainConfig, mesh):
     self.cfg, self.mesh = cfg, mesh
+    self.eval_loader = None
     self.src = resolve_sources(cfg)
     self.model_cfg = self.src.cfg
     self.patch_nums = self.model_cfg.var.patch_nums
@@ -139,6 +143,9 @@ class VARTask(run_lib.Task):
         self.mesh, step_lib.StepOptions(
             label_smooth=cfg.label_smooth, dtype=cfg.dtype, tokens=self.tokens,
             grad_accum=cfg.grad_accum))
+    # Opened now: a bad split or batch fails before training.
+    self.eval_loader = run_lib.open_eval_loader(
+        cfg, self.model_cfg.vae.resolution, self.mesh, loader)
 
   def init_state(self) -> dict:
     if self.src.var_dir is not None:
@@ -184,6 +191,34 @@ class VARTask(run_lib.Task):
 
   def export_trees(self, state):
     return self.vae_state, state["params"]
+
+  def evaluate(self, state, note) -> dict:
+    """Held-out loss and accuracy on `eval_split` (eval mode, teacher
+    forced, as the official `eval_ep`): `val_loss_mean`, `val_acc`, their
+    last-scale `_tail` values and one per scale."""
+    if self.eval_loader is None:
+      return {}
+    eval_fn = step_lib.make_eval_step(
+        self.model_cfg, self.spec, self.vae_gd, self._vae_sh, self.mesh,
+        step_lib.StepOptions(dtype=self.cfg.dtype, tokens=self.tokens))
+    total = None
+    for raw in self.eval_loader:
+      batch = sharding.put_batch({k: raw[k] for k in self.batch_keys},
+                                 self.mesh)
+      sums = jax.device_get(eval_fn(state["params"], self.vae_state, batch))
+      total = sums if total is None else jax.tree.map(np.add, total, sums)
+    means = metrics_lib.flatten(loss_lib.finalize_metrics(total),
+                                self.patch_nums)
+    out = {f"val_{k}": v for k, v in means.items()}
+    note(f"[train] {self.cfg.eval_split}: loss {out['val_loss_mean']:.4f}, "
+         f"accuracy {out['val_acc']:.2f}% (last scale: loss "
+         f"{out['val_loss_tail']:.4f}, accuracy {out['val_acc_tail']:.2f}%) "
+         f"over {int(total['count'])} examples")
+    return out
+
+  def close(self) -> None:
+    if self.eval_loader is not None:
+      self.eval_loader.close()
 
 
 def train(cfg: TrainConfig, workdir, *, mesh_spec: str | None = None) -> dict:

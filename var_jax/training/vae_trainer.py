@@ -16,7 +16,6 @@ from flax import nnx
 
 from var_jax.errors import DataError
 from var_jax.models.var.vqvae import psnr
-from var_jax.training import mesh as mesh_lib
 from var_jax.training import run as run_lib
 from var_jax.training import sharding
 from var_jax.training import vae_step
@@ -54,11 +53,9 @@ class VAETask(run_lib.Task):
     if loader.yields_tokens:
       raise DataError(f"{cfg.data} holds tokens; tokenizer training needs "
                       "images")
-    if cfg.eval_split:  # Opened now: a bad split fails before training.
-      mesh_lib.check_batch(self.mesh, cfg.eval_batch)
-      self.eval_loader = run_lib.open_loader(
-          cfg, self.model_cfg.vae.resolution, split=cfg.eval_split,
-          global_batch=cfg.eval_batch, shuffle=False, num_epochs=1)
+    # Opened now: a bad split or batch fails before training.
+    self.eval_loader = run_lib.open_eval_loader(
+        cfg, self.model_cfg.vae.resolution, self.mesh, loader)
 
   def init_state(self) -> dict:
     return vae_step.init_state(self.spec, self.cfg, self.tx, self.dtx,
