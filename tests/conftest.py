@@ -36,19 +36,23 @@ SHARED_GOLDEN = _ROOT.parent / "shared" / "golden"
 # programs its tests compile are made once, not once per worker. Groups are
 # handed out in the order below: the longest first, so that neither worker is
 # left alone with a long file at the end (the rest keep collection order).
-# Seconds are what each file's tests took on a 2-core machine; only the
-# order matters.
+# Seconds are what each file's tests took on a 2-core machine (measured
+# with --durations; only the order matters, a file not listed comes last).
 _LONG_FIRST = {
-    "test_code_golden": 100, "test_default_model": 45,
-    "test_sampler_golden": 45, "test_sampling_cli": 40,
-    "test_convert_cli": 30, "test_eval_cli": 28, "test_optim_golden": 25,
-    "test_sampler_inputs": 25, "test_download": 23, "test_tuning": 21,
-    "test_api": 19, "test_var_golden": 18, "test_code_cli": 18,
-    "test_bad_input_disk": 18, "test_bench_sample": 17,
-    "test_train_vae": 16, "test_train_units": 15, "test_eval_inception": 14,
-    "test_vqvae_golden": 13, "test_digits_fast": 13, "test_train_runs": 13,
-    "test_attention": 12, "test_bad_input_data": 12,
-    "test_tokens_one_path": 8, "test_bad_input_model_dir": 8,
+    "test_code_golden": 121, "test_sampler_golden": 76,
+    "test_train_eval_split": 44, "test_sampling_cli": 40,
+    "test_default_model": 39, "test_train_stop": 35, "test_download": 23,
+    "test_examples": 22, "test_api": 20, "test_convert_cli": 18,
+    "test_optim_golden": 17, "test_eval_cli": 17, "test_digits_fast": 16,
+    "test_bad_input_disk": 16, "test_tuning": 16, "test_code_cli": 15,
+    "test_var_golden": 15, "test_eval_is_only": 14,
+    "test_sampler_inputs": 13, "test_verify_cli": 12, "test_train_units": 12,
+    "test_eval_inception": 12, "test_vqvae_golden": 12, "test_train_vae": 11,
+    "test_train_runs": 11, "test_import_side_effects": 10,
+    "test_tokens_one_path": 10, "test_bad_input_model_dir": 9,
+    "test_bad_input_data": 8, "test_eval_metrics": 7, "test_attention": 7,
+    "test_cli_help": 7, "test_bench_sample": 7, "test_interp": 7,
+    "test_gcs_io": 6, "test_golden_set": 6, "test_bad_input_paths": 5,
 }
 
 
