@@ -37,6 +37,19 @@ def _task(signal_at: int, signum: int, nan_at: int | None = None):
   return Task
 
 
+@pytest.fixture(autouse=True)
+def _signals_not_ignored():
+  """Signals act as in a shell's foreground job, even when the suite runs
+  as a background job (which starts with SIGINT ignored, and a run keeps an
+  ignored signal ignored)."""
+  kept = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  yield
+  for s, handler in kept.items():
+    signal.signal(s, handler)
+
+
 def _run(workdir, **kw):
   cfg = dataclasses.replace(load_config("train_vae_tiny", VAETrainConfig),
                             eval_split=None)
