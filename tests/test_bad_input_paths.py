@@ -120,7 +120,8 @@ def test_encode_writes_its_tokens_to_the_bucket(bucket, capsys):
 
 
 @pytest.mark.parametrize("scheme,package,hint", [
-    ("gs", "gcsfs", "pip install 'var-jax[gcs]'"),
+    ("gs", "gcsfs",
+     "pip install gcsfs (from a checkout: pip install '.[gcs]')"),
     ("s3", "s3fs", "pip install s3fs")])
 def test_a_remote_path_without_its_backend_is_one_line(
     tmp_path, monkeypatch, capsys, scheme, package, hint):

@@ -215,7 +215,8 @@ def test_digits_without_scikit_learn_says_how_to_install(monkeypatch):
   # None in sys.modules makes the import fail as if it were not installed.
   for name in ("sklearn", "sklearn.datasets", "sklearn.svm"):
     monkeypatch.setitem(sys.modules, name, None)
-  hint = r"needs scikit-learn: pip install 'var-jax\[digits\]'$"
+  hint = (r"needs scikit-learn: pip install scikit-learn \(from a checkout: "
+          r"pip install '\.\[digits\]'\)$")
   with pytest.raises(DataError, match="^the digits data source " + hint):
     make_loader("digits", split="train", resolution=64, global_batch=8,
                 seed=0)

@@ -105,13 +105,14 @@ def test_scheme_paths_are_never_local(empty_cwd):
 
 
 # The command line in a fresh interpreter where gcsfs cannot be imported, as
-# after `pip install var-jax` without the gcs extra.
+# after `pip install .` without the gcs extra.
 _NO_GCSFS = ("import sys; sys.modules['gcsfs'] = None; "
              "from var_jax import cli; sys.exit(cli.main(sys.argv[1:]))")
 
 
 @pytest.mark.parametrize("out,expect", [
-    ("gs://bucket/x.png", "gs:// paths need gcsfs: pip install 'var-jax[gcs]'"),
+    ("gs://bucket/x.png", "gs:// paths need gcsfs: pip install gcsfs "
+     "(from a checkout: pip install '.[gcs]')"),
     ("foo://bucket/x.png", "unsupported scheme foo://"),
 ])
 def test_cli_names_a_missing_backend_in_one_line(empty_cwd, out, expect):

@@ -33,8 +33,10 @@ from etils import epath
 from var_jax.errors import CheckpointError, WriteError
 
 
-# Remote schemes: the fsspec package epath needs and how to install it.
-_REMOTE = {"gs": ("gcsfs", "pip install 'var-jax[gcs]'"),
+# Remote schemes: the fsspec package epath needs and how to install it
+# (var-jax is not on PyPI: an extra is installed from a checkout).
+_REMOTE = {"gs": ("gcsfs",
+                  "pip install gcsfs (from a checkout: pip install '.[gcs]')"),
            "s3": ("s3fs", "pip install s3fs")}
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 

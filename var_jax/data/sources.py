@@ -308,13 +308,13 @@ def import_sklearn(module: str, what: str):
   """`sklearn.<module>`, imported on first use (scikit-learn is an extra).
 
   Raises:
-    DataError: scikit-learn is not installed; names the pip extra.
+    DataError: scikit-learn is not installed; names the package and extra.
   """
   try:
     return importlib.import_module(f"sklearn.{module}")
   except ImportError:
-    raise DataError(f"{what} needs scikit-learn: "
-                    "pip install 'var-jax[digits]'") from None
+    raise DataError(f"{what} needs scikit-learn: pip install scikit-learn "
+                    "(from a checkout: pip install '.[digits]')") from None
 
 
 class DigitsSource:
