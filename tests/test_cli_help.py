@@ -21,29 +21,15 @@ def _options(parser, path=()):
 
 _PARSER = cli.build_parser()
 _ALL = list(_options(_PARSER))
-# Options whose files this change could not edit, each without help text
-# (strict: the test fails once one gets its help, to be removed from here).
-_NO_HELP_YET = {
-    ("bench", "train", "--grad-accum"): "var_jax/training/bench.py",
-    **{(cmd, flag): "var_jax/training/commands.py"
-       for cmd in ("train", "train-vae")
-       for flag in ("--dtype", "--seed", "--num-processes", "--process-id")},
-    ("tokenize", "--split"): "var_jax/training/commands.py",
-    ("tokenize", "--batch"): "var_jax/training/commands.py",
-}
 
 
-def _case(path, action):
-  key = path + (action.option_strings[-1] if action.option_strings
-                else action.dest,)
-  marks = ()
-  if key in _NO_HELP_YET:
-    marks = pytest.mark.xfail(
-        strict=True, reason=f"no help text in {_NO_HELP_YET[key]}")
-  return pytest.param(action, id=" ".join(key), marks=marks)
+def _id(path, action):
+  return " ".join(path + (action.option_strings[-1] if action.option_strings
+                          else action.dest,))
 
 
-@pytest.mark.parametrize("action", [_case(p, a) for p, _, a in _ALL])
+@pytest.mark.parametrize("action", [pytest.param(a, id=_id(p, a))
+                                    for p, _, a in _ALL])
 def test_every_option_has_help(action):
   assert action.help and action.help.strip(), action.option_strings
 
@@ -53,23 +39,14 @@ def test_the_walk_reaches_every_subcommand():
              if isinstance(a, argparse._SubParsersAction))
   assert {"sample", "sample-many", "edit", "list", "bench", "train",
           "convert"} <= set(sub.choices)
-  assert {p for p, _, _ in _ALL} >= {("sample",), ("bench", "sample")}
-  # Every listed exception still exists (else it would pass unnoticed).
-  assert set(_NO_HELP_YET) <= {
-      p + (a.option_strings[-1],) for p, _, a in _ALL if a.option_strings}
-
-
-def _with_default(path, parser, action):
-  key = path + (action.option_strings[-1],)
-  marks = ()
-  if key in _NO_HELP_YET:  # argparse prints no help line without a text.
-    marks = pytest.mark.xfail(
-        strict=True, reason=f"no help text in {_NO_HELP_YET[key]}")
-  return pytest.param(parser, action, id=" ".join(key), marks=marks)
+  assert {p for p, _, _ in _ALL} >= {("sample",), ("bench", "sample"),
+                                     ("train",), ("train-vae",),
+                                     ("tokenize",), ("bench", "train")}
 
 
 @pytest.mark.parametrize("parser,action", [
-    _with_default(path, parser, action) for path, parser, action in _ALL
+    pytest.param(parser, action, id=_id(path, action))
+    for path, parser, action in _ALL
     if action.option_strings and not any(
         action.default is v for v in (None, False, argparse.SUPPRESS))])
 def test_help_shows_every_default(parser, action):

@@ -185,6 +185,31 @@ def test_train_cli_missing_data_dir(capsys, tmp_path, tiny_vae_dir):
   assert rc == 2 and len(err) == 1 and "/no/such/dir" in err[0], err
 
 
+def test_train_takes_model_names_for_its_weights(capsys, tmp_path):
+  """--vae-ckpt and --init-ckpt take a model name, as every --ckpt does."""
+  from var_jax import api
+  from var_jax.training.trainer import resolve_sources
+  cfg = load_config("train_digits", TrainConfig)
+  digits = api.model_dir("digits")
+  src = resolve_sources(dataclasses.replace(cfg, vae_ckpt="digits"))
+  assert src.vae_dir == digits and src.var_dir is None
+  src = resolve_sources(dataclasses.replace(cfg, init_ckpt="digits"))
+  assert src.vae_dir == src.var_dir == digits
+  # On the command line the name is taken, and the run goes on to its data
+  # (refused here: nothing trains).
+  argv = ["train", "--config", "train_digits", "--workdir",
+          str(tmp_path / "w"), "--data", "folder:/no/such/dir"]
+  rc, err = _cli_error(capsys, argv + ["--vae-ckpt", "digits"])
+  assert rc == 2 and len(err) == 1 and "/no/such/dir" in err[0], err
+  # A misspelt name is one line listing the names.
+  rc, err = _cli_error(capsys, argv + ["--init-ckpt", "digts"])
+  assert rc == 2 and len(err) == 1, err
+  assert err[0] == (
+      "var-jax train: error: digts is not a var-jax model directory (no "
+      f"config.json) nor a model name ({', '.join(api.model_names())}; "
+      "`var-jax list`)"), err[0]
+
+
 @pytest.fixture(scope="module")
 def tiny_vae_dir(random_digits_vae_dir):
   return random_digits_vae_dir

@@ -168,6 +168,12 @@ def load_config(ckpt_dir) -> ModelConfig:
   except OSError as e:
     raise CheckpointError(f"cannot read {f}: {e.strerror or e}") from None
   if text is None:
+    if isinstance(ckpt_dir, str) and "/" not in ckpt_dir and (
+        os.sep not in ckpt_dir):  # A bare word: most likely a name's typo.
+      raise CheckpointError(
+          f"{ckpt_dir} is not a var-jax model directory (no config.json) "
+          f"nor a model name ({', '.join(api.model_names())}; `var-jax "
+          "list`)")
     raise CheckpointError(f"{d} is not a var-jax model directory "
                           "(no config.json); create one with `var-jax "
                           "convert`, or name a model (`var-jax list`)")

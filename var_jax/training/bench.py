@@ -29,7 +29,9 @@ def add_parser(bench_subparsers) -> None:
   p.add_argument("--steps", type=int, default=3, help="timed steps")
   p.add_argument("--warmup", type=int, default=1,
                  help="untimed steps after compilation")
-  p.add_argument("--grad-accum", type=int, default=1)
+  p.add_argument("--grad-accum", type=int, default=1,
+                 help="micro-batches per step (the batch is split into this "
+                 "many, gradients averaged)")
   p.add_argument("--mesh", default=None, help="data=D,fsdp=F (default: all "
                  "devices on data)")
   p.add_argument("--no-matmul-peak", action="store_true",

@@ -29,8 +29,13 @@ def _add_run_flags(p, *, batch_what: str, tokens: bool, what: str) -> None:
                  "over all processes")
   p.add_argument("--mesh", help="data=D,fsdp=F over all devices (default: "
                  "data parallel on every device)")
-  p.add_argument("--dtype", choices=COMPUTE_DTYPES)
-  p.add_argument("--seed", type=int)
+  p.add_argument("--dtype", choices=COMPUTE_DTYPES,
+                 help="matmul compute dtype; weights stay float32 (default: "
+                 "the config's dtype)")
+  p.add_argument("--seed", type=int,
+                 help="seed of the initial weights, the per-step random keys "
+                 "and the data order and augmentation (default: the "
+                 "config's seed, 0 in the bundled configs)")
   p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
   p.add_argument("--eval-split", metavar="NAME|none",
                  help=f"held-out split evaluated once training ends ({what}; "
@@ -39,10 +44,15 @@ def _add_run_flags(p, *, batch_what: str, tokens: bool, what: str) -> None:
   p.add_argument("--eval-batch", type=int, metavar="N",
                  help="examples per evaluation batch, over all processes "
                  "(default: the config's eval_batch)")
-  g = p.add_argument_group("multi-process (all three, or none)")
+  g = p.add_argument_group(
+      "multi-process (all three, or none)",
+      "Without them a TPU pod or Slurm job is detected; otherwise the run "
+      "is one process.")
   g.add_argument("--coordinator-address", help="HOST:PORT of process 0")
-  g.add_argument("--num-processes", type=int)
-  g.add_argument("--process-id", type=int)
+  g.add_argument("--num-processes", type=int, metavar="N",
+                 help="number of processes in the job")
+  g.add_argument("--process-id", type=int, metavar="I",
+                 help="this process's index, 0..N-1")
 
 
 def register(subparsers) -> None:
@@ -56,9 +66,12 @@ def register(subparsers) -> None:
   _add_run_flags(p, batch_what="examples", tokens=True,
                  what="loss and accuracy")
   w = p.add_mutually_exclusive_group()
-  w.add_argument("--vae-ckpt", help="model directory holding the tokenizer")
-  w.add_argument("--init-ckpt", help="model directory (tokenizer + VAR) to "
-                 "start from")
+  w.add_argument("--vae-ckpt", metavar="DIR_OR_NAME",
+                 help="model directory, or a model name (digits, d16.., "
+                 "`var-jax list`), holding the tokenizer")
+  w.add_argument("--init-ckpt", metavar="DIR_OR_NAME",
+                 help="model directory or name (tokenizer + VAR) to start "
+                 "from")
   p.set_defaults(func=_run, kind="var")
 
   p = subparsers.add_parser(
@@ -125,13 +138,17 @@ def _register_tokenize(subparsers) -> None:
       description="Encodes a dataset once (center crop, no augmentation) so "
                   "that VAR training skips the tokenizer: `var-jax train "
                   "--data tokens:OUT.npz`.")
-  p.add_argument("--ckpt", required=True, help="model directory with the "
-                 "tokenizer")
+  p.add_argument("--ckpt", required=True, metavar="DIR_OR_NAME",
+                 help="model directory, or a model name (digits, d16.., "
+                 "`var-jax list`), with the tokenizer")
   p.add_argument("--data", required=True, help="folder:PATH | tfds:NAME | "
                  "digits" + _FOLDER_HELP)
-  p.add_argument("--split", default="train")
+  p.add_argument("--split", default="train",
+                 help="data split to encode (folder: PATH/SPLIT; val and "
+                 "validation are one split)")
   p.add_argument("--out", required=True, help="output .npz")
-  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--batch", type=int, default=64,
+                 help="images per tokenizer call")
   p.add_argument("--scales", help="comma-separated scale list (default: "
                  "the tokenizer's)")
   p.set_defaults(func=_tokenize)

@@ -27,7 +27,8 @@ def tokenize_dataset(ckpt, spec: str, split: str, out, *, batch: int = 64,
   """Encodes every decodable example of `spec`/`split` (center crop) to `out`.
 
   Args:
-    ckpt: model directory holding the tokenizer.
+    ckpt: model directory or model name (`checkpoint.model_dir`) holding
+      the tokenizer.
     spec: `folder:PATH`, `tfds:NAME` or `digits` (not a token cache).
     split: data split ('train', 'val', ...).
     out: output `.npz` (local or `gs://`), written atomically.

@@ -17,7 +17,6 @@ import numpy as np
 from var_jax import checkpoint
 from var_jax.models.var.config import ModelConfig, check_compatible
 from var_jax.errors import DataError, UserError
-from var_jax.io import as_path
 from var_jax.training import flops as flops_lib
 from var_jax.training import loss as loss_lib
 from var_jax.training import metrics as metrics_lib
@@ -43,6 +42,10 @@ class Sources:
 def resolve_sources(cfg: TrainConfig) -> Sources:
   """The model config and weight directories named by the config.
 
+  `vae_ckpt` and `init_ckpt` are model directories or model names
+  (`checkpoint.model_dir`: digits, digits_refiner, d16..d36), as every
+  command's `--ckpt` takes them.
+
   Raises:
     UserError: no tokenizer named, or a directory without the weights the
       run needs.
@@ -50,8 +53,9 @@ def resolve_sources(cfg: TrainConfig) -> Sources:
   """
   model_cfg = cfg.model_config()
   if cfg.init_ckpt:
-    d = as_path(cfg.init_ckpt)
-    mcfg = checkpoint.load_config(d)
+    # The name itself to load_config: a misspelt one is refused by name.
+    mcfg = checkpoint.load_config(cfg.init_ckpt)
+    d = checkpoint.model_dir(cfg.init_ckpt)
     if mcfg.var is None or not (d / "var").exists() or not (d / "vae").exists():
       raise UserError(f"{d} is not a full model directory (tokenizer + VAR); "
                       "--init-ckpt needs both")
@@ -61,11 +65,12 @@ def resolve_sources(cfg: TrainConfig) -> Sources:
         drop_path_rate=model_cfg.var.drop_path_rate)
     return Sources(dataclasses.replace(mcfg, var=var_cfg), d, d)
   if not cfg.vae_ckpt:
-    raise UserError("training needs a tokenizer: pass --vae-ckpt DIR (a model "
-                    "directory from `var-jax convert --vae ...`) or "
-                    "--init-ckpt DIR")
-  d = as_path(cfg.vae_ckpt)
-  vcfg = checkpoint.load_config(d)
+    raise UserError("training needs a tokenizer: pass --vae-ckpt DIR_OR_NAME "
+                    "(a model directory from `var-jax convert --vae ...` or "
+                    "`train-vae`, or a model name) or --init-ckpt "
+                    "DIR_OR_NAME")
+  vcfg = checkpoint.load_config(cfg.vae_ckpt)
+  d = checkpoint.model_dir(cfg.vae_ckpt)
   if vcfg.vae is None or not (d / "vae").exists():
     raise UserError(f"{d} holds no tokenizer weights")
   var, vae_cfg = model_cfg.var, vcfg.vae
