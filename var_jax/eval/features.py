@@ -7,7 +7,8 @@ split along the mesh axis `data`. On several hosts each process takes a
 contiguous share of the images and the features are gathered at the end.
 Reading runs in a background thread one batch ahead of the device; the last
 batch is padded to the full size (one compiled shape) and the padding
-dropped. A tqdm bar on stderr shows images/s.
+dropped. Process 0 reports progress in images/s on stderr
+(`var_jax.progress`: a live bar on a terminal, whole lines in a log file).
 """
 
 from __future__ import annotations
@@ -113,6 +114,11 @@ class FeatureExtractor:
   def __call__(self, source, desc: str = "features",
                progress: bool = True) -> dict[str, np.ndarray]:
     """Features of every image of `source` ({name: float32 (N, D)}).
+
+    Args:
+      source: the images, read in batches (`source.batches`).
+      desc: the label of the progress reports.
+      progress: report progress on stderr (process 0 only).
 
     Raises:
       DataError: the source failed while being read.
