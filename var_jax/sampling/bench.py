@@ -101,12 +101,14 @@ def _models(args):
     return model_config, vae, var, None
   try:
     ref_cfg = get_preset(args.refiner_preset)
+    drafter_cfg = (checkpoint.load_config(args.ckpt) if args.ckpt else
+                   get_preset(args.preset))
   except ValueError as e:
     raise CheckpointError(str(e)) from None
-  model_config, vae, drafter = checkpoint.bench_models(args.ckpt, args.preset)
-  if ref_cfg.var is None or ref_cfg.vae != model_config.vae:
+  if ref_cfg.var is None or ref_cfg.vae != drafter_cfg.vae:
     raise UserError(f"--refiner-preset {args.refiner_preset} does not share "
-                    f"the tokenizer of the drafter ({model_config.name})")
+                    f"the tokenizer of the drafter ({drafter_cfg.name})")
+  model_config, vae, drafter = checkpoint.bench_models(args.ckpt, args.preset)
   from flax import nnx
   from var_jax.models.var.transformer import VAR
   return model_config, vae, VAR(ref_cfg.var, rngs=nnx.Rngs(2)), drafter
@@ -116,7 +118,7 @@ def run(args) -> int:
   from var_jax.sampling import flops as sflops
   from var_jax.sampling.commands import stored_tuning
   from var_jax.sampling.var.sampler import SampleOptions, Sampler
-  from var_jax.training import flops as tflops
+  from var_jax import hardware
 
   if args.batch < 1 or args.iters < 1:
     from var_jax.errors import UserError
@@ -155,7 +157,7 @@ def run(args) -> int:
                            cfg_until=resolved.cfg_until)
   achieved = fl["total"] * args.batch / batch_s
   dev = jax.devices()[0]
-  peak = tflops.device_peak(dev, args.dtype)
+  peak = hardware.device_peak(dev, args.dtype)
   rec = {
       "bench": "sample", "impl": "var_jax", "preset": model_config.name,
       "refiner_preset": args.refiner_preset, "draft_steps": args.draft_steps,
@@ -181,7 +183,7 @@ def run(args) -> int:
                           args.iters)
     rec["decoder_s_per_img"] = round(dec_s / args.batch, 4)
   if not args.no_matmul_peak:
-    mm = tflops.measure_matmul_peak(args.dtype)
+    mm = hardware.measure_matmul_peak(args.dtype)
     rec["matmul_tflop_per_s"] = round(mm / 1e12, 4)
     rec["frac_of_matmul_peak"] = round(achieved / mm, 4)
   print(json.dumps(rec), flush=True)

@@ -52,6 +52,7 @@ def _models(args):
 
 
 def run(args) -> int:
+  from var_jax import hardware
   from var_jax.training import flops as flops_lib
   from var_jax.training import loss as loss_lib
   from var_jax.training import mesh as mesh_lib
@@ -100,7 +101,7 @@ def run(args) -> int:
   total = var_flops + tok * args.batch
   achieved = total / step_s
   dev = jax.devices()[0]
-  peak = flops_lib.device_peak(dev, args.dtype)
+  peak = hardware.device_peak(dev, args.dtype)
   out = {
       "bench": "train", "preset": cfg.name, "batch": args.batch,
       "dtype": args.dtype, "grad_accum": args.grad_accum,
@@ -116,7 +117,7 @@ def run(args) -> int:
       "loss": float(m["loss"]),
   }
   if not args.no_matmul_peak:
-    mm = flops_lib.measure_matmul_peak(args.dtype)
+    mm = hardware.measure_matmul_peak(args.dtype)
     out["matmul_tflop_per_s"] = round(mm / 1e12, 4)
     out["frac_of_matmul_peak"] = round(
         achieved / (mm * jax.device_count()), 4)

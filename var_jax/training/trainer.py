@@ -14,7 +14,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from var_jax import checkpoint
+from var_jax import checkpoint, hardware
 from var_jax.models.var.config import ModelConfig, check_compatible
 from var_jax.errors import DataError, UserError
 from var_jax.training import flops as flops_lib
@@ -126,7 +126,7 @@ class VARTask(run_lib.Task):
     self.vae_gd, self.vae_state, self._vae_sh = restore_vae(
         self.src.vae_dir, self.model_cfg.vae, mesh)
     self.key = np.asarray(jax.random.key_data(jax.random.key(cfg.seed)))
-    self._peak = flops_lib.device_peak(jax.devices()[0], cfg.dtype)
+    self._peak = hardware.device_peak(jax.devices()[0], cfg.dtype)
     self._flops = None  # Computed on first use, only if the peak is known.
 
   def attach(self, loader, total: int) -> None:
