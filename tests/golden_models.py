@@ -11,6 +11,7 @@ from flax import nnx
 from var_jax.models.var.config import VARConfig, get_preset
 from var_jax.configs.models import DIGITS_VAE
 from var_jax.convert.var.convert import official_states, read_official
+from var_jax.models.abstract import abstract_split
 from var_jax.models.var.transformer import VAR
 from var_jax.models.var.vqvae import VQVAE
 
@@ -19,11 +20,11 @@ def _official_model(ctor, cfg, vae_sd=None, var_sd=None):
   """`ctor(cfg)` holding an official state dict, through the converter's own
   mapping (`official_states`, what `var-jax convert` writes).
 
-  Built from `nnx.eval_shape`, as `checkpoint.load_model` builds a model:
+  Built from abstract shapes, as `checkpoint.load_model` builds a model:
   constructing eagerly would compile one XLA program per parameter shape
   for initial values that are overwritten anyway (seconds per model).
   """
-  graph, state = nnx.split(nnx.eval_shape(lambda: ctor(cfg, rngs=nnx.Rngs(0))))
+  graph, state = abstract_split(ctor, cfg)
   vae_state, var_state = official_states(
       vae_sd, var_sd, cfg if vae_sd is not None else None,
       cfg if var_sd is not None else None)
@@ -61,17 +62,17 @@ def small_var_config(shared_aln: bool = False) -> VARConfig:
                    attn_l2_norm=True, cond_drop_rate=0.0, drop_path_rate=0.0)
 
 
-def _random_model(ctor, seed: int):
-  """`ctor()`'s module with every parameter random and non-trivial (as the
+def _random_model(ctor, cfg, seed: int):
+  """`ctor(cfg)`'s module with every parameter random and non-trivial (as the
   golden models have: the constructors' zeros, ones and 1e-5 gains would
   make many logits tie and an equivalence test prove little).
 
-  Built from `nnx.eval_shape` and filled with numpy: constructing eagerly
+  Built from abstract shapes and filled with numpy: constructing eagerly
   compiles one XLA program per parameter shape (about a minute on a busy
   2-core machine). Weights ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.1^2),
   biases and the rest ~ N(0, 0.1^2); buffers (codebook usage) start at 0.
   """
-  graph, state = nnx.split(nnx.eval_shape(ctor))
+  graph, state = abstract_split(ctor, cfg)
   rng = np.random.default_rng(seed)
 
   def fill(path, v):
@@ -96,11 +97,11 @@ def _random_model(ctor, seed: int):
 @functools.lru_cache(maxsize=None)
 def small_vae(seed: int = 0) -> VQVAE:
   """A random 64px tokenizer (DIGITS_VAE layout: 4 scales, 512 codes)."""
-  return _random_model(lambda: VQVAE(SMALL_VAE, rngs=nnx.Rngs(0)), seed)
+  return _random_model(VQVAE, SMALL_VAE, seed)
 
 
 @functools.lru_cache(maxsize=None)
 def small_var(seed: int = 0, shared_aln: bool = False) -> VAR:
   """A random 2-block VAR over `small_vae`'s tokens (10 classes)."""
   cfg = small_var_config(shared_aln)
-  return _random_model(lambda: VAR(cfg, rngs=nnx.Rngs(0)), seed + 1)
+  return _random_model(VAR, cfg, seed + 1)

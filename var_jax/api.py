@@ -195,9 +195,10 @@ def _count(kind: str, cfg) -> int:
   (nothing is allocated; a VQVAE takes about a second to trace)."""
   import jax
   from flax import nnx
+  from var_jax.models.abstract import abstract_model
   from var_jax.models.var import transformer, vqvae
   ctor = vqvae.VQVAE if kind == "vae" else transformer.VAR
-  model = nnx.eval_shape(lambda: ctor(cfg, rngs=nnx.Rngs(0)))
+  model = abstract_model(ctor, cfg)
   return sum(math.prod(x.shape)
              for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 

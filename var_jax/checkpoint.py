@@ -28,6 +28,7 @@ from var_jax import api
 from var_jax.models.var.config import ModelConfig, check_compatible
 from var_jax.errors import CheckpointError
 from var_jax.io import as_path, atomic_dir, is_local, orbax_writes, write_text
+from var_jax.models.abstract import abstract_split
 from var_jax.models.var.transformer import VAR
 from var_jax.models.var.vqvae import VQVAE
 
@@ -117,12 +118,11 @@ def check_tree(path, stored: dict, wanted: dict, what: str) -> None:
 
 def _restore(path: epath.Path, ctor, cfg, what: str):
   try:
-    abstract = nnx.eval_shape(lambda: ctor(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = abstract_split(ctor, cfg)
   except (ValueError, TypeError, ZeroDivisionError) as e:
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise CheckpointError(f"{path.parent}/config.json describes a {what} that "
                           f"cannot be built: {msg}") from None
-  graphdef, state = nnx.split(abstract)
   target = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
       state.to_pure_dict())

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from var_jax.errors import InceptionWeightsError, PthError
+from var_jax.models.abstract import abstract_split
 from var_jax.models.inception import InceptionV3
 
 WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
@@ -127,9 +128,7 @@ def convert_state_dict(sd: dict[str, np.ndarray], where: str = "state dict",
       misshaped key (expected torch shape vs found).
   """
   table = name_table()
-  abstract = nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0),
-                                                dtype=dtype))
-  graphdef, state = nnx.split(abstract)
+  graphdef, state = abstract_split(InceptionV3, dtype=dtype)
   flat = dict(nnx.to_flat_state(state))
   missing = [k for k in table if k not in sd]
   unknown = [k for k in sd if k not in table
@@ -182,8 +181,7 @@ def torch_keys() -> list[tuple[str, tuple[int, ...], str]]:
   so the list is the whole state dict of `FeatureExtractorInceptionV3`.
   """
   table = name_table()
-  abstract = nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0)))
-  flat = dict(nnx.to_flat_state(nnx.split(abstract)[1]))
+  flat = dict(nnx.to_flat_state(abstract_split(InceptionV3)[1]))
   out = []
   for key, (path, perm) in table.items():
     want = flat[path].value.shape

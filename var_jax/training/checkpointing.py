@@ -24,6 +24,7 @@ from flax import nnx
 from var_jax import io
 from var_jax.models.var.config import VQVAEConfig
 from var_jax.errors import CheckpointError, WriteError
+from var_jax.models.abstract import abstract_split
 from var_jax.models.var.vqvae import VQVAE
 from var_jax.training import sharding
 
@@ -224,8 +225,7 @@ def restore_vae(model_dir, cfg: VQVAEConfig, mesh):
 
   Returns (graphdef, state as a nested dict, its shardings).
   """
-  graphdef, abstract = nnx.split(
-      nnx.eval_shape(lambda: VQVAE(cfg, rngs=nnx.Rngs(0))))
+  graphdef, abstract = abstract_split(VQVAE, cfg)
   pure = nnx.to_pure_dict(abstract)
   sh = jax.tree.map(lambda _: sharding.replicated(mesh), pure)
   target = sharding.with_shardings(pure, sh)

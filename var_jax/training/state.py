@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from var_jax.models.var.config import VARConfig
+from var_jax.models.abstract import abstract_split
 from var_jax.models.var.transformer import VAR
 from var_jax.models.var.vqvae import VQVAE
 from var_jax.training import sharding
@@ -101,8 +102,7 @@ def _fresh_var(cfg, tx, seed, adaln_gamma):
 def var_state_spec(cfg: VARConfig, tx: optax.GradientTransformation,
                    mesh: Mesh) -> StateSpec:
   """Graph, abstract state and shardings of a VAR and its optimizer."""
-  graphdef, abstract_params = nnx.split(
-      nnx.eval_shape(lambda: VAR(cfg, rngs=nnx.Rngs(0))))
+  graphdef, abstract_params = abstract_split(VAR, cfg)
   abstract = jax.eval_shape(lambda: _fresh_var(cfg, tx, 0, _MODEL_ADALN_GAMMA))
   sh = state_shardings(abstract, mesh,
                        {"params": (abstract_params, tx, "opt_state")})

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from flax import nnx
 
 from var_jax import checkpoint
 from var_jax.models.var.config import (ModelConfig, check_compatible,
@@ -14,6 +13,7 @@ from var_jax.convert.var import load
 from var_jax.convert.pth import read_pth
 from var_jax.io import as_path
 from var_jax.convert.var.official_names import var_rules, vqvae_rules
+from var_jax.models.abstract import abstract_split
 from var_jax.models.var.transformer import VAR
 from var_jax.models.var.vqvae import VQVAE
 
@@ -72,13 +72,11 @@ def official_states(vae_sd, var_sd, vae_cfg, var_cfg):
   """Pure-dict states (numpy) for each given model, via the mapping table."""
   vae_state = var_state = None
   if vae_sd is not None:
-    abstract = nnx.state(nnx.eval_shape(lambda: VQVAE(vae_cfg,
-                                                      rngs=nnx.Rngs(0))))
+    abstract = abstract_split(VQVAE, vae_cfg)[1]
     vae_state = load.flat_to_pure(load.official_to_flat(
         abstract, vqvae_rules(vae_cfg), vae_sd, "VQVAE"))
   if var_sd is not None:
-    abstract = nnx.state(nnx.eval_shape(lambda: VAR(var_cfg,
-                                                    rngs=nnx.Rngs(0))))
+    abstract = abstract_split(VAR, var_cfg)[1]
     var_state = load.flat_to_pure(load.official_to_flat(
         abstract, var_rules(var_cfg), var_sd, "VAR", var_cfg.patch_nums))
   return vae_state, var_state

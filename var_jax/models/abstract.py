@@ -1,0 +1,36 @@
+"""Abstract models: a module's graph and parameter shapes, nothing allocated.
+
+Loading a checkpoint, converting weights and counting parameters all start
+from the shapes of a freshly built module. `nnx.eval_shape` traces every
+initializer to get them, and with this flax/jax pair each new variable costs
+time proportional to the trace so far (about a second for a VQVAE), so one
+trace per constructor and arguments is kept and copied.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from flax import nnx
+
+
+@functools.lru_cache(maxsize=64)
+def _split(ctor, args: tuple, kwargs: tuple):
+  return nnx.split(nnx.eval_shape(
+      lambda: ctor(*args, rngs=nnx.Rngs(0), **dict(kwargs))))
+
+
+def abstract_split(ctor, *args, **kwargs) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, state of `jax.ShapeDtypeStruct`s) of `ctor(*args, rngs=...,
+  **kwargs)`; the arguments must be hashable (configs are frozen).
+
+  The state is the caller's own copy: filling it in changes no other call's.
+  """
+  graphdef, state = _split(ctor, args, tuple(sorted(kwargs.items())))
+  return graphdef, jax.tree.map(lambda x: x, state)
+
+
+def abstract_model(ctor, *args, **kwargs):
+  """The module `ctor(*args, rngs=..., **kwargs)` with abstract values."""
+  return nnx.merge(*abstract_split(ctor, *args, **kwargs))
