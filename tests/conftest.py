@@ -39,7 +39,7 @@ SHARED_GOLDEN = _ROOT.parent / "shared" / "golden"
 # Seconds are what each file's tests took on a 2-core machine (measured
 # with --durations; only the order matters, a file not listed comes last).
 _LONG_FIRST = {
-    "test_code_golden": 121, "test_sampler_golden": 76,
+    "golden_samplers": 190,
     "test_train_eval_split": 44, "test_sampling_cli": 40,
     "test_default_model": 39, "test_train_stop": 35, "test_download": 23,
     "test_examples": 22, "test_api": 20, "test_convert_cli": 18,
@@ -56,8 +56,16 @@ _LONG_FIRST = {
 }
 
 
+# Files whose tests compile the same samplers of the golden models share a
+# worker, so a program (e.g. the greedy cfg 1.5 loop, which `cfg_until=K`
+# also resolves to) is compiled once.
+_SHARED_GROUP = {"test_code_golden": "golden_samplers",
+                 "test_sampler_golden": "golden_samplers"}
+
+
 def _xdist_group(item) -> str:
-  return pathlib.Path(str(item.fspath)).stem
+  stem = pathlib.Path(str(item.fspath)).stem
+  return _SHARED_GROUP.get(stem, stem)
 
 
 @pytest.hookimpl(tryfirst=True)  # Before xdist reads the groups.

@@ -30,6 +30,7 @@ def judged_samples():
   return labels, pred
 
 
+@pytest.mark.slow  # End to end: 100 samples judged by a classifier.
 def test_bundled_model_is_complete(judged_samples):
   d = checkpoint.DEFAULT_MODEL
   for name in ("config.json", "vae", "var", "report.json"):
@@ -47,6 +48,7 @@ def test_bundled_model_is_complete(judged_samples):
   assert agree >= report["sample_class_agreement"] - 0.05, (agree, report)
 
 
+@pytest.mark.slow  # End to end: 100 samples judged by a classifier.
 def test_samples_are_digits_of_the_requested_class(judged_samples):
   labels, pred = judged_samples
   per_class = [float(np.mean(pred[labels == c] == c)) for c in range(10)]
@@ -54,6 +56,7 @@ def test_samples_are_digits_of_the_requested_class(judged_samples):
   assert min(per_class) >= 0.7, per_class
 
 
+@pytest.mark.slow  # End to end: the tokenizer over held-out digits.
 def test_tokenizer_reconstructs_held_out_digits():
   """The reported held-out PSNR is what the shipped tokenizer measures."""
   _, vae, _ = checkpoint.load_model(None, need_var=False)

@@ -2,6 +2,7 @@
 pair (the digits VAR drafts, the shipped half-depth refiner draws the rest)."""
 
 import numpy as np
+import pytest
 
 from var_jax import checkpoint, cli
 from var_jax.sampling import commands
@@ -25,6 +26,7 @@ def test_shipped_refiner_is_small_and_shares_the_tokenizer():
   assert ref.var.patch_nums == big.var.patch_nums
 
 
+@pytest.mark.slow  # End to end: sample --fast in a fresh process.
 def test_sample_fast_draws_with_the_bundled_pair(tmp_path):
   npz, png = tmp_path / "f.npz", tmp_path / "f.png"
   labels = [0, 3, 7]

@@ -241,6 +241,7 @@ def _pair_fetch(golden_dir, calls):
   return fetch
 
 
+@pytest.mark.slow  # End to end: fetch, convert, sample.
 def test_code_pair_converts_and_samples_like_the_reference(golden_dir, golden,
                                                            tmp_path):
   # The path a user takes: download the pair, load both directories, sample

@@ -70,6 +70,7 @@ def _score_once(weights, tmp_path, capsys):
   return common, first
 
 
+@pytest.mark.slow  # End to end: two whole eval runs.
 def test_scores_twice_equal_and_cache_reuse(weights, tmp_path, capsys):
   common, first = _score_once(weights, tmp_path, capsys)
   rc, out, err = _eval(common + ["--sample-cache", tmp_path / "sc.npz",

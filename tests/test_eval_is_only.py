@@ -41,6 +41,7 @@ def _eval(argv, capsys):
   return rc, cap.out, cap.err
 
 
+@pytest.mark.slow  # End to end: a whole eval run.
 def test_no_ref_no_metrics_scores_is_and_says_what_ref_adds(
     weights, samples, capsys):
   rc, out, err = _eval([samples, "--inception", weights, "--batch", 4],

@@ -6,11 +6,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # End to end: the example script in a fresh process.
 def test_quickstart_writes_the_grid_and_the_edit(tmp_path):
   env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
   proc = subprocess.run(

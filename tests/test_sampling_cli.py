@@ -159,6 +159,7 @@ class _StopAfter:
     return self.s.run_arrays(*a)
 
 
+@pytest.mark.slow  # Interrupted and resumed sample-many (subprocesses).
 def test_sample_many_resumes_and_is_batch_invariant(golden_dir, tmp_path):
   vae, var = golden_vae(golden_dir), golden_var(golden_dir)
   meta = {"test": 1}

@@ -117,6 +117,7 @@ def test_token_cache_has_no_eval_split(capsys, tmp_path, vae_dir):
   assert "--eval-split none" in err[0], err
 
 
+@pytest.mark.slow  # End to end: a whole training run.
 def test_eval_split_none_trains_without_a_val_folder(capsys, tmp_path):
   """The newcomer's case: only train/, and the tokenizer config evaluates
   on `val`; `--eval-split none` runs, and nothing is evaluated."""

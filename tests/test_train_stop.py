@@ -71,6 +71,7 @@ def _logged(workdir):
           (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # Interrupted and resumed training run.
 def test_sigint_saves_the_step_in_flight(tmp_path, capfd):
   work = tmp_path / "w"
   e = _run(work, signal_at=2, signum=signal.SIGINT)

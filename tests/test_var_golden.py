@@ -80,6 +80,7 @@ def test_every_gradient_matches_official(golden_dir):
     assert_close_rel(ours[k[len("grad/"):]], g[k], name=k)
 
 
+@pytest.mark.slow  # Finite differences over every parameter tensor.
 def test_512px_shared_adaln_gradients_match_finite_differences(golden_dir):
   _, run, params, g = _problem(golden_dir, *CASES[1])
   assert not any(k.startswith("grad/") for k in g)  # Hence this check.
