@@ -61,6 +61,7 @@ def test_fast_refuses_another_model(tmp_path, capsys):
   assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.slow  # End to end: two collaborative sampling runs.
 def test_the_bundled_pair_by_name_is_what_fast_draws(tmp_path, capsys):
   # --ckpt and --drafter-ckpt take the bundled models' names; the refiner
   # comes with the digits tokenizer.

@@ -91,6 +91,7 @@ def test_scores_recomputed_without_caches_are_equal(weights, tmp_path,
   assert _numbers(json.loads(out)) == _numbers(first)
 
 
+@pytest.mark.slow  # End to end: three whole eval runs.
 def test_folder_equals_npz_and_precomputed_reference(weights, tmp_path,
                                                     capsys):
   imgs = _images(2, 4, 24, 32)
