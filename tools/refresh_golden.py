@@ -14,9 +14,11 @@ copied from its top level:
 - `README.md`: the copy keeps its own opening note (everything before the
   first `# ` heading) followed by the source's text verbatim.
 In the folders whose files the tests read only in part (`SUBSET_DIRS`), the
-files the copy already holds are refreshed byte for byte and nothing else is
-added. Files whose content is already current are not rewritten. Exits 1 with one
-line on stderr when the source or the manifest is not usable.
+files the copy already holds are refreshed byte for byte, the ones
+`SUBSET_FILES` names are added when missing (in a folder the copy has), and
+nothing else is added. Files whose content is already current are not
+rewritten. Exits 1 with one line on stderr when the source or the manifest
+is not usable.
 """
 
 import argparse
@@ -34,6 +36,10 @@ DEST = _ROOT / "tests" / "golden"
 MANIFEST = "kept_arrays.json"
 # Source folders of which the tests read a subset of the files.
 SUBSET_DIRS = ("eval", "infinity")
+# Files of those folders that the tests read: copied byte for byte even where
+# the copy does not hold them yet.
+SUBSET_FILES = {"eval": ("adm_eval.npz", "adm_eval_wide.npz",
+                         "inception_io.npz", "inception_keys.json")}
 
 
 class RefreshError(Exception):
@@ -106,13 +112,15 @@ def refresh(src: pathlib.Path, dest: pathlib.Path = DEST) -> list[str]:
   for sub in SUBSET_DIRS:
     if not (dest / sub).is_dir():
       continue
-    for d in sorted(p for p in (dest / sub).iterdir() if p.is_file()):
-      s = src / sub / d.name
+    held = {p.name for p in (dest / sub).iterdir() if p.is_file()}
+    for name in sorted(held | set(SUBSET_FILES.get(sub, ()))):
+      d, s = dest / sub / name, src / sub / name
       if not s.is_file():
-        raise RefreshError(f"{s}: the copy holds {sub}/{d.name} but the "
+        what = "holds" if name in held else "needs"
+        raise RefreshError(f"{s}: the copy {what} {sub}/{name} but the "
                            "source does not")
       data = s.read_bytes()
-      if d.read_bytes() != data:
+      if not d.exists() or d.read_bytes() != data:
         writes.append((f"{sub}/{d.name}", lambda fh, b=data: fh.write(b)))
   for name, write in writes:
     var_io.atomic_file(dest / name, write)
