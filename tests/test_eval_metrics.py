@@ -45,11 +45,17 @@ def test_precision_recall_do_not_depend_on_block_size(adm):
   assert got == (float(adm["precision"]), float(adm["recall"]))
 
 
+def _f32(u, v):
+  """The float32 fallback distances of two whole sets."""
+  a, b = M._Side.of(u), M._Side.of(v)
+  return np.asarray(M._distances_f32(a.feats, b.feats, a.norm32, b.norm32))
+
+
 def test_float32_only_distances_would_move_recall(adm):
   # The reason for the float16 path: in float32 recall is 0.755, not 0.754.
-  r = np.asarray(M._distances_f32(adm["ref_pool"], adm["ref_pool"]))
-  s = np.asarray(M._distances_f32(adm["sample_pool"], adm["sample_pool"]))
-  d = np.asarray(M._distances_f32(adm["ref_pool"], adm["sample_pool"]))
+  r = _f32(adm["ref_pool"], adm["ref_pool"])
+  s = _f32(adm["sample_pool"], adm["sample_pool"])
+  d = _f32(adm["ref_pool"], adm["sample_pool"])
   r_ref, r_sam = np.partition(r, 3, 1)[:, 3], np.partition(s, 3, 1)[:, 3]
   assert (d <= r_sam[None]).any(1).mean() == 0.755
   assert M.precision_recall(adm["ref_pool"], adm["sample_pool"])[1] == 0.754
@@ -63,7 +69,8 @@ def test_float16_overflow_falls_back_to_float32():
   d = np.asarray(M.pairwise_distances(u, v))
   want = ((u[:, None, :].astype(np.float64) - v[None]) ** 2).sum(-1)
   np.testing.assert_allclose(d, want, rtol=1e-5)
-  _, finite = M._distances_f16(u, v)
+  a, b = M._Side.of(u), M._Side.of(v)
+  _, finite = M._distances_f16(a.feats, b.feats, a.norm16, b.norm16)
   assert not bool(finite)
 
 

@@ -145,64 +145,197 @@ def inception_score(logits_unbiased_NK: np.ndarray,
 
 # ---------------------------------------------------------------------------
 # Precision and recall (`ManifoldEstimator`, `DistanceBlock`).
+#
+# The evaluator's distance block is `max(|u|^2 - 2 u.v + |v|^2, 0)` on the
+# features cast to float16, done by TensorFlow's CPU kernels, which decide
+# every rounding:
+# - `tf.square`: each square rounded to float16.
+# - `tf.reduce_sum` over the 2048 squares: Eigen's tree reduction with
+#   float16 accumulators (`_eigen_row_sums`): halves split at a packet
+#   boundary above 8 x 200 values, four 8-lane accumulators per leaf, each
+#   addition rounded to float16, the lanes added in float32 and rounded once.
+# - `tf.matmul`: the float16 operands converted to float32, multiplied in
+#   float32 (each product is exact, only the summation order is the
+#   library's) and each result rounded once to float16.
+# - `2 * uv`, `- `, `+ `: each rounded to float16, so `2 u.v` above 65504
+#   becomes inf and the distance max(-inf, 0) = 0; `tf.maximum` keeps NaN
+#   (an overflowed norm minus an overflowed product).
+# - A block with any non-finite float16 distance is redone in float32
+#   (squares and Eigen's float32 tree sums, a float32 matmul).
+# XLA keeps float16 intermediates in float32 (excess precision), so the
+# roundings are made explicit below (`_round_f16`) on float32 values.
+
+# Eigen's packet width for float and half in TensorFlow's CPU kernels (AVX
+# build) and its tree-reduction leaf sizes (values per packet lane).
+_PACKET = 8
+_LEAF = {np.dtype(np.float16): 200, np.dtype(np.float32): 1024}
+# Rows of a feature set reduced at once by `_eigen_row_sums` (memory only).
+_NORM_ROWS = 4096
 
 
-@jax.jit
-def _distances_f16(u_MD, v_ND):
-  """`DistanceBlock`'s float16 path: inputs rounded to float16, squared norms
-  and dot products accumulated in float32 and rounded to float16, then
-  max(|u|^2 - 2 u.v + |v|^2, 0) in float16 arithmetic.
+def _round_f16(x):
+  """float32 -> the nearest float16 value, as float32 (round half to even,
+  overflow to +-inf, float16 subnormals kept, NaN kept).
 
-  This matches the evaluator's TensorFlow CPU graph on the golden set; pure
-  float16 accumulation or float16 squares do not (they move precision and
-  recall by a point).
+  Integer arithmetic on the bits, so that XLA cannot skip the rounding the
+  way it skips a float32 -> float16 -> float32 round trip.
   """
-  f16, f32 = jnp.float16, jnp.float32
-  u = u_MD.astype(f16).astype(f32)
-  v = v_ND.astype(f16).astype(f32)
-  nu = jnp.sum(u * u, axis=1).astype(f16)[:, None]
-  nv = jnp.sum(v * v, axis=1).astype(f16)[None, :]
-  uv = jnp.dot(u, v.T, precision=jax.lax.Precision.HIGHEST).astype(f16)
-  d = jnp.maximum(nu - f16(2) * uv + nv, f16(0))
-  return d.astype(f32), jnp.all(jnp.isfinite(d))
+  u32 = jnp.uint32
+  bits = jax.lax.bitcast_convert_type(x, u32)
+  sign = bits & u32(0x80000000)
+  mag = bits & u32(0x7FFFFFFF)
+  # Normal float16 range (|x| >= 2^-14): keep 10 of the 23 mantissa bits.
+  lsb = (mag >> 13) & u32(1)
+  normal = (mag + u32(0xFFF) + lsb) & u32(0xFFFFE000)
+  normal = jnp.where(normal > u32(0x477FE000), u32(0x7F800000), normal)
+  # Subnormal range: a multiple of 2^-24 (scaling by 2^24 is exact).
+  absx = jax.lax.bitcast_convert_type(mag, jnp.float32)
+  sub = jnp.round(absx * jnp.float32(2.0**24)) * jnp.float32(2.0**-24)
+  sub = jax.lax.bitcast_convert_type(sub, u32)
+  out = jnp.where(mag >= u32(0x7F800000), mag,
+                  jnp.where(mag >= u32(0x38800000), normal, sub))
+  return jax.lax.bitcast_convert_type(sign | out, jnp.float32)
+
+
+def _lanes_sum(acc_P):
+  """Eigen's `predux` of an 8-lane packet: halves added, then pairs, in
+  float32."""
+  a = acc_P.astype(np.float32)
+  while a.shape[-1] > 1:
+    h = a.shape[-1] // 2
+    a = a[..., :h] + a[..., h:]
+  return a[..., 0]
+
+
+def _leaf_sum(x_NK, dtype):
+  """Eigen's vectorized inner-dimension reduction of one leaf, in `dtype`."""
+  P = _PACKET
+  n, k = x_NK.shape
+
+  def add(a, b):
+    return (a.astype(np.float32) + b.astype(np.float32)).astype(dtype)
+
+  acc0 = np.zeros((n, P), dtype)
+  start = 0
+  if k >= 4 * P:
+    v4 = (k // (4 * P)) * 4 * P
+    blocks = x_NK[:, :v4].reshape(n, v4 // (4 * P), 4, P)
+    acc = [acc0] + [np.zeros((n, P), dtype) for _ in range(3)]
+    for j in range(blocks.shape[1]):
+      for q in range(4):
+        acc[q] = add(acc[q], blocks[:, j, q])
+    acc0 = add(add(add(acc[0], acc[1]), acc[2]), acc[3])
+    start = v4
+  if start <= k - P:
+    vs = (k // P) * P
+    for j in range(start, vs, P):
+      acc0 = add(acc0, x_NK[:, j:j + P])
+    start = vs
+  scalar = np.zeros((n,), dtype)
+  for j in range(start, k):
+    scalar = add(scalar, x_NK[:, j])
+  return add(scalar, _lanes_sum(acc0).astype(dtype))
+
+
+def _tree_sum(x_NK, first: int, dtype):
+  """Eigen's tree reduction (`InnerMostDimReducer`, vectorized): values
+  beyond packet x leaf are split in two at a packet boundary counted from
+  the row's start (`first` is this part's offset), each half reduced
+  recursively, the halves added in `dtype`."""
+  P, k = _PACKET, x_NK.shape[1]
+  if k <= P * _LEAF[np.dtype(dtype)]:
+    return _leaf_sum(x_NK, dtype)
+  split = P * -(-(first + -(-k // 2)) // P)
+  left = min(split - first, k)
+  acc = _tree_sum(x_NK[:, :left], first, dtype)
+  if left < k:
+    acc = (acc.astype(np.float32) + _tree_sum(
+        x_NK[:, left:], split, dtype).astype(np.float32)).astype(dtype)
+  return acc
+
+
+def _eigen_row_sums(feats_ND: np.ndarray, dtype) -> np.ndarray:
+  """`tf.reduce_sum(tf.square(tf.cast(x, dtype)), 1)` as TensorFlow's CPU
+  kernels compute it, as float32 (N,)."""
+  feats_ND = np.asarray(feats_ND, np.float32)
+  out = np.zeros((len(feats_ND),), np.float32)
+  with np.errstate(over="ignore", invalid="ignore"):
+    for r0 in range(0, len(feats_ND), _NORM_ROWS):
+      x = feats_ND[r0:r0 + _NORM_ROWS].astype(dtype).astype(np.float32)
+      sq = (x * x).astype(dtype)
+      out[r0:r0 + _NORM_ROWS] = _tree_sum(sq, 0, dtype).astype(np.float32)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Side:
+  """One feature set with both squared norms the evaluator can use."""
+
+  feats: np.ndarray  # (N, D) float32
+  norm16: np.ndarray  # (N,) float16 squared norms, as float32
+  norm32: np.ndarray  # (N,) float32 squared norms
+
+  @classmethod
+  def of(cls, feats_ND) -> "_Side":
+    feats_ND = np.asarray(feats_ND, np.float32)
+    return cls(feats_ND, _eigen_row_sums(feats_ND, np.float16),
+               _eigen_row_sums(feats_ND, np.float32))
+
+  def rows(self, i: int, n: int) -> tuple:
+    return (self.feats[i:i + n], self.norm16[i:i + n], self.norm32[i:i + n])
 
 
 @jax.jit
-def _distances_f32(u_MD, v_ND):
-  """The float32 fallback of `DistanceBlock`."""
-  u, v = u_MD.astype(jnp.float32), v_ND.astype(jnp.float32)
-  nu = jnp.sum(u * u, axis=1)[:, None]
-  nv = jnp.sum(v * v, axis=1)[None, :]
-  uv = jnp.dot(u, v.T, precision=jax.lax.Precision.HIGHEST)
-  return jnp.maximum(nu - 2 * uv + nv, 0.0)
+def _distances_f16(u_MD, v_ND, nu_M, nv_N):
+  """`DistanceBlock`'s float16 path on float32 features and the float16
+  squared norms (`_eigen_row_sums`): (distances (M, N) as float32, whether
+  all are finite)."""
+  u, v = _round_f16(u_MD), _round_f16(v_ND)
+  uv = _round_f16(jnp.dot(u, v.T, precision=jax.lax.Precision.HIGHEST))
+  two_uv = _round_f16(2 * uv)  # exact unless above 65504: inf.
+  d = _round_f16(_round_f16(nu_M[:, None] - two_uv) + nv_N[None, :])
+  d = jnp.where(jnp.isnan(d), d, jnp.maximum(d, 0.0))
+  return d, jnp.all(jnp.isfinite(d))
+
+
+@jax.jit
+def _distances_f32(u_MD, v_ND, nu_M, nv_N):
+  """The float32 fallback of `DistanceBlock` (float32 squared norms)."""
+  uv = jnp.dot(u_MD, v_ND.T, precision=jax.lax.Precision.HIGHEST)
+  return jnp.maximum(nu_M[:, None] - 2 * uv + nv_N[None, :], 0.0)
 
 
 def pairwise_distances(u_MD, v_ND) -> jax.Array:
-  """Squared distances (M, N) float32, float16 unless that overflows (one
-  `DistanceBlock.pairwise_distances` call)."""
-  d, finite = _distances_f16(u_MD, v_ND)
-  return d if bool(finite) else _distances_f32(u_MD, v_ND)
+  """Squared distances (M, N) float32, float16 unless that gives a
+  non-finite value (one `DistanceBlock.pairwise_distances` call)."""
+  u, v = _Side.of(u_MD), _Side.of(v_ND)
+  d, finite = _distances_f16(u.feats, v.feats, u.norm16, v.norm16)
+  if bool(finite):
+    return d
+  return _distances_f32(u.feats, v.feats, u.norm32, v.norm32)
 
 
 def _distances(u, v, f32: bool):
+  """(distances, finite) of row part `u` and column block `v`, each a
+  `_Side.rows` triple (features, float16 norms, float32 norms)."""
   if f32:
-    return _distances_f32(u, v), jnp.bool_(True)
-  return _distances_f16(u, v)
+    return _distances_f32(u[0], v[0], u[2], v[2]), jnp.bool_(True)
+  return _distances_f16(u[0], v[0], u[1], v[1])
 
 
 @functools.partial(jax.jit, static_argnames=("keep", "f32"))
-def _smallest_part(u_MD, v_ND, keep: int, f32: bool):
+def _smallest_part(u, v, keep: int, f32: bool):
   """The `keep` smallest distances of each row of u to v, and whether all
   distances were finite."""
-  d, finite = _distances(u_MD, v_ND, f32)
+  d, finite = _distances(u, v, f32)
   return -jax.lax.top_k(-d, keep)[0], finite
 
 
 @functools.partial(jax.jit, static_argnames=("f32",))
-def _covered_part(u_MD, v_ND, radii_u_M, radii_v_N, f32: bool):
+def _covered_part(u, v, radii_u_M, radii_v_N, f32: bool):
   """(rows of u inside some ball of v, columns of v inside some ball of u,
   all distances finite) — `DistanceBlock.less_thans`."""
-  d, finite = _distances(u_MD, v_ND, f32)
+  d, finite = _distances(u, v, f32)
   rows_in = jnp.any(d <= radii_v_N[None, :], axis=1)
   cols_in = jnp.any(d <= radii_u_M[:, None], axis=0)
   return rows_in, cols_in, finite
@@ -222,6 +355,35 @@ def _per_block(fn, rows: int, sub: int):
   return [o[:-1] for o in outs]
 
 
+def _device_rows(side: _Side, i: int, n: int) -> tuple:
+  return tuple(jnp.asarray(a) for a in side.rows(i, n))
+
+
+def _radii(side: _Side, k: int, row_block: int, col_block: int,
+           sub_block: int) -> np.ndarray:
+  n = len(side.feats)
+  if n <= k:
+    raise DataError(f"precision/recall need more than {k} images per set, "
+                    f"got {n}")
+  radii = np.zeros((n,), np.float32)
+  for r0 in range(0, n, row_block):
+    n_rows = min(row_block, n - r0)
+    best = None
+    for c0 in range(0, n, col_block):
+      cols = _device_rows(side, c0, col_block)
+      keep = min(k + 1, len(cols[0]))
+      parts = _per_block(
+          lambda i, f32: _smallest_part(
+              _device_rows(side, r0 + i, min(sub_block, n_rows - i)), cols,
+              keep=keep, f32=f32),
+          n_rows, sub_block)
+      cand = np.concatenate([np.asarray(p[0]) for p in parts])
+      best = cand if best is None else np.sort(
+          np.concatenate([best, cand], axis=1), axis=1)[:, :k + 1]
+    radii[r0:r0 + n_rows] = best[:, k]
+  return radii
+
+
 def manifold_radii(feats_ND: np.ndarray, k: int = NHOOD,
                    row_block: int = ROW_BLOCK, col_block: int = COL_BLOCK,
                    sub_block: int = SUB_BLOCK) -> np.ndarray:
@@ -234,27 +396,7 @@ def manifold_radii(feats_ND: np.ndarray, k: int = NHOOD,
   Raises:
     DataError: k or fewer points.
   """
-  feats_ND = np.asarray(feats_ND, np.float32)
-  n = len(feats_ND)
-  if n <= k:
-    raise DataError(f"precision/recall need more than {k} images per set, "
-                    f"got {n}")
-  radii = np.zeros((n,), np.float32)
-  for r0 in range(0, n, row_block):
-    rows = feats_ND[r0:r0 + row_block]
-    best = None
-    for c0 in range(0, n, col_block):
-      cols = jnp.asarray(feats_ND[c0:c0 + col_block])
-      keep = min(k + 1, len(cols))
-      parts = _per_block(
-          lambda i, f32: _smallest_part(jnp.asarray(rows[i:i + sub_block]),
-                                        cols, keep=keep, f32=f32),
-          len(rows), sub_block)
-      cand = np.concatenate([np.asarray(p[0]) for p in parts])
-      best = cand if best is None else np.sort(
-          np.concatenate([best, cand], axis=1), axis=1)[:, :k + 1]
-    radii[r0:r0 + row_block] = best[:, k]
-  return radii
+  return _radii(_Side.of(feats_ND), k, row_block, col_block, sub_block)
 
 
 def precision_recall(ref_ND: np.ndarray, sample_ND: np.ndarray,
@@ -275,21 +417,23 @@ def precision_recall(ref_ND: np.ndarray, sample_ND: np.ndarray,
   if ref_ND.shape[1:] != sample_ND.shape[1:]:
     raise DataError(f"precision/recall: reference features have width "
                     f"{ref_ND.shape[1:]}, samples {sample_ND.shape[1:]}")
-  r_ref = manifold_radii(ref_ND, k, row_block, col_block, sub_block)
-  r_sam = manifold_radii(sample_ND, k, row_block, col_block, sub_block)
+  ref, sam = _Side.of(ref_ND), _Side.of(sample_ND)
+  r_ref = _radii(ref, k, row_block, col_block, sub_block)
+  r_sam = _radii(sam, k, row_block, col_block, sub_block)
   ref_in = np.zeros((len(ref_ND),), bool)
   sam_in = np.zeros((len(sample_ND),), bool)
   for r0 in range(0, len(ref_ND), row_block):
-    rows, rr = ref_ND[r0:r0 + row_block], r_ref[r0:r0 + row_block]
+    n_rows = min(row_block, len(ref_ND) - r0)
+    rr = r_ref[r0:r0 + n_rows]
     for c0 in range(0, len(sample_ND), col_block):
-      cols = jnp.asarray(sample_ND[c0:c0 + col_block])
+      cols = _device_rows(sam, c0, col_block)
       rc = jnp.asarray(r_sam[c0:c0 + col_block])
       parts = _per_block(
           lambda i, f32: _covered_part(
-              jnp.asarray(rows[i:i + sub_block]), cols,
+              _device_rows(ref, r0 + i, min(sub_block, n_rows - i)), cols,
               jnp.asarray(rr[i:i + sub_block]), rc, f32=f32),
-          len(rows), sub_block)
-      for i, (a, b) in zip(range(0, len(rows), sub_block), parts):
+          n_rows, sub_block)
+      for i, (a, b) in zip(range(0, n_rows, sub_block), parts):
         ref_in[r0 + i:r0 + i + len(a)] |= np.asarray(a)
         sam_in[c0:c0 + len(b)] |= np.asarray(b)
   return float(np.mean(sam_in)), float(np.mean(ref_in))
