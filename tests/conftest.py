@@ -60,7 +60,8 @@ _LONG_FIRST = {
 # worker, so a program (e.g. the greedy cfg 1.5 loop, which `cfg_until=K`
 # also resolves to) is compiled once.
 _SHARED_GROUP = {"test_code_golden": "golden_samplers",
-                 "test_sampler_golden": "golden_samplers"}
+                 "test_sampler_golden": "golden_samplers",
+                 "test_sampling_cli": "golden_samplers"}
 
 
 def _xdist_group(item) -> str:

@@ -21,10 +21,11 @@ def test_sample_cli_greedy_matches_official(model_dir, golden, tmp_path,
   png, npz = tmp_path / "grid.png", tmp_path / "s.npz"
   assert cli.main(["sample", "--ckpt", str(model_dir), "--labels", "3,7",
                    "--cfg", "1.5", "--top-k", "1", "--top-p", "0",
-                   "--batch", "1", "--out", str(png),
+                   "--out", str(png),
                    "--save-npz", str(npz)]) == 0
-  # Two calls: a short job, which gets the fast-compiling scan loops. The
-  # line names every file, and the model by its folder: converted without a
+  # One call: a short job, which gets the fast-compiling scan loops (the
+  # program the golden sampler tests compile for these options). The line
+  # names every file, and the model by its folder: converted without a
   # preset, its config calls it "converted".
   line = capsys.readouterr().out.strip()
   assert "(compiled with the scan loops: quick to compile, for a short job)" \
