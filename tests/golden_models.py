@@ -16,7 +16,7 @@ from var_jax.models.var.transformer import VAR
 from var_jax.models.var.vqvae import VQVAE
 
 
-def _official_model(ctor, cfg, vae_sd=None, var_sd=None):
+def official_model(ctor, cfg, vae_sd=None, var_sd=None):
   """`ctor(cfg)` holding an official state dict, through the converter's own
   mapping (`official_states`, what `var-jax convert` writes).
 
@@ -37,7 +37,7 @@ def _official_model(ctor, cfg, vae_sd=None, var_sd=None):
 def golden_vae(golden_dir, preset="tiny"):
   cfg = get_preset(preset).vae
   sd = read_official(golden_dir / "vae_tiny.pth", "vae")
-  return _official_model(VQVAE, cfg, vae_sd=sd)
+  return official_model(VQVAE, cfg, vae_sd=sd)
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,7 +45,7 @@ def golden_var(golden_dir, preset="tiny"):
   cfg = get_preset(preset).var
   pth = "var_tiny.pth" if preset == "tiny" else "var_tiny_saln512.pth"
   sd = read_official(golden_dir / pth, "var")
-  return _official_model(VAR, cfg, var_sd=sd)
+  return official_model(VAR, cfg, var_sd=sd)
 
 
 # Small random models for equivalence tests that need no reference numbers
@@ -62,7 +62,7 @@ def small_var_config(shared_aln: bool = False) -> VARConfig:
                    attn_l2_norm=True, cond_drop_rate=0.0, drop_path_rate=0.0)
 
 
-def _random_model(ctor, cfg, seed: int):
+def random_model(ctor, cfg, seed: int):
   """`ctor(cfg)`'s module with every parameter random and non-trivial (as the
   golden models have: the constructors' zeros, ones and 1e-5 gains would
   make many logits tie and an equivalence test prove little).
@@ -97,11 +97,11 @@ def _random_model(ctor, cfg, seed: int):
 @functools.lru_cache(maxsize=None)
 def small_vae(seed: int = 0) -> VQVAE:
   """A random 64px tokenizer (DIGITS_VAE layout: 4 scales, 512 codes)."""
-  return _random_model(VQVAE, SMALL_VAE, seed)
+  return random_model(VQVAE, SMALL_VAE, seed)
 
 
 @functools.lru_cache(maxsize=None)
 def small_var(seed: int = 0, shared_aln: bool = False) -> VAR:
   """A random 2-block VAR over `small_vae`'s tokens (10 classes)."""
   cfg = small_var_config(shared_aln)
-  return _random_model(VAR, cfg, seed + 1)
+  return random_model(VAR, cfg, seed + 1)

@@ -10,14 +10,12 @@ import functools
 import jax
 import numpy as np
 import pytest
-from flax import nnx
-from golden_models import golden_vae, golden_var
+from golden_models import golden_vae, golden_var, official_model
 from test_sampler_golden import (GREEDY, _nchw_to_nhwc, assert_tokens_equal,
                                  guided_logits)
 
 from var_jax.convert.var import load
 from var_jax.convert.var.convert import read_official
-from var_jax.convert.var.official_names import var_rules
 from var_jax.models.var.transformer import VAR
 from var_jax.sampling import filtering
 from var_jax.sampling.var.sampler import SampleOptions, Sampler
@@ -26,10 +24,7 @@ from var_jax.sampling.var.sampler import SampleOptions, Sampler
 @functools.lru_cache(maxsize=None)
 def golden_refiner(golden_dir):
   sd = read_official(golden_dir / "var_tiny_refiner.pth", "var")
-  cfg = load.infer_var_config(sd)
-  var = VAR(cfg, rngs=nnx.Rngs(0))
-  load.load_official(var, var_rules(cfg), sd, "VAR", cfg.patch_nums)
-  return var
+  return official_model(VAR, load.infer_var_config(sd), var_sd=sd)
 
 
 def _assert_image_close(ours, ref_nchw):
@@ -42,11 +37,11 @@ def test_code_greedy_tokens_and_images(golden_dir, golden, n):
   g, io = golden("code_tiny_io"), golden("var_tiny_io")
   vae, drafter = golden_vae(golden_dir), golden_var(golden_dir)
   refiner = golden_refiner(golden_dir)
-  # The library's default loops for n=4, the commands' one-call default
-  # (scan) for the others; both drivers draw the same tokens (below).
-  loops = {} if n == 4 else dict(scale_loop="scan", layer_loop="scan")
+  # The commands' loops for a one-call job (scan); the Python driver draws
+  # the same tokens (test_both_drivers_draw_the_same_tokens).
   for cfg in (1.5, 4.0):  # cfg is data: one compiled program for both.
-    opts = SampleOptions(cfg=cfg, draft_steps=n, **loops, **GREEDY)
+    opts = SampleOptions(cfg=cfg, draft_steps=n, scale_loop="scan",
+                         layer_loop="scan", **GREEDY)
     out = Sampler(vae, refiner, opts, drafter=drafter)(io["label"], seed=0)
     pre = f"code_cfg{cfg}_N{n}"
     for si in range(10):

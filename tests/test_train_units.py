@@ -8,12 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from golden_models import small_var
 
 from var_jax import cli
 from var_jax.cli import UserError
-from var_jax.models.var.config import get_preset
-from var_jax.models.var.transformer import VAR
 from var_jax.training import loss as loss_lib
 from var_jax.training import mesh as mesh_lib
 from var_jax.training import metrics as metrics_lib
@@ -91,9 +89,8 @@ def test_progressive_weights_truncate_like_reference():
 def test_block_causal_prefix_is_independent_of_later_scales():
   """Why progressive training may run the full sequence: a prefix's logits
   do not depend on the tokens after it."""
-  cfg = dataclasses.replace(get_preset("digits").var, depth=2, embed_dim=64,
-                            num_heads=2)
-  var = VAR(cfg, rngs=nnx.Rngs(0))
+  var = small_var()  # Digits scales (1, 2, 3, 4), two blocks.
+  cfg = var.cfg
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, cfg.seq_len - 1, cfg.cvae)), jnp.float32)
   labels = jnp.array([1, 2])

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from golden_models import random_model
 
 from var_jax import cli
 from var_jax.cli import UserError
@@ -195,7 +196,7 @@ def test_sigterm_from_outside_saves_then_resume_continues(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_vae():
   cfg = load_vae_config("train_vae_tiny").vae_config()
-  return VQVAE(cfg, rngs=nnx.Rngs(0))
+  return random_model(VQVAE, cfg, 0)
 
 
 def test_restart_replaces_only_dead_codes(tiny_vae):
