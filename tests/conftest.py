@@ -61,7 +61,8 @@ _LONG_FIRST = {
 # also resolves to) is compiled once.
 _SHARED_GROUP = {"test_code_golden": "golden_samplers",
                  "test_sampler_golden": "golden_samplers",
-                 "test_sampling_cli": "golden_samplers"}
+                 "test_sampling_cli": "golden_samplers",
+                 "test_tuning": "golden_samplers"}
 
 
 def _xdist_group(item) -> str:

@@ -116,6 +116,7 @@ def test_convert_overwrite_on_a_full_disk_keeps_the_old_model(
     assert (out / "config.json").read_text() == '{"name": "old"}'
 
 
+@pytest.mark.slow  # WriteError on a full disk: convert covers it by default.
 def test_download_pair_on_a_full_disk_leaves_no_half_pair(golden_dir,
                                                           tmp_path):
   # The tiny drafter directory takes 19.1 MB, the refiner 16.9 MB: 25 MB
@@ -148,6 +149,7 @@ def test_encode_out_on_a_full_disk(random_digits_vae_dir, tiny_fs, tmp_path,
   assert os.listdir(tiny_fs) == [filler]
 
 
+@pytest.mark.slow  # WriteError on a full disk: encode covers it by default.
 def test_tokenize_out_on_a_full_disk(random_digits_vae_dir, tiny_fs, tmp_path,
                                      capsys):
   from PIL import Image

@@ -77,16 +77,14 @@ def test_every_plan_samples_the_golden_tokens(golden_dir, golden, plan):
   opts = SampleOptions(cfg=1.5, top_k=1, top_p=0.0, scale_loop="scan",
                        layer_loop="scan")
   sampler = Sampler(vae, var, opts, tuning=plan)
-  labels = g["label"]
-  run = sampler.compile(len(labels))  # The executables, inspected below.
-  tokens, images, _ = run(labels, 0, np.arange(len(labels)))
-  idx = sampler.layout.split(tokens)
+  out = sampler(g["label"], seed=0)
   for si in range(len(var.cfg.patch_nums)):
-    np.testing.assert_array_equal(idx[si], g[f"greedy_cfg1.5_idx_{si}"])
+    np.testing.assert_array_equal(out.idx[si], g[f"greedy_cfg1.5_idx_{si}"])
   ref = np.transpose(g["greedy_cfg1.5_img"], (0, 2, 3, 1))
-  assert np.abs(np.asarray(images) - ref).max() <= 1e-3
+  assert np.abs(np.asarray(out.images_BHWC) - ref).max() <= 1e-3
   # The options reached the compiler: no YNNPACK fusion where it was off.
-  scales, decoder = run.compiled, run.decoder
-  assert ("ynn" in decoder.as_text()) is (plan.decoder_options == ())
+  scales, decoder = sampler.lower(len(g["label"]))
+  assert ("ynn" in decoder.compile().as_text()) is (
+      plan.decoder_options == ())
   if plan.transformer_options:
-    assert "ynn" not in scales.as_text()
+    assert "ynn" not in scales.compile().as_text()
