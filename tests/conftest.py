@@ -39,20 +39,19 @@ SHARED_GOLDEN = _ROOT.parent / "shared" / "golden"
 # Seconds are what each file's tests took on a 2-core machine (measured
 # with --durations; only the order matters, a file not listed comes last).
 _LONG_FIRST = {
-    "golden_samplers": 190,
-    "test_train_eval_split": 44, "test_sampling_cli": 40,
-    "test_default_model": 39, "test_train_stop": 35, "test_download": 23,
-    "test_examples": 22, "test_api": 20, "test_convert_cli": 18,
-    "test_optim_golden": 17, "test_eval_cli": 17, "test_digits_fast": 16,
-    "test_bad_input_disk": 16, "test_tuning": 16, "test_code_cli": 15,
-    "test_var_golden": 15, "test_eval_is_only": 14,
-    "test_sampler_inputs": 13, "test_verify_cli": 12, "test_train_units": 12,
-    "test_eval_inception": 12, "test_vqvae_golden": 12, "test_train_vae": 11,
-    "test_train_runs": 11, "test_import_side_effects": 10,
-    "test_tokens_one_path": 10, "test_bad_input_model_dir": 9,
-    "test_bad_input_data": 8, "test_eval_metrics": 7, "test_attention": 7,
-    "test_cli_help": 7, "test_bench_sample": 7, "test_interp": 7,
-    "test_gcs_io": 6, "test_golden_set": 6, "test_bad_input_paths": 5,
+    "golden_samplers": 190, "test_train_eval_split": 44,
+    "test_default_model": 39, "test_train_stop": 35,
+    "test_optim_golden": 32, "test_download": 23, "test_api": 23,
+    "test_examples": 22, "test_vqvae_golden": 21, "test_convert_cli": 18,
+    "test_eval_cli": 17, "test_bad_input_disk": 16,
+    "test_digits_fast": 16, "test_code_cli": 15, "test_var_golden": 15,
+    "test_eval_inception": 14, "test_eval_is_only": 14, "test_train_vae": 13,
+    "test_sampler_inputs": 13, "test_attention": 13, "test_verify_cli": 12,
+    "test_train_units": 12, "test_train_runs": 11, "test_tokens_one_path": 10,
+    "test_import_side_effects": 10, "test_bad_input_data": 9,
+    "test_bad_input_model_dir": 9, "test_eval_metrics": 8, "test_interp": 7,
+    "test_cli_help": 7, "test_bench_sample": 7, "test_golden_set": 6,
+    "test_gcs_io": 6, "test_bad_input_paths": 5,
 }
 
 
