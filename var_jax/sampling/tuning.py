@@ -15,6 +15,7 @@ measures or reads the file by itself: `Sampler(..., tuning=plan)` takes a
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -78,14 +79,38 @@ def plan_file(cache_root: str) -> str:
   return os.path.join(cache_root, PLAN_FILE)
 
 
+def _digest(text: str) -> str:
+  return hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
+
+
 def plan_key(embed_dim: int, dtype: str, vae_ch: int, image_res: int,
              batch: int) -> str:
-  """What a plan depends on: CPU, threads, JAX, model widths, dtype, and
-  whether a call holds one image or several."""
+  """What a plan depends on: the CPU (model name and instruction-set
+  flags), threads, the jax, jaxlib and var-jax versions, the candidate set
+  this code times, model widths, dtype, and whether a call holds one image
+  or several. A plan stored under another key is never read: after any of
+  these changed, sampling uses XLA's defaults until `var-jax tune` runs."""
+  import jaxlib  # pylint: disable=import-outside-toplevel
+  from var_jax import __version__  # pylint: disable=import-outside-toplevel
   batch_kind = "b1" if batch == 1 else "bN"
-  return "|".join([_cpu_name(), f"cpus{os.cpu_count()}",
-                   f"jax{jax.__version__}", f"C{embed_dim}", dtype,
-                   f"ch{vae_ch}", f"res{image_res}", batch_kind])
+  candidates = json.dumps(sorted(_CANDIDATES.items()))
+  return "|".join([_cpu_name(), f"cpuflags-{_digest(_cpu_flags())}",
+                   f"cpus{os.cpu_count()}", f"jax{jax.__version__}",
+                   f"jaxlib{jaxlib.__version__}", f"var-jax{__version__}",
+                   f"candidates-{_digest(candidates)}", f"C{embed_dim}",
+                   dtype, f"ch{vae_ch}", f"res{image_res}", batch_kind])
+
+
+def _cpu_flags() -> str:
+  """The CPU's instruction-set flags (Linux), else the machine name."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as fh:
+      for line in fh:
+        if line.startswith(("flags", "Features")):
+          return " ".join(sorted(line.split(":", 1)[1].split()))
+  except OSError:
+    pass
+  return platform.machine()
 
 
 def _cpu_name() -> str:
