@@ -16,10 +16,13 @@ def _user_error(msg):
 def register(sub) -> None:
   p = sub.add_parser(
       "convert", help="official .pth checkpoints -> a var-jax model directory",
-      description="Reads official VQVAE/VAR .pth files without torch and "
+      description="Reads official VQVAE/VAR .pth files without torch (or "
+                  ".safetensors files, with the safetensors package) and "
                   "writes an Orbax model directory plus config.json.")
-  p.add_argument("--vae", help="official VQVAE .pth (vae_ch160v4096z32.pth)")
-  p.add_argument("--var", help="official VAR .pth (var_d16.pth, ...)")
+  p.add_argument("--vae", help="official VQVAE .pth or .safetensors "
+                 "(vae_ch160v4096z32.pth)")
+  p.add_argument("--var", help="official VAR .pth or .safetensors "
+                 "(var_d16.pth, ...)")
   p.add_argument("--out", required=True, help="output model directory")
   p.add_argument("--preset", help="check the files against a preset "
                  "(d16, d20, d24, d30, d36, tiny, ...)")
@@ -74,8 +77,9 @@ def register(sub) -> None:
       description="Needs torch (pip install torch; a CPU wheel is enough) "
                   "and a checkout of FoundationVision/VAR.")
   p.add_argument("--torch-repo", required=True, help="official VAR checkout")
-  p.add_argument("--vae", required=True, help="official VQVAE .pth")
-  p.add_argument("--var", help="official VAR .pth")
+  p.add_argument("--vae", required=True,
+                 help="official VQVAE .pth or .safetensors")
+  p.add_argument("--var", help="official VAR .pth or .safetensors")
   p.add_argument("--batch", type=int, default=2,
                  help="random test images (1..64)")
   p.add_argument("--seed", type=int, default=0,

@@ -101,7 +101,7 @@ def read_inception_state_dict(path) -> dict[str, np.ndarray]:
   path = pathlib.Path(path).expanduser()
   if not path.is_file():
     raise InceptionWeightsError(missing_file_message(path))
-  from var_jax.convert.pth import read_state_dict
+  from var_jax.convert.weights import read_state_dict
   try:
     sd = read_state_dict(path)
   except PthError as e:

@@ -44,7 +44,7 @@ def _read(path) -> dict[str, np.ndarray]:
     except (OSError, ValueError) as e:
       raise LpipsWeightsError(f"LPIPS weights {path}: unreadable .npz ({e})"
                               ) from None
-  from var_jax.convert.pth import read_state_dict
+  from var_jax.convert.weights import read_state_dict
   try:
     return read_state_dict(path)
   except PthError as e:

@@ -1,4 +1,5 @@
-"""Official `.pth` checkpoints -> var-jax model directories, without torch."""
+"""Official `.pth` (or `.safetensors`) checkpoints -> var-jax model
+directories, without torch."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from var_jax import checkpoint
 from var_jax.models.var.config import (ModelConfig, check_compatible,
                                        get_preset)
 from var_jax.convert.var import load
-from var_jax.convert.pth import read_pth
+from var_jax.convert.weights import read_weights
 from var_jax.io import as_path
 from var_jax.convert.var.official_names import var_rules, vqvae_rules
 from var_jax.models.abstract import abstract_split
@@ -45,7 +46,7 @@ def extract_state_dict(obj, kind: str, path) -> dict:
 
 
 def read_official(path, kind: str) -> dict:
-  return load.strip_prefixes(extract_state_dict(read_pth(path), kind, path))
+  return load.strip_prefixes(extract_state_dict(read_weights(path), kind, path))
 
 
 def infer_configs(vae_sd, var_sd, preset: str | None):
@@ -88,8 +89,8 @@ def convert_files(vae_path=None, var_path=None, out_dir=None,
   """Converts official checkpoints into a model directory, atomically.
 
   Args:
-    vae_path, var_path: official `.pth` files (local or `gs://`); at least
-      one.
+    vae_path, var_path: official `.pth` or `.safetensors` files (local or
+      `gs://`); at least one.
     out_dir: model directory to write (None: only check and return config).
     preset: check the files against this preset's architecture.
     overwrite: replace an existing `out_dir`.
