@@ -2,6 +2,8 @@
 wherever `.pth` files are; SIGTERM and stale temporaries leave nothing of
 ours behind."""
 
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -59,3 +61,56 @@ def test_without_the_package_the_error_says_how_to_install(
                str(tmp_path / "m")]) == 2
   err = capsys.readouterr().err.strip()
   assert "\n" not in err and "pip install safetensors" in err, err
+
+
+# `var-jax convert ARGS` that sends SIGNAL to itself once the VQVAE tree is
+# written into the temporary directory (the VAR tree still to come).
+_CONVERT_SIGNALLED = r"""
+import os, signal, sys
+signum = getattr(signal, "SIG" + sys.argv[1])
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+from var_jax import checkpoint, cli
+save = checkpoint._save_tree
+def save_then_signal(path, tree):
+  save(path, tree)
+  os.kill(os.getpid(), signum)
+checkpoint._save_tree = save_then_signal
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def _convert_signalled(golden_dir, out, name, *extra):
+  return subprocess.run(
+      [sys.executable, "-c", _CONVERT_SIGNALLED, name, "convert", "--vae",
+       str(golden_dir / "vae_tiny.pth"), "--var",
+       str(golden_dir / "var_tiny.pth"), "--out", str(out), *extra],
+      capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,code", [("TERM", 143), ("INT", 130)])
+def test_a_signal_during_convert_leaves_the_old_model_and_no_temporary(
+    golden_dir, tmp_path, name, code):
+  out = tmp_path / "model"
+  out.mkdir()
+  (out / "config.json").write_text("old")
+  p = _convert_signalled(golden_dir, out, name, "--overwrite")
+  assert p.returncode == code, p.stderr[-3000:]
+  assert p.stderr.splitlines()[-1] == f"var-jax convert: interrupted by SIG{name}"
+  assert sorted(os.listdir(tmp_path)) == ["model"]
+  assert os.listdir(out) == ["config.json"]
+  assert (out / "config.json").read_text() == "old"
+
+
+@pytest.mark.slow
+def test_a_killed_converts_temporary_is_removed_by_the_next_run(
+    golden_dir, tmp_path, capsys):
+  out = tmp_path / "model"
+  p = _convert_signalled(golden_dir, out, "KILL")
+  assert p.returncode == -9
+  left = os.listdir(tmp_path)
+  assert len(left) == 1 and left[0].startswith(".model.tmp-"), left
+  assert main(["convert", "--vae", str(golden_dir / "vae_tiny.pth"),
+               "--out", str(out)]) == 0
+  assert sorted(os.listdir(tmp_path)) == ["model"]

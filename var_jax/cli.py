@@ -10,9 +10,12 @@ exit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import signal
 import sys
+import threading
 
 from var_jax.errors import UserError, VarJaxError  # noqa: F401  (UserError re-exported)
 from var_jax.caches import (COMPILE_CACHE_ENV,  # noqa: F401  (re-exported)
@@ -109,6 +112,35 @@ def enable_compile_cache(path: str) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+class _Terminated(KeyboardInterrupt):
+  """SIGTERM, raised where the command is, so that every `finally` (and
+  with it the removal of temporaries) runs as for Ctrl-C."""
+
+  signum = signal.SIGTERM
+
+
+def _raise_terminated(signum, frame):
+  del signum, frame
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)  # A second one kills.
+  raise _Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+  """SIGTERM handled as SIGINT while a command runs; the previous handler
+  is back afterwards. An ignored SIGTERM (nohup) stays ignored; nothing
+  is installed off the main thread."""
+  if (threading.current_thread() is not threading.main_thread()
+      or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN):
+    yield
+    return
+  previous = signal.signal(signal.SIGTERM, _raise_terminated)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
 def _one_line(e: Exception) -> str:
   text = " ".join(str(e).split())
   return text or type(e).__name__
@@ -131,7 +163,8 @@ def main(argv=None) -> int:
   if cache:
     enable_compile_cache(cache)
   try:
-    return int(args.func(args) or 0)
+    with _sigterm_as_interrupt():
+      return int(args.func(args) or 0)
   except VarJaxError as e:
     print(f"var-jax {args.command}: error: {_one_line(e)}", file=sys.stderr)
     return e.exit_code
@@ -140,9 +173,13 @@ def main(argv=None) -> int:
     # environment's, not a bug; one line, exit 1 as WriteError.
     print(f"var-jax {args.command}: error: {_one_line(e)}", file=sys.stderr)
     return 1
-  except KeyboardInterrupt:
-    print(f"var-jax {args.command}: interrupted", file=sys.stderr)
-    return 130
+  except KeyboardInterrupt as e:
+    # Temporaries are gone by now (the writers' `finally`); the exit status
+    # is the shell's for the signal.
+    signum = getattr(e, "signum", signal.SIGINT)
+    print(f"var-jax {args.command}: interrupted by "
+          f"{signal.Signals(signum).name}", file=sys.stderr)
+    return 128 + signum
 
 
 if __name__ == "__main__":

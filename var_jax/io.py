@@ -10,6 +10,8 @@ for a local directory.
 Errors: an `OSError` while writing becomes `var_jax.errors.WriteError` naming
 the path and the cause ("no space left on device"), after the temporary file
 or directory is removed.
+
+Temporaries are named and swept as `var_jax.tempnames` says.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 from etils import epath
 
 from var_jax.errors import CheckpointError, WriteError
+from var_jax.tempnames import sweep_stale, temp_prefix
 
 
 # Remote schemes: the fsspec package epath needs and how to install it
@@ -148,7 +151,7 @@ def os_error_of(e: BaseException) -> OSError | None:
 
 
 def _unique_sibling(path: epath.Path, tag: str) -> epath.Path:
-  return path.parent / f".{path.name}.{tag}-{uuid.uuid4().hex[:10]}"
+  return path.parent / (temp_prefix(path.name, tag) + uuid.uuid4().hex[:10])
 
 
 def _make_parent(path: epath.Path) -> None:
@@ -176,7 +179,8 @@ def atomic_file(path, write) -> epath.Path:
   try:
     _make_parent(path)
     if is_local(path):
-      fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.",
+      sweep_stale(path.parent)
+      fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name, "tmp"),
                                  dir=os.fspath(path.parent))
       try:
         with os.fdopen(fd, "wb") as fh:
@@ -325,7 +329,8 @@ def atomic_dir(out_dir, overwrite: bool = False):
   try:
     _make_parent(out)
     if is_local(out):
-      tmp = epath.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-",
+      sweep_stale(out.parent)
+      tmp = epath.Path(tempfile.mkdtemp(prefix=temp_prefix(out.name, "tmp"),
                                         dir=os.fspath(out.parent)))
       os.chmod(tmp, _umask_mode(0o777))  # mkdtemp makes it 0700.
     else:
