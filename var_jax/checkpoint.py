@@ -17,6 +17,8 @@ the stored trees (parameter names and shapes) before restoring anything.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 import jax
@@ -151,6 +153,51 @@ def model_dir(ckpt_dir):
 def _tokenizer_dir(d: epath.Path) -> epath.Path:
   """Where the VQVAE weights of model directory `d` are stored."""
   return as_path(DEFAULT_MODEL) if os.fspath(d) == os.fspath(_REFINER) else d
+
+
+# Files up to this size are hashed whole (config.json, Orbax's metadata and
+# manifests); larger ones (the arrays) by size and modification time.
+_HASHED_MAX = 1 << 16
+
+
+def _file_records(root: epath.Path) -> list:
+  """[path under `root`, size, mtime, sha256 of a small file's bytes or
+  None] of every file under `root`."""
+  records, todo = [], [root]
+  while todo:
+    for p in sorted(todo.pop().iterdir()):
+      if p.is_dir():
+        todo.append(p)
+        continue
+      st = p.stat()
+      rel = os.fspath(p)[len(os.fspath(root)):].lstrip("/")
+      digest = (hashlib.sha256(p.read_bytes()).hexdigest()
+                if st.length <= _HASHED_MAX else None)
+      records.append([rel, st.length, st.mtime, digest])
+  return sorted(records)
+
+
+def fingerprint(ckpt_dir=None) -> str:
+  """What identifies a model directory's contents, as `sha256:` + 16 hex.
+
+  Covers config.json and every file of the directory (and of the bundled
+  tokenizer a transformer-only directory uses): its path, size and
+  modification time, and the content of files up to 64 KiB (config.json,
+  Orbax's metadata and manifests). A directory replaced under the same name
+  (converted or trained again, copied over) gets another fingerprint; a
+  renamed or moved one keeps it.
+
+  Raises:
+    CheckpointError: no such model directory or name.
+  """
+  d = model_dir(ckpt_dir)
+  dirs = [d] + ([_tokenizer_dir(d)] if _tokenizer_dir(d) != d else [])
+  try:
+    records = [_file_records(x) for x in dirs]
+  except OSError as e:
+    raise CheckpointError(f"cannot read {d}: {e.strerror or e}") from None
+  text = json.dumps(records, sort_keys=True)
+  return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def load_config(ckpt_dir) -> ModelConfig:

@@ -567,7 +567,10 @@ def cmd_sample_many(args: argparse.Namespace) -> int:
              _parse_labels(args.classes, n_cls, "--classes"))
   meta = many.job_meta(
       {"ckpt": ("bundled" if args.ckpt in (None, "digits") else
-               str(args.ckpt)), "cfg": args.cfg,
+               str(args.ckpt)), "model": checkpoint.fingerprint(ckpt),
+       "drafter_model": (None if args.drafter_ckpt is None else
+                         checkpoint.fingerprint(args.drafter_ckpt)),
+       "cfg": args.cfg,
        "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
        "temperature": args.temperature, "cfg_until": args.cfg_until,
        "drafter_ckpt": args.drafter_ckpt, "draft_steps": args.draft_steps,
@@ -579,6 +582,7 @@ def cmd_sample_many(args: argparse.Namespace) -> int:
     print(f"{args.out} is complete: {n} samples with these settings; "
           "nothing to do (--overwrite draws them again)")
     return 0
+  many.check_resumable(args.out, meta, overwrite=args.overwrite)
   m = _load(args, num_calls=lambda _: _calls(len(classes) * args.per_class,
                                              args.batch), batch=args.batch)
   _note(m.notice)

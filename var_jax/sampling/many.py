@@ -13,11 +13,21 @@ unless the caller asks to overwrite.
 Sample i always has class classes[i // per_class] and the per-token keys of
 global index i, so the result does not depend on the batch size or device
 count.
+
+One writer per output: a run holds an exclusive lock (`fcntl.flock`) on
+`OUT.parts/.lock`, which holds its process id, from before it reads the
+parts directory until the parts are removed; a second run on the same
+`--out` is refused naming that pid. Only local paths are locked (no lock is
+taken for gs:// outputs). A parts directory that holds files but no
+`meta.json` is refused, never adopted.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 import zipfile
 
 import jax
@@ -44,15 +54,142 @@ def _differing(old: dict, new: dict) -> list[str]:
   return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
+LOCK = ".lock"
+# Settings naming the models' contents (`checkpoint.fingerprint`).
+_MODEL_KEYS = ("model", "drafter_model")
+
+
 def _check_meta(parts, meta: dict) -> None:
-  """Refuses to resume a parts directory written with other settings."""
+  """Refuses to resume a parts directory written with other settings or
+  other models, or one without its meta.json.
+
+  Raises:
+    UserError: naming the differing settings.
+  """
   path = parts / "meta.json"
-  if path.exists():
+  if not path.exists():
+    names = sorted(p.name for p in parts.iterdir()) if parts.exists() else []
+    others = [n for n in names if n != LOCK]
+    if others:
+      raise UserError(f"{parts} holds {len(others)} files but no meta.json: "
+                      "not parts this command can resume (their settings "
+                      "are unknown); delete it or pass --overwrite")
+    return
+  try:
     old = json.loads(path.read_text())
-    if old != meta:
-      raise UserError(f"{parts} holds an interrupted run with other settings "
-                      f"({', '.join(_differing(old, meta))}); delete it, use "
-                      "the same flags, or --overwrite to start over")
+  except ValueError:
+    old = None
+  if not isinstance(old, dict):
+    raise UserError(f"{path} is not a settings file; delete {parts} or pass "
+                    "--overwrite")
+  if old != meta:
+    diff = _differing(old, meta)
+    models = [k for k in diff if k in _MODEL_KEYS]
+    if models:
+      raise UserError(
+          f"{parts} holds an interrupted run of another model: "
+          f"{', '.join(models)} changed since (the model directory "
+          f"{meta.get('ckpt')} was replaced); --overwrite starts over")
+    raise UserError(f"{parts} holds an interrupted run with other settings "
+                    f"({', '.join(diff)}); delete it, use "
+                    "the same flags, or --overwrite to start over")
+
+
+def check_resumable(out, meta: dict, *, overwrite: bool = False) -> None:
+  """What `sample_many` would refuse about `out`'s parts, checked early
+  (before a model is loaded) and without writing: another process writing
+  `out`, and without `overwrite` parts of other settings or models or
+  without meta.json.
+
+  Raises:
+    UserError: as `sample_many`.
+  """
+  out = io.as_path(out)
+  pid = holder(out)
+  if pid is not None:
+    _refuse_held(out, pid)
+  parts = _parts_dir(out)
+  if not overwrite and parts.exists():
+    _check_meta(parts, json.loads(json.dumps(meta, default=_plain)))
+
+
+def holder(out) -> int | None:
+  """The pid of the process writing `out` (holding its lock), or None.
+
+  Only reads: creates nothing. Remote outputs are never locked (None).
+  """
+  out = io.as_path(out)
+  lock = _parts_dir(out) / LOCK
+  if not io.is_local(out) or not lock.exists():
+    return None
+  import fcntl  # pylint: disable=import-outside-toplevel
+  try:
+    fd = os.open(os.fspath(lock), os.O_RDONLY)
+  except OSError:
+    return None
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+  except OSError as e:
+    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+      raise
+    return _pid_in(fd)
+  finally:
+    os.close(fd)
+  return None
+
+
+def _pid_in(fd) -> int:
+  os.lseek(fd, 0, os.SEEK_SET)
+  text = os.read(fd, 64).decode("ascii", "replace").strip()
+  return int(text) if text.isdigit() else -1
+
+
+def _refuse_held(out, pid) -> None:
+  shown = f"pid {pid}" if pid and pid > 0 else "another process"
+  raise UserError(f"{out} is being written by another sample-many ({shown}); "
+                  "wait for it to finish or stop it")
+
+
+@contextlib.contextmanager
+def writer_lock(out):
+  """Holds the exclusive lock of `out`'s parts directory (created if
+  needed; removed again on the way out when the run left nothing in it).
+
+  Raises:
+    UserError: another process holds it (its pid named).
+  """
+  out = io.as_path(out)
+  parts = _parts_dir(out)
+  if not io.is_local(out):
+    yield
+    return
+  import fcntl  # pylint: disable=import-outside-toplevel
+  created = not parts.exists()
+  for attempt in range(3):
+    parts.mkdir(parents=True, exist_ok=True)
+    try:
+      fd = os.open(os.fspath(parts / LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+      break
+    except FileNotFoundError:  # Removed by a finishing run: again.
+      if attempt == 2:
+        raise
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        raise
+      _refuse_held(out, _pid_in(fd))
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+      yield
+    finally:
+      if created and parts.exists() and [
+          p.name for p in parts.iterdir()] == [LOCK]:
+        parts.rmtree()
+  finally:
+    os.close(fd)
 
 
 def _result_meta(meta: dict) -> dict:
@@ -181,11 +318,16 @@ def sample_many(sampler, classes, per_class: int, batch: int,
     overwrite: start over: draw every sample again, replacing a finished
       `out` and discarding the parts of an interrupted run.
 
+  `meta` should name the models' contents (`checkpoint.fingerprint` under
+  "model" and, with a drafter, "drafter_model"), so that a model directory
+  replaced under the same name is not resumed.
+
   Raises:
-    UserError: bad classes, per_class, batch or seed; without `overwrite`,
-      a parts directory or a finished `out` of a run with other settings.
+    UserError: bad classes, per_class, batch or seed; another process
+      writing `out` (local paths); without `overwrite`, a parts directory
+      without meta.json, or a parts directory or a finished `out` of a run
+      with other settings or models.
   """
-  from var_jax.progress import progress_bar
   out = io.as_path(out)
   classes = sampler.check_labels(classes, allow_null=allow_null)
   if per_class < 1:
@@ -193,14 +335,31 @@ def sample_many(sampler, classes, per_class: int, batch: int,
   check_devices(batch)
   key = check_seed(seed)
   labels = np.repeat(classes, per_class)
-  total = len(labels)
   parts = _parts_dir(out)
   meta = job_meta(meta, classes, per_class)
   n = finished(out, meta, overwrite=overwrite)
   if n is not None:
     return n
+  with writer_lock(out):
+    # Another run may have finished `out` while this one waited to start.
+    n = finished(out, meta, overwrite=overwrite)
+    if n is not None:
+      return n
+    return _run(sampler, labels, batch, key, out, parts, meta, overwrite)
+
+
+def _run(sampler, labels, batch, key, out, parts, meta, overwrite) -> int:
+  """The job, under the writer lock."""
+  from var_jax.progress import progress_bar
+  total = len(labels)
   if overwrite and parts.exists():
-    parts.rmtree()
+    for p in parts.iterdir():
+      if p.name == LOCK:
+        continue
+      if p.is_dir():
+        p.rmtree()
+      else:
+        p.unlink()
   _check_meta(parts, meta)
   _write_meta(parts, meta)
   n_chunks = -(-total // batch)
