@@ -253,6 +253,7 @@ def test_resume_with_another_config_is_one_line(capsys, tmp_path,
   assert r.ckpts.maybe_save(2, r.state, r.record, force=True)
   r.ckpts.close()
   r.loader.close()
+  r.lock.release()  # As a finished run does.
   before = sorted(p.name for p in (work / "checkpoints").iterdir())
   rc, err = _cli_error(capsys, [
       "train", "--config", "train_digits", "--workdir", str(work),

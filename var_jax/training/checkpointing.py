@@ -103,8 +103,11 @@ class RunCheckpoints:
     """Newest complete checkpoint's step, or None."""
     return None if self._mngr is None else self._mngr.latest_step()
 
-  def check_record(self, step: int, record: dict, ignore=()) -> None:
+  def check_record(self, step: int, record: dict, ignore=()) -> dict:
     """Compares a checkpoint's run record with this run's, before restoring.
+
+    Returns the stored record (for the checks the caller makes itself on
+    fields in `ignore`).
 
     Raises:
       CheckpointError: naming every differing field (or why the record
@@ -116,6 +119,7 @@ class RunCheckpoints:
     except Exception as e:  # Orbax raises many types; the user needs one line.
       raise CheckpointError(f"cannot read the run record of {self.dir}/{step}"
                             f": {_first_line(e)}") from None
+    stored = saved
     if "config" not in saved:  # Older checkpoints: only the run length.
       saved = {"total_steps": saved.get("total_steps")}
       record = {"total_steps": record.get("total_steps")}
@@ -126,6 +130,7 @@ class RunCheckpoints:
           f"{self.dir} holds another run; differing: {'; '.join(diff[:6])}"
           f"{more}. Resume with the config it started with, or use a new "
           "--workdir")
+    return stored
 
   def restore(self, step: int, target):
     """State at `step`, placed per `target`'s shardings."""

@@ -12,11 +12,17 @@ rewritten whole (existing lines + new ones, atomically) at most every
 a checkpoint, so the lines of every step up to the newest checkpoint survive
 a kill) and at the end. TensorBoard events go through
 tensorboardX, which writes `gs://` itself (google-cloud-storage).
+
+A run that starts at step S (a resume, or a restart before the first
+checkpoint: S = 0) first drops the lines of steps >= S from `metrics.jsonl`
+(rewritten atomically) and opens TensorBoard with `purge_step=S`, so that
+the steps it repeats appear once in both.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -51,6 +57,59 @@ def check_finite(step: int, flat: dict[str, float]) -> None:
       raise TrainingDiverged(f"non-finite {name} ({flat[name]}) at step "
                              f"{step}; lower the learning rate or check the "
                              "data")
+
+
+def drop_steps_from(path, step: int) -> int:
+  """Rewrites the JSONL log at `path` without the lines of steps >= `step`.
+
+  A torn last line (a kill mid-write) is dropped too. The file is replaced
+  atomically, and only when something is dropped. Returns the number of
+  lines dropped (0 when the file does not exist).
+  """
+  path = io.as_path(path)
+  if not path.exists():
+    return 0
+  lines = path.read_text().splitlines(True)
+  kept = []
+  for line in lines:
+    if not line.endswith("\n"):
+      continue  # Torn.
+    try:
+      s = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+      kept.append(line)  # Not ours to judge.
+      continue
+    if not isinstance(s, int) or s < step:
+      kept.append(line)
+  if len(kept) != len(lines):
+    io.write_text(path, "".join(kept))
+  return len(lines) - len(kept)
+
+
+@functools.cache
+def _finite_fn():
+  """jit: True when every float leaf of a tree is finite."""
+  import jax
+  import jax.numpy as jnp
+
+  def finite(tree):
+    ok = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+          if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(ok)) if ok else jnp.bool_(True)
+  return jax.jit(finite)
+
+
+def check_finite_state(step: int, state) -> None:
+  """Refuses a state with a non-finite float anywhere (parameters, optimizer
+  moments), as it stands after `step`: nothing such is saved or exported.
+
+  Raises:
+    TrainingDiverged: naming the step.
+  """
+  import jax
+  if not bool(jax.device_get(_finite_fn()(state))):
+    raise TrainingDiverged(f"non-finite parameters after step {step}; lower "
+                           "the learning rate or check the data")
 
 
 @contextlib.contextmanager
@@ -115,9 +174,15 @@ class MetricsWriter:
     self.path = workdir / "metrics.jsonl"
     with _named_os_errors(self.path):
       workdir.mkdir(parents=True, exist_ok=True)
+      # The steps from start_step on are run (again): their old lines go.
+      drop_steps_from(self.path, start_step)
       self._log = _Jsonl(self.path)
       from tensorboardX import SummaryWriter  # Heavy import; writers only.
-      self._tb = SummaryWriter(logdir=os.fspath(workdir / "tb"))
+      tb = workdir / "tb"
+      # purge_step: TensorBoard hides the earlier events of the steps
+      # repeated from here (only needed when there are earlier events).
+      purge = start_step if tb.exists() else None
+      self._tb = SummaryWriter(logdir=os.fspath(tb), purge_step=purge)
     from var_jax.progress import progress_bar
     # A live bar on a terminal; whole report lines in a log file.
     self._bar = progress_bar(total_steps, initial=start_step, unit="step",

@@ -23,9 +23,10 @@ import time
 
 import jax
 
-from var_jax import io
+from var_jax import io, locks
 from var_jax.errors import CheckpointError, DataError, TrainingDiverged
 from var_jax.errors import UserError
+from var_jax.training import data_identity
 from var_jax.training import interrupt
 from var_jax.training import mesh as mesh_lib
 from var_jax.training import metrics as metrics_lib
@@ -173,10 +174,17 @@ class Run:
     self.mesh = mesh_lib.make_mesh(mesh_spec)
     mesh_lib.check_batch(self.mesh, cfg.global_batch, cfg.accum_steps)
     self.task = make_task(cfg, self.mesh)
-    self.ckpts = RunCheckpoints(self.workdir, every=cfg.ckpt_every,
-                                keep=cfg.keep_ckpts)
-    self.loader = None
+    self.loader = self.ckpts = None
+    # One writer per workdir (process 0 of a local one; see `locks`): taken
+    # before the checkpoints are opened (Orbax cleans up what it takes for
+    # an unfinished save), released by `_close`.
+    self.lock = locks.DirLock(self.workdir, what="--workdir",
+                              flag="--workdir")
     try:
+      if self.is_main:
+        self.lock.acquire()
+      self.ckpts = RunCheckpoints(self.workdir, every=cfg.ckpt_every,
+                                  keep=cfg.keep_ckpts)
       self.start = self.ckpts.latest_step() or 0
       self.loader = open_loader(cfg, self.task.model_cfg.vae.resolution,
                                 start_step=self.start)
@@ -187,11 +195,23 @@ class Run:
       self.task.attach(self.loader, self.total)
       self.record = {"command": self.task.command, "total_steps": self.total,
                      "model": json.loads(self.task.model_cfg.to_json()),
-                     "config": cfg.record()}
+                     "config": cfg.record(),
+                     "data": data_identity.identify(self.loader.source)}
       if self.start:
-        ignore = ["config.model"] + [f"config.{f}" for f in cfg.RESUMABLE]
-        self.ckpts.check_record(self.start, self.record, ignore)
+        ignore = (["config.model", "data"]
+                  + [f"config.{f}" for f in cfg.RESUMABLE])
+        saved = self.ckpts.check_record(self.start, self.record, ignore)
+        diff = data_identity.differences(saved.get("data") or {},
+                                         self.record["data"])
+        if diff:
+          raise DataError(
+              f"{cfg.data} is not the data of the run in {self.ckpts.dir} "
+              f"(step {self.start}): {'; '.join(diff)}; resume with the "
+              "data it started with, or use a new --workdir")
         self.state = self.ckpts.restore(self.start, self.task.spec.target)
+        # A checkpoint that holds a diverged state (saved by a version that
+        # saved before checking) is refused, not trained on or exported.
+        metrics_lib.check_finite_state(self.start - 1, self.state)
       else:
         self.state = self.task.init_state()
     except BaseException:
@@ -252,14 +272,19 @@ class Run:
         signum = stop.stop_after(step + 1, self.total)
         if signum is not None:
           self._stop(writer, signum, step, pending)
-        if not final and self.ckpts.due(step + 1):
-          # A resume from this checkpoint never redoes the steps it holds:
-          # their lines must be durable first (a remote log is otherwise
-          # rewritten only every minute). The final step's line waits for
-          # the evaluation after export, as in every run.
-          self._write(writer, step, self._checked(step, m), *pending[2:])
-          writer.flush()
-          pending = None
+        if final or self.ckpts.due(step + 1):
+          # What is saved passed the checks: this step's metrics and the
+          # state they produced (a diverged state is never saved).
+          flat = self._checked(step, m)
+          metrics_lib.check_finite_state(step, self.state)
+          if not final:
+            # A resume from this checkpoint never redoes the steps it
+            # holds: their lines must be durable first (a remote log is
+            # otherwise rewritten only every minute). The final step's line
+            # waits for the evaluation after export, as in every run.
+            self._write(writer, step, flat, *pending[2:])
+            writer.flush()
+            pending = None
         self.ckpts.maybe_save(step + 1, self.state, self.record, force=final)
       signum = stop.stop_at_end()
       if signum is not None and self.start < self.total:
@@ -267,6 +292,9 @@ class Run:
     if pending is not None:
       step, m, dt, first = pending
       last = self._checked(step, m)  # Never export a diverged model.
+    # Also when nothing ran (a rerun after the last step was saved): the
+    # restored state is checked as every saved one.
+    metrics_lib.check_finite_state(self.total - 1, self.state)
     self.ckpts.wait()
     out = self.workdir / "model"
     export_model_dir(out, task.model_cfg, *task.export_trees(self.state))
@@ -289,6 +317,7 @@ class Run:
       if pending is not None:
         self._write(writer, pending[0], self._checked(*pending[:2]),
                     *pending[2:])
+      metrics_lib.check_finite_state(step, self.state)
       writer.flush()
     except TrainingDiverged as e:
       self.ckpts.wait()  # A periodic save already under way completes.
@@ -326,7 +355,9 @@ class Run:
     errors = []
     closers = [getattr(writer, "close", None),
                getattr(self.loader, "close", None), self.task.close,
-               lambda: self.ckpts.close(quiet=quiet)]
+               getattr(self.ckpts, "close", None) and (
+                   lambda: self.ckpts.close(quiet=quiet)),
+               self.lock.release]
     for close in closers:
       if close is None:
         continue
