@@ -444,7 +444,8 @@ class TokenSource:
 
   The file holds `tokens` int32 (N, L), `labels` int32 (N,) in
   [0, num_classes), `patch_nums`, `num_classes` and (caches written since
-  it was added) `vocab_size`, with every token in [0, vocab_size). Splits
+  they were added) `vocab_size`, with every token in [0, vocab_size), and
+  `tokenizer`, the fingerprint of the tokenizer's weights. Splits
   are whatever was tokenized, so `split` is ignored; augmentation was fixed
   when the cache was written.
 
@@ -467,6 +468,8 @@ class TokenSource:
         self.patch_nums = tuple(int(v) for v in z["patch_nums"])
         self.num_classes = int(z["num_classes"])
         self.vocab_size = int(z["vocab_size"]) if "vocab_size" in z else None
+        # Fingerprint of the tokenizer that wrote it (None: older caches).
+        self.tokenizer = str(z["tokenizer"]) if "tokenizer" in z else None
     except (OSError, ValueError, KeyError, TypeError, EOFError,
             zipfile.BadZipFile) as e:
       raise DataError(f"{path} is not a token cache: {_first_line(e)}"

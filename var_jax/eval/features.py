@@ -30,7 +30,7 @@ ADM_FEATURES = ("pool", "spatial", "logits_unbiased")
 # Images per device step on the CPU: a 299x299 batch of 16 keeps the working
 # set near 1 GB (64 at once peaked at 2.9 GB resident) at the same speed.
 CPU_CHUNK = 16
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: `content`, the fingerprint of the images.
 
 
 def weights_fingerprint(model) -> str:
@@ -206,8 +206,12 @@ def _gather(out, n, per):
 
 
 def cache_meta(source, fingerprint: str) -> dict:
+  """What a feature cache was made from: the network's weights
+  (`fingerprint`) and the images (count, shape and `source.fingerprint()`:
+  a content hash of an npz, size and modification time of folder files)."""
   return {"version": CACHE_VERSION, "weights": fingerprint, "n": source.n,
-          "image_shape": list(source.image_shape)}
+          "image_shape": list(source.image_shape),
+          "content": source.fingerprint()}
 
 
 def read_cache(path, meta: dict) -> dict[str, np.ndarray] | None:
@@ -233,9 +237,12 @@ def read_cache(path, meta: dict) -> dict[str, np.ndarray] | None:
   if stored != meta:
     diff = sorted(k for k in set(stored) | set(meta)
                   if stored.get(k) != meta.get(k))
+    what = {"content": "image content", "weights": "Inception weights",
+            "n": "image count", "image_shape": "image size",
+            "version": "cache format"}
     raise DataError(f"feature cache {path} was made from other images or "
-                    f"Inception weights ({', '.join(diff)} differ); delete it "
-                    "or pass another cache path")
+                    f"Inception weights ({', '.join(what.get(k, k) for k in diff)}"
+                    " differ); delete it or pass another cache path")
   for k, v in feats.items():
     if v.shape != (meta["n"], FEATURE_DIMS[k]):
       raise DataError(f"feature cache {path}: {k} has shape {v.shape}, "

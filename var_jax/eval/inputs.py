@@ -3,6 +3,11 @@
 Both are checked completely when opened (format, dtype, shape, one image
 size) and then read a batch at a time: an ADM npz is streamed from its zip
 member, so a 50k x 256 x 256 x 3 file (9.8 GB) never sits in memory.
+
+`fingerprint()` identifies the content a feature cache was made from: for an
+npz, the SHA-256 of its images' bytes (computed while the images are
+streamed for the network, or by one streaming pass when a cache is checked);
+for a folder, the name, size and modification time of every image file.
 """
 
 from __future__ import annotations
@@ -84,6 +89,15 @@ class NpzImages:
     if info.file_size < header + self.n * self._image_bytes:
       raise DataError(f"{where}: {ADM_KEY} declares {shape} but holds "
                       f"{info.file_size - header} bytes of data (truncated)")
+    self._digest: str | None = None
+
+  def fingerprint(self) -> str:
+    """SHA-256 (short hex) of the images' bytes; one streaming pass unless
+    a complete read by `batches` already computed it."""
+    if self._digest is None:
+      for _ in self.batches(0, self.n, max(1, (16 << 20) // self._image_bytes)):
+        pass
+    return self._digest
 
   def describe(self) -> str:
     return f"{self.path} ({self.n} images {self.image_shape[0]}x"\
@@ -95,6 +109,9 @@ class NpzImages:
     Raises:
       DataError: the file changed or is corrupt (short read, bad CRC).
     """
+    from var_jax.fingerprints import StreamHash
+    # A read of every image hashes them on the way (the cache fingerprint).
+    digest = StreamHash() if (start, stop) == (0, self.n) else None
     try:
       with open_npz(self.path) as zf, zf.open(f"{ADM_KEY}.npy") as fh:
         _, _, _, header = _npy_header(fh, str(self.path))
@@ -107,7 +124,11 @@ class NpzImages:
             raise DataError(f"{self.path}: {ADM_KEY} ends after "
                             f"{i + len(data) // self._image_bytes} of "
                             f"{self.n} images (truncated)")
+          if digest is not None:
+            digest.update(data)
           yield np.frombuffer(data, np.uint8).reshape((b,) + self.image_shape)
+        if digest is not None:
+          self._digest = digest.hexdigest()
     except (zipfile.BadZipFile, OSError, EOFError) as e:
       raise DataError(f"{self.path}: read failed ({type(e).__name__}: {e})"
                       ) from None
@@ -171,6 +192,11 @@ class FolderImages:
     except Exception as e:  # noqa: BLE001  (PIL raises many types)
       raise DataError(f"{path}: not a readable image ({type(e).__name__}: "
                       f"{e})") from None
+
+  def fingerprint(self) -> str:
+    """Name, size and modification time of every image file (no byte read)."""
+    from var_jax.fingerprints import files_fingerprint
+    return files_fingerprint(self.files, root=self.path)
 
   def describe(self) -> str:
     return f"{self.path}/ ({self.n} images {self.image_shape[0]}x"\

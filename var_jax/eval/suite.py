@@ -153,16 +153,44 @@ def plan(samples_path, ref_path, metric_spec: str | None, sample_cache=None,
   for c in (sample_cache, ref_cache):
     if c and os.path.isdir(os.path.expanduser(str(c))):
       raise UserError(f"feature cache {c} is a directory; give an .npz path")
+  _check_counts(names, samples, ref, needs)
   return Plan(names, samples, ref, needs, sample_cache, ref_cache, need_ref)
+
+
+def _check_counts(names, samples, ref, ref_needs) -> None:
+  """Refuses too few images for a requested metric before any work (a
+  feature cache would otherwise be written before the metric fails).
+
+  Raises:
+    DataError: naming the metric, the set and the count it needs.
+  """
+  k = metrics.NHOOD
+  need = {"is": 1, "fid": 2, "sfid": 2, "precision": k + 1, "recall": k + 1}
+  sets = [("sample", samples, names)]
+  if ref is not None and ref.images is not None:
+    sets.append(("reference", ref.images, ref_needs))
+  for what, images, wanted in sets:
+    for m in wanted:
+      if images.n < need[m]:
+        raise DataError(
+            f"{_LABELS[m]} needs at least {need[m]} {what} images, "
+            f"{images.describe()} has {images.n}")
+
+
+def _read(cache, source, fingerprint: str):
+  """The features of an existing cache made from `source`, else None (the
+  content fingerprint is only computed when there is a cache to check)."""
+  from var_jax.io import as_path
+  if not cache or not as_path(cache).exists():
+    return None
+  return F.read_cache(cache, F.cache_meta(source, fingerprint))
 
 
 def _features(extractor, source, cache, desc, progress):
   """(features, seconds, computed?) from the cache or the network."""
-  meta = F.cache_meta(source, extractor.fingerprint)
-  if cache:
-    feats = F.read_cache(cache, meta)
-    if feats is not None:
-      return feats, 0.0, False
+  feats = _read(cache, source, extractor.fingerprint)
+  if feats is not None:
+    return feats, 0.0, False
   t0 = time.perf_counter()
   feats = extractor(source, desc=desc, progress=progress)
   return feats, time.perf_counter() - t0, True
@@ -170,10 +198,9 @@ def _features(extractor, source, cache, desc, progress):
 
 def check_caches(p: Plan, fingerprint: str) -> None:
   """Reads existing caches once so a stale one fails before any work."""
-  if p.sample_cache:
-    F.read_cache(p.sample_cache, F.cache_meta(p.samples, fingerprint))
-  if p.ref_cache and p.ref_needs:
-    F.read_cache(p.ref_cache, F.cache_meta(p.ref.images, fingerprint))
+  _read(p.sample_cache, p.samples, fingerprint)
+  if p.ref_needs:
+    _read(p.ref_cache, p.ref.images, fingerprint)
 
 
 def run(p: Plan, extractor, progress: bool = True) -> dict:

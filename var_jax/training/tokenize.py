@@ -4,17 +4,46 @@ A token cache holds exactly the decodable images of the split, each once,
 in the source's order, each with its own label. Undecodable images are
 skipped and counted under the same policy as the training loader
 (`data.loader.SkipCounter`), never replaced by a neighbour.
+
+The cache also records what it was made from: `tokenizer`, the fingerprint
+of the tokenizer's weights (`fingerprints.tree_fingerprint`; training
+refuses a cache made with another tokenizer than its own), and `source`, a
+JSON description of the images (spec, split, count, classes and, for image
+folders, the size and modification time of every file).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import sys
 
 import numpy as np
 
 from var_jax.errors import DataError, UserError
+
+
+def tokenizer_fingerprint(vae) -> str:
+  """Fingerprint of a tokenizer's weights: an `nnx` VQVAE, or the pure dict
+  of its state (as training restores it); both give the same string."""
+  from flax import nnx
+
+  from var_jax.fingerprints import tree_fingerprint
+  if isinstance(vae, nnx.Module):
+    vae = nnx.to_pure_dict(nnx.state(vae))
+  return tree_fingerprint(vae)
+
+
+def source_record(spec: str, split: str, source) -> dict:
+  """What a token cache was made from (stored as its `source`)."""
+  out = {"data": spec, "split": split, "count": len(source),
+         "num_classes": int(source.num_classes)}
+  if getattr(source, "classes", None) is not None:  # Folder data.
+    from var_jax.fingerprints import files_fingerprint
+    out["classes"] = list(source.classes)
+    out["files"] = files_fingerprint(source.paths, root=source.root)
+  return out
 
 
 def _log_stderr(msg: str) -> None:
@@ -40,8 +69,9 @@ def tokenize_dataset(ckpt, spec: str, split: str, out, *, batch: int = 64,
 
   Returns:
     N, the number of token sequences written: `tokens` int32 (N, L),
-    `labels` int32 (N,), `patch_nums`, `num_classes`, `vocab_size`, and
-    `skipped` (the number of undecodable images left out).
+    `labels` int32 (N,), `patch_nums`, `num_classes`, `vocab_size`,
+    `skipped` (the number of undecodable images left out), `tokenizer` and
+    `source` (see above).
 
   Raises:
     UserError: bad batch, scales or output path (before anything is read).
@@ -118,7 +148,10 @@ def tokenize_dataset(ckpt, spec: str, split: str, out, *, batch: int = 64,
            patch_nums=np.asarray(pn, np.int32),
            num_classes=np.int32(source.num_classes),
            vocab_size=np.int32(cfg.vae.vocab_size),
-           skipped=np.int32(len(skips.indices)))
+           skipped=np.int32(len(skips.indices)),
+           tokenizer=np.asarray(tokenizer_fingerprint(vae)),
+           source=np.asarray(json.dumps(source_record(spec, split, source),
+                                        sort_keys=True)))
   summary = skips.summary()
   if summary:
     log(f"{summary}; the cache holds the other {len(tokens_NL)}")

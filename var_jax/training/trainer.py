@@ -83,15 +83,22 @@ def resolve_sources(cfg: TrainConfig) -> Sources:
   return Sources(dataclasses.replace(model_cfg, vae=vae_cfg), d, None)
 
 
-def token_cache_differences(src, model_cfg: ModelConfig) -> list[str]:
+def token_cache_differences(src, model_cfg: ModelConfig,
+                            tokenizer: str | None = None) -> list[str]:
   """What of a token cache (`data.sources.TokenSource`) the model cannot take.
 
   Returns one '<field> <cache's> in the cache, <model's> in the model' per
   differing field: `patch_nums` must be equal, `vocab_size` equal (caches
-  written before it was stored: every token id below the model's), and the
-  cache's `num_classes` at most the model's (as for image data).
+  written before it was stored: every token id below the model's), the
+  cache's `num_classes` at most the model's (as for image data), and the
+  fingerprint of the tokenizer that wrote the cache equal to `tokenizer`,
+  the run's (when both are known).
   """
   var, out = model_cfg.var, []
+  if tokenizer and src.tokenizer and src.tokenizer != tokenizer:
+    out.append(f"tokenizer {src.tokenizer} in the cache, {tokenizer} in the "
+               "model (the cache was made with other tokenizer weights; "
+               "tokenize again with this run's tokenizer)")
   if tuple(src.patch_nums) != tuple(var.patch_nums):
     out.append(f"patch_nums {tuple(src.patch_nums)} in the cache, "
                f"{tuple(var.patch_nums)} in the model")
@@ -134,7 +141,10 @@ class VARTask(run_lib.Task):
     var_cfg, cfg = self.model_cfg.var, self.cfg
     self.tokens = loader.yields_tokens
     if self.tokens:
-      diff = token_cache_differences(loader.source, self.model_cfg)
+      from var_jax.training.tokenize import tokenizer_fingerprint
+      diff = token_cache_differences(
+          loader.source, self.model_cfg,
+          tokenizer_fingerprint(sharding.to_host(self.vae_state)))
       if diff:
         raise DataError(f"token cache {cfg.data} does not fit model "
                         f"{self.model_cfg.name}: {'; '.join(diff)}")
