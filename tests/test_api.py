@@ -82,9 +82,8 @@ def test_load_without_arguments_is_the_bundled_model():
   assert m.config.var.num_classes == 10
   with pytest.raises(dataclasses.FrozenInstanceError):
     m.var = None
-  out = var_jax.Sampler(m.vae, m.var, var_jax.SampleOptions())([3], seed=0)
-  side = m.config.vae.resolution
-  assert out.images_BHWC.shape == (1, side, side, 3)
+  # Sampling it is the bundled model's own tests' claim (test_default_model,
+  # and examples/quickstart.py end to end).
 
 
 def test_load_a_converted_directory(model_dir):

@@ -2,9 +2,11 @@
 
 Loading a checkpoint, converting weights and counting parameters all start
 from the shapes of a freshly built module. `nnx.eval_shape` traces every
-initializer to get them, and with this flax/jax pair each new variable costs
-time proportional to the trace so far (about a second for a VQVAE), so one
-trace per constructor and arguments is kept and copied.
+initializer to get them. Two things keep that cheap: the random keys are
+drawn eagerly (a traced key counter makes every draw cost time proportional
+to the trace so far, since flax asks the new count for its sharding and the
+tracer's error message searches the trace), and one trace per constructor
+and arguments is kept and copied.
 """
 
 from __future__ import annotations
@@ -15,10 +17,25 @@ import jax
 from flax import nnx
 
 
+class _EagerStream(nnx.RngStream):
+  """An RNG stream whose keys and counter stay concrete inside a trace."""
+
+  def __call__(self) -> jax.Array:
+    with jax.ensure_compile_time_eval():
+      return super().__call__()
+
+
+def _eager_rngs() -> nnx.Rngs:
+  with jax.ensure_compile_time_eval():
+    rngs = nnx.Rngs(0)
+    rngs.default = _EagerStream(rngs.default.key.get_value(), tag="default")
+  return rngs
+
+
 @functools.lru_cache(maxsize=64)
 def _split(ctor, args: tuple, kwargs: tuple):
   return nnx.split(nnx.eval_shape(
-      lambda: ctor(*args, rngs=nnx.Rngs(0), **dict(kwargs))))
+      lambda: ctor(*args, rngs=_eager_rngs(), **dict(kwargs))))
 
 
 def abstract_split(ctor, *args, **kwargs) -> tuple[nnx.GraphDef, nnx.State]:
