@@ -13,6 +13,8 @@ import argparse
 import contextlib
 import importlib
 import logging
+import os
+import re
 import signal
 import sys
 import threading
@@ -141,6 +143,59 @@ def _sigterm_as_interrupt():
     signal.signal(signal.SIGTERM, previous)
 
 
+def _backend_unavailable(e: BaseException) -> str | None:
+  """One line for JAX failing to start the backend `JAX_PLATFORMS` asks for
+  (no such device, or no plugin for it), else None."""
+  platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+  tb = e.__traceback__
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  in_bridge = tb is not None and tb.tb_frame.f_code.co_filename.endswith(
+      "xla_bridge.py")
+  text = str(e)
+  if not (text.startswith("Unable to initialize backend") or (
+      in_bridge and isinstance(e, (RuntimeError, AssertionError)))):
+    return None
+  if not platforms:
+    return f"JAX could not start a backend: {_one_line(e)}"
+  cause = text.split(": ", 1)[1] if ": " in text else ""
+  cause = cause.split(" (set JAX_PLATFORMS")[0]
+  if not cause and isinstance(e, AssertionError):
+    cause = "no device of this kind is visible, or its jax plugin is missing"
+  cause = f" ({' '.join(cause.split())[:200]})" if cause else ""
+  return (f"JAX_PLATFORMS={platforms}: no such backend on this machine"
+          f"{cause}; unset JAX_PLATFORMS to use what is here, or set it to "
+          "cpu")
+
+
+def _check_backend() -> None:
+  """Starts JAX's backends now when `JAX_PLATFORMS` names some, so that an
+  absent one is one line before any command runs (later, a model load
+  would report it as an unreadable checkpoint)."""
+  if not os.environ.get("JAX_PLATFORMS", "").strip():
+    return
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.devices()
+
+
+def _out_of_memory(e: BaseException, args) -> str | None:
+  """One line for an allocation that failed (XLA's RESOURCE_EXHAUSTED or
+  out-of-memory error, or Python's MemoryError), naming --batch."""
+  text = str(e)
+  from_xla = type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and (
+      "RESOURCE_EXHAUSTED" in text or "Out of memory" in text
+      or "out of memory" in text)
+  if not (from_xla or isinstance(e, MemoryError)):
+    return None
+  m = re.search(r"[Oo]ut of memory[^.;\n]*", text)
+  cause = f" ({m.group(0).strip()})" if m else ""
+  batch = getattr(args, "batch", None)
+  if isinstance(batch, int):
+    return (f"out of memory with --batch {batch}{cause}; try a smaller "
+            "--batch")
+  return f"out of memory{cause}; try a smaller batch or a smaller model"
+
+
 def _one_line(e: Exception) -> str:
   text = " ".join(str(e).split())
   return text or type(e).__name__
@@ -164,6 +219,7 @@ def main(argv=None) -> int:
     enable_compile_cache(cache)
   try:
     with _sigterm_as_interrupt():
+      _check_backend()
       return int(args.func(args) or 0)
   except VarJaxError as e:
     print(f"var-jax {args.command}: error: {_one_line(e)}", file=sys.stderr)
@@ -173,6 +229,17 @@ def main(argv=None) -> int:
     # environment's, not a bug; one line, exit 1 as WriteError.
     print(f"var-jax {args.command}: error: {_one_line(e)}", file=sys.stderr)
     return 1
+  except (RuntimeError, AssertionError, MemoryError) as e:
+    # The environment's, not a bug: JAX_PLATFORMS naming an absent backend
+    # (exit 2, as a bad value), memory exhausted (exit 1).
+    line = _backend_unavailable(e)
+    code = 2
+    if line is None:
+      line, code = _out_of_memory(e, args), 1
+    if line is None:
+      raise
+    print(f"var-jax {args.command}: error: {line}", file=sys.stderr)
+    return code
   except KeyboardInterrupt as e:
     # Temporaries are gone by now (the writers' `finally`); the exit status
     # is the shell's for the signal.
