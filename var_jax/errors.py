@@ -37,7 +37,8 @@ class ConvertError(VarJaxError, ValueError):
 
 
 class PthError(VarJaxError, ValueError):
-  """A `.pth` file that is not a readable tensor state dict."""
+  """A `.pth` or `.safetensors` file that is not a readable tensor state
+  dict."""
 
 
 class DataError(VarJaxError, ValueError):
