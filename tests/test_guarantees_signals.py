@@ -3,7 +3,6 @@ that a killed run left behind are removed by the next write beside them
 (docs/guarantees.md#nothing-is-lost-on-overwrite)."""
 
 import os
-import signal
 import subprocess
 import sys
 
