@@ -45,7 +45,8 @@ def _stat_key(p) -> str:
   if "://" not in name:
     st = os.stat(name)
     return f"{st.st_size}:{st.st_mtime_ns}"
-  st = p.stat()  # epath.StatResult: length, mtime (seconds).
+  from var_jax.io import as_path
+  st = as_path(name).stat()  # epath.StatResult: length, mtime (seconds).
   return f"{getattr(st, 'length', '')}:{getattr(st, 'mtime', '')}"
 
 
