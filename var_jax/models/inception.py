@@ -301,8 +301,12 @@ class InceptionV3(nnx.Module):
           (Mixed_6a's stride-2 3x3 branch, 17, 17, 384), which the golden
           set stores under `spatial`; kept to check the network against it.
     """
-    x = resize_tf1(x_BHWC, INPUT_SIZE)
-    x = ((x - 128.0) / 128.0).astype(self.dtype)
+    return self.features(resize_tf1(x_BHWC, INPUT_SIZE))
+
+  def features(self, x_BHWC) -> dict[str, jax.Array]:
+    """`__call__`'s features of images already resized to 299 x 299
+    (float32, 0..255, as `resize_tf1` gives them)."""
+    x = ((x_BHWC - 128.0) / 128.0).astype(self.dtype)
     x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
     x = _max_pool(x, 2, 0)
     out = {"64": x}
