@@ -72,6 +72,19 @@ def test_an_absent_jax_platform_is_one_line(tmp_path, platform, command,
 
 
 @pytest.mark.slow
+def test_an_absent_jax_platform_is_one_line_for_training(tmp_path):
+  # Training may join a multi-process job first, which has to come before
+  # the backends start: the line comes from its own first device query.
+  code, err = _cli(["train", "--config", "train_tiny", "--steps", "1",
+                    "--workdir", str(tmp_path / "w")], {"JAX_PLATFORMS": "tpu"})
+  assert code == 2, err[-2000:]
+  assert err.startswith("var-jax train: error: JAX_PLATFORMS=tpu: no such "
+                        "backend on this machine"), err[-2000:]
+  assert err.count("\n") == 1 and "Traceback" not in err
+  assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
 def test_out_of_memory_is_one_line_naming_the_batch(tmp_path):
   code, err = _cli(["--no-compile-cache", "sample", "--labels", "1", "--num",
                     "20000", "--batch", "20000", "--out",

@@ -168,11 +168,18 @@ def _backend_unavailable(e: BaseException) -> str | None:
           "cpu")
 
 
-def _check_backend() -> None:
+def _check_backend(args) -> None:
   """Starts JAX's backends now when `JAX_PLATFORMS` names some, so that an
   absent one is one line before any command runs (later, a model load
-  would report it as an unreadable checkpoint)."""
+  would report it as an unreadable checkpoint).
+
+  Commands that may join a multi-process job (`--coordinator-address`) are
+  left alone: joining must come before the backends start, and their own
+  first device query reports an absent backend the same way.
+  """
   if not os.environ.get("JAX_PLATFORMS", "").strip():
+    return
+  if hasattr(args, "coordinator_address"):
     return
   import jax  # pylint: disable=import-outside-toplevel
   jax.devices()
@@ -219,7 +226,7 @@ def main(argv=None) -> int:
     enable_compile_cache(cache)
   try:
     with _sigterm_as_interrupt():
-      _check_backend()
+      _check_backend(args)
       return int(args.func(args) or 0)
   except VarJaxError as e:
     print(f"var-jax {args.command}: error: {_one_line(e)}", file=sys.stderr)
