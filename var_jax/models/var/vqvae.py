@@ -11,6 +11,7 @@ module (the sampler converts to [0, 1] for output); token ids are int32
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -340,17 +341,20 @@ def jit_tokenizer(vae: VQVAE, patch_nums=None):
   graphdef, state = nnx.split(vae)
   pn = tuple(patch_nums or vae.cfg.v_patch_nums)
 
-  @jax.jit
-  def encode(state, x_BHWC):
-    if x_BHWC.dtype == jnp.uint8:
-      x_BHWC = x_BHWC.astype(jnp.float32) / jnp.float32(255.0)
-      x_BHWC = x_BHWC + x_BHWC - jnp.float32(1.0)
-    return nnx.merge(graphdef, state).img_to_idx(x_BHWC, pn)
-
   def tokenize(x_BHWC) -> list[jax.Array]:
     x_BHWC = jnp.asarray(x_BHWC)
     if x_BHWC.dtype != jnp.uint8:
       x_BHWC = x_BHWC.astype(jnp.float32)
-    return encode(state, x_BHWC)
+    return _img_to_idx(state, x_BHWC, graphdef=graphdef, patch_nums=pn)
 
   return tokenize
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "patch_nums"))
+def _img_to_idx(state, x_BHWC, *, graphdef, patch_nums):
+  """`jit_tokenizer`'s program, one per tokenizer structure, scale list and
+  input shape for the whole process (not one per `jit_tokenizer` call)."""
+  if x_BHWC.dtype == jnp.uint8:
+    x_BHWC = x_BHWC.astype(jnp.float32) / jnp.float32(255.0)
+    x_BHWC = x_BHWC + x_BHWC - jnp.float32(1.0)
+  return nnx.merge(graphdef, state).img_to_idx(x_BHWC, patch_nums)
