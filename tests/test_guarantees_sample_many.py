@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from var_jax import checkpoint
+from var_jax import checkpoint, locks
 from var_jax.cli import main
 from var_jax.errors import UserError
 from var_jax.sampling import many
@@ -78,7 +78,7 @@ def test_resume_with_another_model_is_refused(tmp_path):
   with pytest.raises(KeyboardInterrupt):
     _run(out, _FakeSampler(fail_at=1), _meta())
   chunks = sorted(p.name for p in (tmp_path / "s.npz.parts").iterdir())
-  assert chunks == [".lock", "chunk_000000.npz", "meta.json"]
+  assert chunks == ["chunk_000000.npz", "meta.json"]  # Lock file removed.
   with pytest.raises(UserError, match=r"another model: model changed"):
     _run(out, _FakeSampler(shade=0.5), _meta("sha256:bbbb"))
   with pytest.raises(UserError, match=r"another model"):
@@ -101,19 +101,18 @@ def test_parts_without_meta_json_are_refused(tmp_path):
   np.savez(parts / "chunk_000000.npz", arr_0=np.zeros((2, 4, 4, 3), np.uint8))
   with pytest.raises(UserError, match=r"no meta.json"):
     _run(out, _FakeSampler(), _meta())
-  assert sorted(p.name for p in parts.iterdir()) == [".lock",
-                                                     "chunk_000000.npz"]
+  assert sorted(p.name for p in parts.iterdir()) == ["chunk_000000.npz"]
   assert not out.exists()
   assert _run(out, _FakeSampler(), _meta(), overwrite=True) == 6
 
 
-# Holds `OUT.parts/.lock` as a running sample-many does (flock, pid inside)
-# until its stdin closes. No jax: a plain Python process.
+# Holds `OUT.parts/var-jax.lock` (argv[1]) as a running sample-many does
+# (flock, pid inside) until its stdin closes. No jax: a plain Python process.
 _HOLD = r"""
 import fcntl, os, sys
-parts = sys.argv[1]
-os.makedirs(parts, exist_ok=True)
-fd = os.open(os.path.join(parts, ".lock"), os.O_RDWR | os.O_CREAT)
+lock = sys.argv[1]
+os.makedirs(os.path.dirname(lock), exist_ok=True)
+fd = os.open(lock, os.O_RDWR | os.O_CREAT)
 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 os.write(fd, f"{os.getpid()}\n".encode())
 print("locked", flush=True)
@@ -122,12 +121,16 @@ sys.stdin.read()
 
 
 def test_a_second_writer_is_refused_naming_the_pid(tmp_path, capsys):
-  out = tmp_path / "s.npz"
-  child = subprocess.Popen([sys.executable, "-c", _HOLD, str(out) + ".parts"],
+  out, parts = tmp_path / "s.npz", tmp_path / "s.npz.parts"
+  assert locks.holder_pid(parts) is None
+  assert not parts.exists()  # The check creates nothing.
+  child = subprocess.Popen([sys.executable, "-c", _HOLD,
+                            str(parts / locks.LOCK_NAME)],
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                            text=True)
   try:
     assert child.stdout.readline().strip() == "locked"
+    assert locks.holder_pid(parts) == child.pid
     with pytest.raises(UserError, match=rf"another sample-many \(pid "
                        rf"{child.pid}\)"):
       _run(out, _FakeSampler(), _meta())
@@ -140,6 +143,7 @@ def test_a_second_writer_is_refused_naming_the_pid(tmp_path, capsys):
   finally:
     child.stdin.close()
     child.wait()
+  assert locks.holder_pid(parts) is None  # Released when its holder ended.
   assert _run(out, _FakeSampler(), _meta()) == 6
   assert not (tmp_path / "s.npz.parts").exists()
 

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from var_jax.errors import TrainingDiverged
-from var_jax.locks import LOCK_NAME, DirLock, OutputInUseError
+from var_jax.locks import LOCK_NAME, DirLock, OutputInUseError, holder_pid
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -56,6 +56,7 @@ def test_lock_refuses_a_second_writer_naming_the_pid(tmp_path):
 def test_lock_is_not_taken_on_object_stores():
   lock = DirLock("gs://bucket/run").acquire()
   assert not lock.held
+  assert holder_pid("gs://bucket/run") is None
   lock.release()
 
 

@@ -14,20 +14,17 @@ Sample i always has class classes[i // per_class] and the per-token keys of
 global index i, so the result does not depend on the batch size or device
 count.
 
-One writer per output: a run holds an exclusive lock (`fcntl.flock`) on
-`OUT.parts/.lock`, which holds its process id, from before it reads the
-parts directory until the parts are removed; a second run on the same
-`--out` is refused naming that pid. Only local paths are locked (no lock is
-taken for gs:// outputs). A parts directory that holds files but no
-`meta.json` is refused, never adopted.
+One writer per output: a run holds the lock of `var_jax.locks` on
+`OUT.parts/` (`OUT.parts/var-jax.lock`, which holds its process id) from
+before it reads the parts directory until the parts are removed; a second
+run on the same `--out` is refused naming that pid. Only local paths are
+locked (no lock is taken for gs:// outputs). A parts directory that holds
+files but no `meta.json` is refused, never adopted.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
-import os
 import zipfile
 
 import jax
@@ -35,7 +32,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from var_jax import io
+from var_jax import io, locks
 from var_jax.errors import UserError
 from var_jax.sampling import images as image_io
 from var_jax.sampling.var.sampler import check_seed
@@ -54,7 +51,6 @@ def _differing(old: dict, new: dict) -> list[str]:
   return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
-LOCK = ".lock"
 # Settings naming the models' contents (`checkpoint.fingerprint`).
 _MODEL_KEYS = ("model", "drafter_model")
 
@@ -69,7 +65,7 @@ def _check_meta(parts, meta: dict) -> None:
   path = parts / "meta.json"
   if not path.exists():
     names = sorted(p.name for p in parts.iterdir()) if parts.exists() else []
-    others = [n for n in names if n != LOCK]
+    others = [n for n in names if n != locks.LOCK_NAME]
     if others:
       raise UserError(f"{parts} holds {len(others)} files but no meta.json: "
                       "not parts this command can resume (their settings "
@@ -105,91 +101,19 @@ def check_resumable(out, meta: dict, *, overwrite: bool = False) -> None:
     UserError: as `sample_many`.
   """
   out = io.as_path(out)
-  pid = holder(out)
-  if pid is not None:
-    _refuse_held(out, pid)
   parts = _parts_dir(out)
+  pid = locks.holder_pid(parts)
+  if pid is not None:
+    raise locks.OutputInUseError(_in_use(out, pid))
   if not overwrite and parts.exists():
     _check_meta(parts, json.loads(json.dumps(meta, default=_plain)))
 
 
-def holder(out) -> int | None:
-  """The pid of the process writing `out` (holding its lock), or None.
-
-  Only reads: creates nothing. Remote outputs are never locked (None).
-  """
-  out = io.as_path(out)
-  lock = _parts_dir(out) / LOCK
-  if not io.is_local(out) or not lock.exists():
-    return None
-  import fcntl  # pylint: disable=import-outside-toplevel
-  try:
-    fd = os.open(os.fspath(lock), os.O_RDONLY)
-  except OSError:
-    return None
-  try:
-    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-  except OSError as e:
-    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-      raise
-    return _pid_in(fd)
-  finally:
-    os.close(fd)
-  return None
-
-
-def _pid_in(fd) -> int:
-  os.lseek(fd, 0, os.SEEK_SET)
-  text = os.read(fd, 64).decode("ascii", "replace").strip()
-  return int(text) if text.isdigit() else -1
-
-
-def _refuse_held(out, pid) -> None:
-  shown = f"pid {pid}" if pid and pid > 0 else "another process"
-  raise UserError(f"{out} is being written by another sample-many ({shown}); "
-                  "wait for it to finish or stop it")
-
-
-@contextlib.contextmanager
-def writer_lock(out):
-  """Holds the exclusive lock of `out`'s parts directory (created if
-  needed; removed again on the way out when the run left nothing in it).
-
-  Raises:
-    UserError: another process holds it (its pid named).
-  """
-  out = io.as_path(out)
-  parts = _parts_dir(out)
-  if not io.is_local(out):
-    yield
-    return
-  import fcntl  # pylint: disable=import-outside-toplevel
-  created = not parts.exists()
-  for attempt in range(3):
-    parts.mkdir(parents=True, exist_ok=True)
-    try:
-      fd = os.open(os.fspath(parts / LOCK), os.O_RDWR | os.O_CREAT, 0o666)
-      break
-    except FileNotFoundError:  # Removed by a finishing run: again.
-      if attempt == 2:
-        raise
-  try:
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-      if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-        raise
-      _refuse_held(out, _pid_in(fd))
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    try:
-      yield
-    finally:
-      if created and parts.exists() and [
-          p.name for p in parts.iterdir()] == [LOCK]:
-        parts.rmtree()
-  finally:
-    os.close(fd)
+def _in_use(out, pid: int) -> str:
+  """The refusal of a second writer of `out` (pid 0: not known)."""
+  shown = f"pid {pid}" if pid > 0 else "another process"
+  return (f"{out} is being written by another sample-many ({shown}); "
+          "wait for it to finish or stop it")
 
 
 def _result_meta(meta: dict) -> dict:
@@ -340,7 +264,9 @@ def sample_many(sampler, classes, per_class: int, batch: int,
   n = finished(out, meta, overwrite=overwrite)
   if n is not None:
     return n
-  with writer_lock(out):
+  # The parts directory the lock creates is removed on release when the run
+  # left nothing else in it.
+  with locks.DirLock(parts, describe=lambda pid: _in_use(out, pid)):
     # Another run may have finished `out` while this one waited to start.
     n = finished(out, meta, overwrite=overwrite)
     if n is not None:
@@ -354,7 +280,7 @@ def _run(sampler, labels, batch, key, out, parts, meta, overwrite) -> int:
   total = len(labels)
   if overwrite and parts.exists():
     for p in parts.iterdir():
-      if p.name == LOCK:
+      if p.name == locks.LOCK_NAME:
         continue
       if p.is_dir():
         p.rmtree()
