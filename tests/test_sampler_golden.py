@@ -159,5 +159,5 @@ def test_scale_masks_follow_torch_bilinear():
   keep = edit.keep_tokens(m, (1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
   assert keep.shape == (680,)
   assert keep[-256:].sum() == m.sum()
-  with pytest.raises(ValueError, match="box must satisfy"):
+  with pytest.raises(ValueError, match="must satisfy 0 <= y0"):
     edit.box_mask(16, (0.5, 0.1, 0.4, 0.8), inpaint=True)

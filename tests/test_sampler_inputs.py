@@ -160,7 +160,7 @@ def test_bad_flags_are_one_usage_line(tmp_path, capsys, argv, needle):
     (["--draft-steps", "4"], "--drafter-ckpt and --draft-steps go together"),
     (["--drafter-ckpt", "CKPT", "--draft-steps", "10"],
      "draft_steps must be in [1, 9]"),
-    (["--labels", ""], "class ids in [0, 10]"),
+    (["--labels", "11"], "class ids in [0, 10]"),
 ])
 @pytest.mark.parametrize("cmd", ["sample", "sample-many"])
 def test_flags_that_need_the_model_are_one_line(model_dir, tmp_path, capsys,
@@ -168,7 +168,7 @@ def test_flags_that_need_the_model_are_one_line(model_dir, tmp_path, capsys,
   out = tmp_path / ("o.png" if cmd == "sample" else "o.npz")
   argv = [str(model_dir) if a == "CKPT" else a for a in argv]
   if cmd == "sample-many" and argv[0] == "--labels":
-    argv = ["--classes", ""]
+    argv = ["--classes", argv[1]]
   rc = cli.main([cmd, "--ckpt", str(model_dir), "--out", str(out)] + argv)
   err = capsys.readouterr().err.strip()
   if cmd == "sample-many" and argv[0] == "--classes":

@@ -78,7 +78,8 @@ def test_short_jobs_get_the_scan_loops(calls, loops):
     (["sample", "--labels", "11"], "class ids in [0, 10]"),
     (["edit", "--image", "missing.png", "--box", "0,0,0.5,0.5"],
      "no such image file"),
-    (["edit", "--image", "IMG", "--box", "0.5,0,0.4,1"], "box must satisfy"),
+    (["edit", "--image", "IMG", "--box", "0.5,0,0.4,1"],
+     "is fractions in [0, 1] of the image side and must satisfy"),
     (["sample-many", "--out", "x.txt"], "must end in .npz"),
     (["sample-many", "--classes", "1,foo", "--out", "x.npz"],
      "--classes must be comma-separated integers"),
@@ -268,7 +269,8 @@ def test_num_counts_samples_and_out_names_the_format(tmp_path, capsys):
                    "--out-dir", str(each)]) == 0
   line = capsys.readouterr().out.strip()
   assert line.startswith(f"wrote 16 samples of digits to {grid}, {npz} and "
-                         f"{each}/ (16 PNG files) in "), line
+                         f"{each}/ (16 PNG files, 00000_label7_seed3.png "
+                         "... 00015_label7_seed3.png) in "), line
   out = np.load(npz)
   np.testing.assert_array_equal(out["labels"], [7] * 16)
   assert out["images"].shape == (16, 64, 64, 3)

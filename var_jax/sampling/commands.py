@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import NamedTuple
@@ -56,7 +57,9 @@ def _int_at_least(low):
 _POSITIVE = _flag_type(int, _int_at_least(1), "an integer >= 1")
 
 
-def _add_sampling_flags(p, *, cfg, top_k, top_p):
+def _add_sampling_flags(p, *, cfg, top_k, top_p, one_call=False):
+  """The flags every sampling command shares; `one_call`: the command
+  makes one sampler call (edit), so the loops' default is fixed."""
   s = _checks()
   p.add_argument("--ckpt", metavar="DIR_OR_NAME",
                  help="model directory, or a model name: digits, "
@@ -107,14 +110,18 @@ def _add_sampling_flags(p, *, cfg, top_k, top_p):
                  help="how the program steps over the scales: python (one "
                       "exact-size step per scale: a larger program, faster "
                       "per call) or scan (similar-sized scales share a "
-                      "padded lax.scan step). Default: scan for jobs of at "
-                      f"most {s.SCAN_MAX_CALLS} sampler calls (images / "
-                      "--batch, rounded up), else python")
+                      "padded lax.scan step). Default: " + (
+                          "scan (edit is one sampler call)" if one_call else
+                          f"scan for jobs of at most {s.SCAN_MAX_CALLS} "
+                          "sampler calls (images / --batch, rounded up), "
+                          "else python"))
   p.add_argument("--layer-loop", choices=s.LAYER_LOOPS, default=None,
                  help="how the transformer blocks run: unrolled (one buffer "
                       "per layer: a larger program, faster per call) or "
                       "scan (a lax.scan over the stacked weights). Default: "
-                      "chosen with --scale-loop's rule, scan for short jobs")
+                      + ("scan (edit is one sampler call)" if one_call else
+                         "chosen with --scale-loop's rule, scan for short "
+                         "jobs"))
 
 
 _IMAGE_EXTS = "png, jpg/jpeg or webp"
@@ -145,15 +152,20 @@ def register(sub) -> None:
                       "--num")
   p.add_argument("--batch", type=_POSITIVE, default=64,
                  help="samples per compiled call (default 64)")
-  p.add_argument("--ncol", type=int, help="grid columns (default: "
-                 "--per-class, else 8)")
+  p.add_argument("--ncol", type=_POSITIVE, metavar="N",
+                 help="grid columns, >= 1 (default: --per-class, else 8)")
   p.add_argument("--out", default=None,
                  help=f"grid image to write, {_IMAGE_EXTS} by its extension "
                       "(default samples.png, or none with --out-dir alone)")
   p.add_argument("--out-dir", metavar="DIR",
                  help="also (or, without --out, only) write each sample as "
                       "its own PNG in DIR, named by index, label and seed, "
-                      "e.g. 00003_label207_seed0.png")
+                      "e.g. 00003_label207_seed0.png. DIR must be new or "
+                      "empty, unless --overwrite")
+  p.add_argument("--overwrite", action="store_true",
+                 help="write into an --out-dir that is not empty: its PNGs "
+                      "named as samples are (NNNNN_labelL_seedS.png) are "
+                      "removed first, other files are kept")
   p.add_argument("--save-npz", help="also write the tokens (idx_0..), images "
                  "(float32 in [0, 1]) and labels to this .npz")
   p.add_argument("--fast", action="store_true",
@@ -189,7 +201,7 @@ def register(sub) -> None:
       "edit", help="zero-shot inpainting / outpainting / class editing",
       description="Keeps the image's tokens outside (inpaint) or inside "
                   "(outpaint) the box at every scale and generates the rest.")
-  _add_sampling_flags(p, cfg=3.0, top_k=900, top_p=0.95)
+  _add_sampling_flags(p, cfg=3.0, top_k=900, top_p=0.95, one_call=True)
   p.add_argument("--image", required=True, help="input image (any size and "
                  "Pillow format; resized and center-cropped to the model's "
                  "resolution). Images are read as a viewer shows them: EXIF "
@@ -197,7 +209,8 @@ def register(sub) -> None:
                  "palette/CMYK/gray converted, transparency composited over "
                  "white.")
   p.add_argument("--box", required=True, help="y0,x0,y1,x1 as fractions in "
-                 "[0, 1] of the side, or pixels of the model resolution")
+                 "[0, 1] of the image side, or (when a value is above 1) "
+                 "pixels in [0, side] of the model's resolution")
   p.add_argument("--mode", choices=("inpaint", "outpaint"), default="inpaint",
                  help="inpaint: generate inside the box, keep the rest; "
                       "outpaint: keep the box, generate around it (default "
@@ -374,14 +387,47 @@ def _files(names) -> str:
       ", ".join(names[:-1]) + " and " + names[-1])
 
 
-def _parse_labels(text, num_classes, flag="--labels"):
+def class_ids(text, flag="--labels") -> list[int]:
+  """The integers of a comma-separated list, checked for form only (the
+  range needs the model: `_parse_labels`).
+
+  Raises:
+    UserError: an empty entry (named by its position) or one that is not an
+      integer.
+  """
+  entries = str(text).split(",")
+  for i, v in enumerate(entries, 1):
+    if not v.strip():
+      raise _user_error(f"{flag} {text!r}: entry {i} is empty; give "
+                        "comma-separated class ids, e.g. 3,7")
   try:
-    labels = [int(v) for v in text.split(",") if v.strip()]
+    return [int(v) for v in entries]
   except ValueError:
     raise _user_error(f"{flag} must be comma-separated integers, got "
                       f"{text!r}") from None
+
+
+def count(n: int, noun: str) -> str:
+  """'1 sample', '2 samples'."""
+  return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def each_file_summary(folder, paths) -> list[str]:
+  """The files `--out-dir` received, as entries of a one-line success
+  message: the paths themselves when at most two, else one entry naming
+  the folder, the count and the first and last name."""
+  paths = [str(p) for p in paths]
+  if len(paths) <= 2:
+    return paths
+  first, last = (os.path.basename(p) for p in (paths[0], paths[-1]))
+  return [f"{str(folder).rstrip('/')}/ ({len(paths)} PNG files, {first} ... "
+          f"{last})"]
+
+
+def _parse_labels(text, num_classes, flag="--labels"):
+  labels = class_ids(text, flag)
   bad = [v for v in labels if not 0 <= v <= num_classes]
-  if not labels or bad:
+  if bad:
     raise _user_error(f"{flag} must be class ids in [0, {num_classes}] "
                       f"({num_classes} = unconditional); got {text!r}")
   return labels
@@ -467,7 +513,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     args.out = "samples.png"
   if args.num is not None and args.per_class is not None:
     sample_labels(None, args.num, args.per_class, 1, 0)  # Raises.
+  if args.labels is not None:
+    class_ids(args.labels)
   _check_outputs(args)
+  if args.out_dir and not args.overwrite:
+    image_io.check_unused_dir(args.out_dir)
 
   def job(n_cls):
     return sample_labels(args.labels, args.num, args.per_class, n_cls,
@@ -483,7 +533,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
   dt = time.perf_counter() - t0
   written = []
   if args.out is not None:
-    image_io.save_image(args.out, image_io.grid(imgs, args.ncol or ncol or 8))
+    image_io.save_image(args.out, image_io.grid(
+        imgs, args.ncol if args.ncol is not None else ncol or 8))
     written.append(args.out)
   if args.save_npz:
     image_io.save_npz(args.save_npz, images=imgs.astype(np.float32),
@@ -492,10 +543,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
                          for i, a in enumerate(idx)})
     written.append(args.save_npz)
   if args.out_dir:
-    image_io.save_each(args.out_dir, imgs, labels, args.seed)
-    written.append(f"{str(args.out_dir).rstrip('/')}/ ({len(labels)} PNG "
-                   "files)")
-  print(f"wrote {len(labels)} samples of {m.name} to {_files(written)} in "
+    paths = image_io.save_each(args.out_dir, imgs, labels, args.seed,
+                               replace=args.overwrite)
+    written += each_file_summary(args.out_dir, paths)
+  print(f"wrote {count(len(labels), 'sample')} of {m.name} to "
+        f"{_files(written)} in "
         f"{dt:.1f} s, compilation included ({_loops(args, m.sampler)})")
   return 0
 
@@ -509,6 +561,11 @@ def _parse_box(text, side):
   if len(box) != 4:
     raise _user_error(f"--box must be y0,x0,y1,x1, got {text!r}")
   if max(box) > 1:  # Pixels of the model's resolution.
+    if max(box) > side or min(box) < 0:
+      raise _user_error(
+          f"--box {text} is outside the image: give fractions in [0, 1] of "
+          f"the image side, or pixels in [0, {side}] of the model's "
+          f"{side}x{side} resolution")
     box = [v / side for v in box]
   return box
 
@@ -555,6 +612,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
 def cmd_sample_many(args: argparse.Namespace) -> int:
   from var_jax import checkpoint
   from var_jax.sampling import many
+  if args.classes is not None:
+    class_ids(args.classes, "--classes")
   _check_outputs(args, suffix=".npz")
   many.check_devices(args.batch)
   ckpt = checkpoint.model_dir(args.ckpt)
@@ -579,8 +638,8 @@ def cmd_sample_many(args: argparse.Namespace) -> int:
        "classes": classes}, classes, args.per_class)
   n = many.finished(args.out, meta, overwrite=args.overwrite)
   if n is not None:
-    print(f"{args.out} is complete: {n} samples with these settings; "
-          "nothing to do (--overwrite draws them again)")
+    print(f"{args.out} is complete: {count(n, 'sample')} with these "
+          "settings; nothing to do (--overwrite draws them again)")
     return 0
   many.check_resumable(args.out, meta, overwrite=args.overwrite)
   m = _load(args, num_calls=lambda _: _calls(len(classes) * args.per_class,
@@ -589,7 +648,8 @@ def cmd_sample_many(args: argparse.Namespace) -> int:
   n = many.sample_many(m.sampler, classes, args.per_class, args.batch,
                        args.seed, args.out, meta, allow_null=True,
                        overwrite=args.overwrite)
-  print(f"wrote {n} samples of {m.name} to {args.out} (arr_0, uint8)")
+  print(f"wrote {count(n, 'sample')} of {m.name} to {args.out} (arr_0, "
+        "uint8)")
   return 0
 
 

@@ -8,6 +8,7 @@ name's extension names (`IMAGE_FORMATS`).
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
@@ -32,10 +33,17 @@ def to_uint8(images_BHWC) -> np.ndarray:
 
 
 def grid(images_BHWC, ncol: int, pad: int = 2) -> np.ndarray:
-  """uint8 (rows*H, ncol*W, 3) grid, row-major, padded with white."""
+  """uint8 (rows*H, ncol*W, 3) grid, row-major, padded with white; more
+  columns than images make one row.
+
+  Raises:
+    UserError: `ncol` below 1.
+  """
+  if ncol < 1:
+    raise UserError(f"ncol must be >= 1, got {ncol}")
   imgs = to_uint8(images_BHWC)
   b, h, w, c = imgs.shape
-  ncol = max(1, min(ncol, b))
+  ncol = min(ncol, b)
   nrow = -(-b // ncol)
   out = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255,
                 np.uint8)
@@ -102,6 +110,28 @@ def check_output_dir(path, flag: str = "--out-dir"):
   return p
 
 
+def check_unused_dir(path, flag: str = "--out-dir"):
+  """Refuses an output folder that already holds files (samples of another
+  run would mix with this one's), naming up to three of them.
+
+  Raises:
+    UserError: `path` is a folder that is not empty.
+  """
+  p = as_path(path)
+  with reachable(p, flag):
+    names = sorted(q.name for q in p.iterdir()) if p.is_dir() else []
+  if names:
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    many = "file" if len(names) == 1 else "files"
+    raise UserError(f"{flag} {path} is not empty ({len(names)} {many}: "
+                    f"{shown}); give a new or empty folder, or --overwrite "
+                    "to replace the samples there")
+
+
+# What `sample_file_names` produces: index, label, seed.
+_SAMPLE_NAME = re.compile(r"\d{5,}_label\d+_seed\d+\.png")
+
+
 def sample_file_names(labels, seed: int, offset: int = 0) -> list[str]:
   """One PNG name per sample: index (from `offset`), label and seed, e.g.
   00003_label207_seed0.png; the index and the seed reproduce the sample."""
@@ -110,11 +140,20 @@ def sample_file_names(labels, seed: int, offset: int = 0) -> list[str]:
           for i, c in enumerate(labels)]
 
 
-def save_each(folder, images_BHWC, labels, seed: int) -> list:
+def save_each(folder, images_BHWC, labels, seed: int, *,
+              replace: bool = False) -> list:
   """Writes every image as its own PNG in `folder` (created), named by
-  `sample_file_names`; returns the paths. Each file is written atomically."""
+  `sample_file_names`; returns the paths. Each file is written atomically.
+
+  With `replace`, the PNGs in `folder` named as samples are
+  (NNNNN_labelL_seedS.png, of any run) are removed first; other files stay.
+  """
   d = as_path(folder)
   imgs = to_uint8(images_BHWC)
+  if replace and d.is_dir():
+    for old in d.iterdir():
+      if _SAMPLE_NAME.fullmatch(old.name) and not old.is_dir():
+        old.unlink()
   paths = [d / n for n in sample_file_names(labels, seed)]
   for p, img in zip(paths, imgs):
     save_image(p, img)

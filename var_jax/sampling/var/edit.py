@@ -36,12 +36,36 @@ def box_mask(size: int, box: Sequence[float], inpaint: bool) -> np.ndarray:
   """
   y0, x0, y1, x1 = (float(v) for v in box)
   if not (0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1):
-    raise UserError(f"box must satisfy 0 <= y0 < y1 <= 1 and 0 <= x0 < x1 "
-                     f"<= 1, got {tuple(box)}")
+    raise UserError(f"box (y0, x0, y1, x1) is fractions in [0, 1] of the "
+                    f"image side and must satisfy 0 <= y0 < y1 <= 1 and "
+                    f"0 <= x0 < x1 <= 1, got {tuple(box)}")
   m = np.zeros((size, size), np.float32)
   # Python's round (half to even), as the notebook's.
   m[round(y0 * size):round(y1 * size), round(x0 * size):round(x1 * size)] = 1
   return 1 - m if inpaint else m
+
+
+def check_images(images_BHWC, side: int) -> np.ndarray:
+  """`images_BHWC` as float32 (B, side, side, 3) in [0, 1].
+
+  Raises:
+    UserError: another shape, non-finite values, or values outside [0, 1];
+      the hint fits the range found ([-1, 1] or 8-bit pixels).
+  """
+  images_BHWC = np.asarray(images_BHWC, np.float32)
+  if images_BHWC.ndim != 4 or images_BHWC.shape[1:] != (side, side, 3):
+    raise UserError(f"images must be (B, {side}, {side}, 3), got "
+                    f"{tuple(images_BHWC.shape)}")
+  if not np.isfinite(images_BHWC).all():
+    raise UserError("images must be finite values in [0, 1]")
+  low, high = float(images_BHWC.min()), float(images_BHWC.max())
+  if low < 0 or high > 1:
+    hint = ("map [-1, 1] images with (x + 1) / 2" if low < 0 and high <= 1
+            else "divide 8-bit pixels by 255" if low >= 0
+            else "scale them to [0, 1]")
+    raise UserError(f"images must be floats in [0, 1], got values in "
+                    f"[{low:g}, {high:g}]; {hint}")
+  return images_BHWC
 
 
 def _bilinear_axis(n_in: int, n_out: int):
@@ -125,17 +149,7 @@ def zero_shot_edit(sampler, vae, images_BHWC, mask_hw, labels=None, *,
   if mask_hw.shape != (patch_nums[-1],) * 2:
     raise UserError(f"mask must be {(patch_nums[-1],) * 2} (the last scale),"
                     f" got {mask_hw.shape}")
-  images_BHWC = np.asarray(images_BHWC, np.float32)
-  side = vae.cfg.downsample * patch_nums[-1]
-  if images_BHWC.ndim != 4 or images_BHWC.shape[1:] != (side, side, 3):
-    raise UserError(f"images must be (B, {side}, {side}, 3), got "
-                    f"{tuple(images_BHWC.shape)}")
-  if not np.isfinite(images_BHWC).all():
-    raise UserError("images must be finite values in [0, 1]")
-  low, high = float(images_BHWC.min()), float(images_BHWC.max())
-  if low < 0 or high > 1:
-    raise UserError(f"images must be floats in [0, 1], got values in "
-                    f"[{low:g}, {high:g}]; divide 8-bit pixels by 255")
+  images_BHWC = check_images(images_BHWC, vae.cfg.downsample * patch_nums[-1])
   b = images_BHWC.shape[0]
   if labels is None:
     labels, allow_null = sampler.num_classes, True
