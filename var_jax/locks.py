@@ -86,6 +86,8 @@ class DirLock:
     flag: the flag the user can change to pick another directory.
     describe: if given, the refusal's text from the holder's pid (0: not
       known), in place of the default naming `what`, the pid and `flag`.
+    shown: the path a failure to create the directory or the lock file
+      names (default: the lock file), e.g. the output the user gave.
 
   Raises (from `acquire`):
     OutputInUseError: another writer holds the lock; names its pid.
@@ -94,9 +96,11 @@ class DirLock:
 
   def __init__(self, directory, *, what: str = "directory",
                flag: str = "--out",
-               describe: Callable[[int], str] | None = None):
+               describe: Callable[[int], str] | None = None,
+               shown=None):
     from var_jax.io import is_local
     self.dir = os.fspath(directory)
+    self.shown = shown
     self.active = is_local(self.dir)
     self.path = os.path.join(self.dir, LOCK_NAME)
     self.what, self.flag, self.describe = what, flag, describe
@@ -141,7 +145,8 @@ class DirLock:
     except OSError as e:
       from var_jax.io import describe_os_error
       self._remove_created()
-      raise WriteError(describe_os_error(e, self.path)) from None
+      raise WriteError(describe_os_error(
+          e, self.path if self.shown is None else self.shown)) from None
     self._fd = fd
     return self
 

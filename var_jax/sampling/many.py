@@ -266,7 +266,8 @@ def sample_many(sampler, classes, per_class: int, batch: int,
     return n
   # The parts directory the lock creates is removed on release when the run
   # left nothing else in it.
-  with locks.DirLock(parts, describe=lambda pid: _in_use(out, pid)):
+  with locks.DirLock(parts, describe=lambda pid: _in_use(out, pid),
+                     shown=out):
     # Another run may have finished `out` while this one waited to start.
     n = finished(out, meta, overwrite=overwrite)
     if n is not None:
