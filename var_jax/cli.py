@@ -208,9 +208,27 @@ def _one_line(e: Exception) -> str:
   return text or type(e).__name__
 
 
+def _command_parser(parser, args):
+  """The (sub)parser of the command `args` names: `var-jax bench sample`'s
+  for that command, so that its usage errors carry its name."""
+  for dest in ("command", "bench_command"):
+    sub = next((a for a in parser._actions  # pylint: disable=protected-access
+                if isinstance(a, argparse._SubParsersAction)), None)  # pylint: disable=protected-access
+    name = getattr(args, dest, None)
+    if sub is None or name not in sub.choices:
+      break
+    parser = sub.choices[name]
+  return parser
+
+
 def main(argv=None) -> int:
   parser = build_parser()
-  args = parser.parse_args(argv)
+  # argparse reports a subcommand's unknown flags from the top parser
+  # ("var-jax: error: ..."); they are the subcommand's mistake.
+  args, extra = parser.parse_known_args(argv)
+  if extra:
+    _command_parser(parser, args).error(
+        f"unrecognized arguments: {' '.join(extra)}")
   if not getattr(args, "func", None):
     parser.print_help()
     return 2

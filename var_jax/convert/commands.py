@@ -65,7 +65,10 @@ def register(sub) -> None:
 
   p = sub.add_parser("encode", help="images -> multi-scale token ids",
                      description="Tokenizes uint8 images (B, H, W, 3).")
-  p.add_argument("--ckpt", help="model directory (default: bundled model)")
+  p.add_argument("--ckpt", metavar="DIR_OR_NAME",
+                 help="model directory, or a model name (digits, d16, ...; "
+                      "`var-jax list`) whose tokenizer to use. Default: the "
+                      "bundled digits model")
   p.add_argument("--images", required=True, help="uint8 .npy (B, H, W, 3)")
   p.add_argument("--out", required=True, help="output .npz with idx_0..")
   p.add_argument("--batch", type=int, default=16,

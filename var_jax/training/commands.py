@@ -26,7 +26,7 @@ def _add_run_flags(p, *, batch_what: str, tokens: bool, what: str) -> None:
   p.add_argument("--steps", type=int, help="run length in optimizer steps "
                  "(schedule horizon; default: the config's)")
   p.add_argument("--global-batch", type=int, help=f"{batch_what} per step, "
-                 "over all processes")
+                 "over all processes (default: the config's global_batch)")
   p.add_argument("--mesh", help="data=D,fsdp=F over all devices (default: "
                  "data parallel on every device)")
   p.add_argument("--dtype", choices=COMPUTE_DTYPES,
@@ -36,7 +36,8 @@ def _add_run_flags(p, *, batch_what: str, tokens: bool, what: str) -> None:
                  help="seed of the initial weights, the per-step random keys "
                  "and the data order and augmentation (default: the "
                  "config's seed, 0 in the bundled configs)")
-  p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
+  p.add_argument("--ckpt-every", type=int, help="steps between checkpoints "
+                 "(default: the config's ckpt_every)")
   p.add_argument("--eval-split", metavar="NAME|none",
                  help=f"held-out split evaluated once training ends ({what}; "
                  "val and validation are one split); none skips it "
