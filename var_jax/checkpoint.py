@@ -221,7 +221,9 @@ def load_config(ckpt_dir) -> ModelConfig:
           f"{ckpt_dir} is not a var-jax model directory (no config.json) "
           f"nor a model name ({', '.join(api.model_names())}; `var-jax "
           "list`)")
-    raise CheckpointError(f"{d} is not a var-jax model directory "
+    # Named as typed (a Path drops a leading "./").
+    shown = ckpt_dir if isinstance(ckpt_dir, str) else d
+    raise CheckpointError(f"{shown} is not a var-jax model directory "
                           "(no config.json); create one with `var-jax "
                           "convert`, or name a model (`var-jax list`)")
   try:

@@ -32,14 +32,16 @@ def check_same_tokenizer(vae_a, vae_b, name_a="drafter",
   """Checks that two VQVAEs are the same tokenizer (config and weights).
 
   Raises:
-    IncompatibleModelsError: the first differing config field or weight,
-      by name.
+    IncompatibleModelsError: the differing config fields, each with both
+      values, or the first differing weight, by name.
   """
   if vae_a.cfg != vae_b.cfg:
-    diff = [f for f in vae_a.cfg.__dataclass_fields__
+    diff = [f"{f}: {name_a} {getattr(vae_a.cfg, f)!r}, {name_b} "
+            f"{getattr(vae_b.cfg, f)!r}"
+            for f in vae_a.cfg.__dataclass_fields__
             if getattr(vae_a.cfg, f) != getattr(vae_b.cfg, f)]
     raise IncompatibleModelsError(
-        f"the {name_a} and {name_b} tokenizers differ ({', '.join(diff)}); "
+        f"the {name_a} and {name_b} tokenizers differ ({'; '.join(diff)}); "
         "collaborative decoding needs both models trained on one VQVAE")
   flat_a = nnx.to_flat_state(nnx.state(vae_a, nnx.Param))
   flat_b = dict(nnx.to_flat_state(nnx.state(vae_b, nnx.Param)))
