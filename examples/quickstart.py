@@ -20,11 +20,13 @@ gets 8-bit pixels on the way out.
 
 import argparse
 import pathlib
+import sys
 
 import numpy as np
 from PIL import Image
 
 import var_jax
+from var_jax.errors import VarJaxError
 from var_jax.sampling.var.edit import box_mask, zero_shot_edit
 
 
@@ -35,11 +37,39 @@ def to_png(images_BHWC, path):
   Image.fromarray(np.round(row * 255).astype(np.uint8)).save(path)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def seed(text):
+  """A seed in [0, 2**32), as the sampler takes it."""
+  try:
+    value = int(text)
+  except ValueError:
+    value = -1
+  if not 0 <= value < 2 ** 32:
+    raise argparse.ArgumentTypeError(
+        f"expected an integer in [0, 2**32), got {text!r}")
+  return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+  """Usage errors as one line (`quickstart.py: error: ...`), exit 2."""
+
+  def error(self, message):
+    self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def main(argv=None):
+  parser = OneLineParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out-dir", default=".", help="where to write the PNGs")
-  parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-  args = parser.parse_args()
+  parser.add_argument("--seed", type=seed, default=0,
+                      help="sampling seed in [0, 2**32)")
+  args = parser.parse_args(argv)  # A bad flag: one usage line, exit 2.
+  try:
+    run(args)
+  except VarJaxError as e:  # var-jax's errors are one line.
+    print(f"{parser.prog}: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run(args):
   out_dir = pathlib.Path(args.out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -1,5 +1,6 @@
 """The examples run as a reader would run them, and write what they say."""
 
+import importlib.util
 import os
 import pathlib
 import subprocess
@@ -30,3 +31,16 @@ def test_quickstart_writes_the_grid_and_the_edit(tmp_path):
   # The edit starts from the sampled 3, shown on its left; digits, not blank.
   np.testing.assert_array_equal(edited[:, :side], grid[:, 3 * side:4 * side])
   assert grid.std() > 20 and edited[:, side:].std() > 20
+
+
+def test_quickstart_refuses_a_bad_seed_in_one_line(capsys):
+  spec = importlib.util.spec_from_file_location(
+      "quickstart", _ROOT / "examples" / "quickstart.py")
+  quickstart = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(quickstart)
+  with pytest.raises(SystemExit) as e:
+    quickstart.main(["--seed", "-1"])
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2 and len(err.splitlines()) == 1, err
+  assert err.endswith("error: argument --seed: expected an integer in "
+                      "[0, 2**32), got '-1'"), err
