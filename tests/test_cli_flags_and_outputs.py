@@ -195,3 +195,14 @@ def test_differing_tokenizers_name_both_values():
       f"the drafter and refiner tokenizers differ (vocab_size: drafter "
       f"{a.vocab_size}, refiner {b.vocab_size}; v_patch_nums: drafter "
       f"{tuple(a.v_patch_nums)}, refiner {tuple(b.v_patch_nums)}); "), e.value
+
+
+@pytest.mark.parametrize("cmd", ["sample", "sample-many"])
+def test_the_commands_name_a_missing_model_directory_as_typed(
+    tmp_path, monkeypatch, capsys, cmd):
+  monkeypatch.chdir(tmp_path)
+  rc = cli.main([cmd, "--ckpt", "./digits", "--out",
+                 "o.png" if cmd == "sample" else "o.npz"])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and err.startswith(
+      f"var-jax {cmd}: error: ./digits is not a var-jax model directory"), err

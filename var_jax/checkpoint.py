@@ -249,7 +249,9 @@ def load_model(ckpt_dir=None, need_var: bool = True):
     DownloadError, WriteError: fetching a released model failed.
   """
   d = model_dir(ckpt_dir)
-  cfg = load_config(d)
+  # A path given as text is passed on as typed, for load_config's errors.
+  cfg = load_config(ckpt_dir if isinstance(ckpt_dir, str)
+                    and as_path(ckpt_dir) == d else d)
   vae_dir = _tokenizer_dir(d)
   if cfg.vae is None or not (vae_dir / "vae").exists():
     raise CheckpointError(f"{d} has no VQVAE weights; convert it with --vae")

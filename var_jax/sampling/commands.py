@@ -336,12 +336,15 @@ def _load(args, num_calls=None, batch=1) -> _Loaded:
     name = "digits + digits_refiner"
   else:
     d = checkpoint.model_dir(args.ckpt)
-    model_config, vae, var = checkpoint.load_model(d, need_var=True)
+    # Loaded by the name as typed, which an error names (./ckpt, not ckpt).
+    model_config, vae, var = checkpoint.load_model(
+        d if args.ckpt is None else args.ckpt, need_var=True)
     name = model_name(model_config, d)
     drafter = None
     if args.drafter_ckpt is not None:
       dd = checkpoint.model_dir(args.drafter_ckpt)
-      d_config, d_vae, drafter = checkpoint.load_model(dd, need_var=True)
+      d_config, d_vae, drafter = checkpoint.load_model(args.drafter_ckpt,
+                                                       need_var=True)
       code.check_same_tokenizer(d_vae, vae)
       name = f"{model_name(d_config, dd)} + {name}"
   if drafter is not None:
@@ -617,7 +620,8 @@ def cmd_sample_many(args: argparse.Namespace) -> int:
   _check_outputs(args, suffix=".npz")
   many.check_devices(args.batch)
   ckpt = checkpoint.model_dir(args.ckpt)
-  n_cls = checkpoint.load_config(ckpt).var
+  n_cls = checkpoint.load_config(ckpt if args.ckpt is None else
+                                 args.ckpt).var
   if n_cls is None:
     raise _user_error(f"{ckpt} holds a tokenizer only; sample-many needs a "
                       "VAR transformer too")
