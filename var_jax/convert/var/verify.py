@@ -6,10 +6,12 @@ var-jax, so everything here is imported only when `var-jax verify` runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import sys
 import types
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -52,7 +54,8 @@ def _import_official(repo: pathlib.Path):
                       "(no models/var.py)")
   if "huggingface_hub" not in sys.modules:
     try:
-      import huggingface_hub  # noqa: F401
+      import huggingface_hub  # pylint: disable=import-outside-toplevel
+      del huggingface_hub  # Importable: the official code uses the real one.
     except ImportError:  # Only the hub mixin is imported by the official code.
       stub = types.ModuleType("huggingface_hub")
       stub.PyTorchModelHubMixin = type("PyTorchModelHubMixin", (), {})
@@ -95,6 +98,22 @@ def _rel(a, b) -> float:
   return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
+def _torch_sd(torch, sd: dict) -> dict:
+  # Writable copies: the state dicts we read may be read-only views (of a
+  # memory map or a bytes buffer), which torch.from_numpy warns about.
+  return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in sd.items()}
+
+
+@contextlib.contextmanager
+def _official_quiet():
+  """Around the official code: its progress prints go to stderr (stdout is
+  the report's JSON line alone), and its FutureWarnings (deprecated torch
+  calls in code we do not own) are not shown."""
+  with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)
+    yield
+
+
 def run_verify(torch_repo, vae_path, var_path=None, batch=2, seed=0) -> dict:
   """Runs both implementations on random inputs; returns the differences.
 
@@ -111,22 +130,25 @@ def run_verify(torch_repo, vae_path, var_path=None, batch=2, seed=0) -> dict:
                                                  var_cfg)
   vae, var = _ours(vae_cfg, var_cfg, vae_state, var_state)
 
-  t_vae = models.VQVAE(vocab_size=vae_cfg.vocab_size,
-                       z_channels=vae_cfg.z_channels, ch=vae_cfg.ch,
-                       test_mode=True,
-                       share_quant_resi=vae_cfg.share_quant_resi,
-                       v_patch_nums=vae_cfg.v_patch_nums)
-  t_vae.load_state_dict({k: torch.from_numpy(np.asarray(v))
-                         for k, v in vae_sd.items()}, strict=True)
+  with _official_quiet():
+    t_vae = models.VQVAE(vocab_size=vae_cfg.vocab_size,
+                         z_channels=vae_cfg.z_channels, ch=vae_cfg.ch,
+                         test_mode=True,
+                         share_quant_resi=vae_cfg.share_quant_resi,
+                         v_patch_nums=vae_cfg.v_patch_nums)
+  t_vae.load_state_dict(_torch_sd(torch, vae_sd), strict=True)
   rng = np.random.default_rng(seed)
   res = vae_cfg.resolution
   img = rng.integers(0, 256, (batch, res, res, 3), dtype=np.uint8)
   x = img.astype(np.float32) / 127.5 - 1
   x_t = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
   report = {"batch": batch, "seed": seed}
-  with torch.no_grad():
+  with torch.no_grad(), _official_quiet():
     f_t = t_vae.quant_conv(t_vae.encoder(x_t)).numpy().transpose(0, 2, 3, 1)
-    idx_t = [i.numpy() for i in t_vae.img_to_idxBl(x_t)]
+    # The official tokens stay torch tensors for the official VAR input
+    # below; `idx_t` is their NumPy copy for the comparisons and our side.
+    idx_torch = t_vae.img_to_idxBl(x_t)
+    idx_t = [i.numpy() for i in idx_torch]
   f = vae.encode(jnp.asarray(x))
   report["features_rel_err"] = _rel(f, f_t)
   idx = quantizer.f_to_idx(vae.quantize, f, vae_cfg.v_patch_nums)
@@ -136,19 +158,13 @@ def run_verify(torch_repo, vae_path, var_path=None, batch=2, seed=0) -> dict:
   ok = report["features_rel_err"] <= REL_TOL and report["token_mismatches"] == 0
 
   if var is not None:
-    t_var = models.VAR(
-        vae_local=t_vae, num_classes=var_cfg.num_classes, depth=var_cfg.depth,
-        embed_dim=var_cfg.embed_dim, num_heads=var_cfg.num_heads,
-        mlp_ratio=var_cfg.mlp_ratio, norm_eps=var_cfg.norm_eps,
-        shared_aln=var_cfg.shared_aln, cond_drop_rate=0.0,
-        attn_l2_norm=var_cfg.attn_l2_norm, patch_nums=var_cfg.patch_nums,
-        flash_if_available=False, fused_if_available=False)
-    t_var.load_state_dict({k: torch.from_numpy(np.asarray(v))
-                           for k, v in var_sd.items()}, strict=False)
+    with _official_quiet():
+      t_var = _official_var(models, t_vae, var_cfg)
+    t_var.load_state_dict(_torch_sd(torch, var_sd), strict=False)
     t_var.eval()
     labels = rng.integers(0, var_cfg.num_classes, (batch,))
-    with torch.no_grad():
-      x_in = t_vae.quantize.idxBl_to_var_input(idx_t)
+    with torch.no_grad(), _official_quiet():
+      x_in = t_vae.quantize.idxBl_to_var_input(idx_torch)
       logits_t = t_var(torch.from_numpy(labels), x_in).numpy()
     x_in_ours = quantizer.idx_to_var_input(
         vae.quantize, [jnp.asarray(i) for i in idx_t], var_cfg.patch_nums)
@@ -159,6 +175,16 @@ def run_verify(torch_repo, vae_path, var_path=None, batch=2, seed=0) -> dict:
   report["tolerance"] = REL_TOL
   report["ok"] = bool(ok)
   return report
+
+
+def _official_var(models, t_vae, var_cfg):
+  return models.VAR(
+      vae_local=t_vae, num_classes=var_cfg.num_classes, depth=var_cfg.depth,
+      embed_dim=var_cfg.embed_dim, num_heads=var_cfg.num_heads,
+      mlp_ratio=var_cfg.mlp_ratio, norm_eps=var_cfg.norm_eps,
+      shared_aln=var_cfg.shared_aln, cond_drop_rate=0.0,
+      attn_l2_norm=var_cfg.attn_l2_norm, patch_nums=var_cfg.patch_nums,
+      flash_if_available=False, fused_if_available=False)
 
 
 def print_report(report: dict) -> int:
