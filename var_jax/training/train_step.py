@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from var_jax.models.var.config import ModelConfig
 from var_jax.models.var import quantizer as q
-from var_jax.models import scales
+from var_jax.models import attention, scales
 from var_jax.models.var.vqvae import one_image_at_a_time
 from var_jax.training import loss as loss_lib
 from var_jax.training import optimizer as opt_lib
@@ -128,7 +128,8 @@ def make_train_step(model_cfg: ModelConfig, var_spec: StateSpec,
     key = jax.random.fold_in(base_key, step_i)
     params = state["params"]
     run = micro_step if n_micro == 1 else accumulate
-    loss, sums, grads = run(params, vae_state, batch, weights_L, key)
+    with attention.on_mesh(mesh):  # The mesh's platform picks the kernel.
+      loss, sums, grads = run(params, vae_state, batch, weights_L, key)
     opt_state = opt_lib.set_lr_wd(state["opt_state"], lr, wd)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
@@ -169,7 +170,8 @@ def make_eval_step(model_cfg: ModelConfig, var_spec: StateSpec,
   def sums(params, vae_state, batch):
     x_BLC, tgt_BL = tokenize(vae_state, batch)
     var = nnx.merge(var_spec.graphdef, params)
-    logits_BLV = var(batch["labels"], x_BLC, dropout_key=None, dtype=dtype)
+    with attention.on_mesh(mesh):
+      logits_BLV = var(batch["labels"], x_BLC, dropout_key=None, dtype=dtype)
     return loss_lib.scale_metrics(logits_BLV, tgt_BL, patch_nums)
 
   batch_sh = sharding.batch_sharding(mesh)

@@ -189,10 +189,13 @@ def _scale(cfg) -> float:
 
 def _attend_block_causal(cfg, q_BLHc, k_BLHc, v_BLHc, dtype, patch_nums):
   """Attention over a scale prefix, each token seeing its own scale and the
-  coarser ones -> (B, L, H * c); L = sum(pn * pn for pn in patch_nums)."""
+  coarser ones -> (B, L, H * c); L = sum(pn * pn for pn in patch_nums).
+
+  The implementation follows the backend (`attention.training_attention`).
+  """
   b, l, h, c = q_BLHc.shape
   heads = lambda a: _heads_first(a).reshape(b * h, l, c)
-  o = attention.block_causal_attention(
+  o = attention.training_attention(
       tuple(patch_nums), _scale(cfg), dtype, heads(q_BLHc),
       heads(k_BLHc), heads(v_BLHc))
   return _heads_first(o.reshape(b, h, l, c)).reshape(b, l, h * c)
