@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +69,12 @@ def test_impl_by_platform_and_override():
   assert attention.impl_for("cuda") == "xla"
   assert attention.impl_for("cpu") == "cpu"
   assert attention.impl_for() == "cpu"  # This machine.
+  # Without a declared mesh a TPU keeps the segment form (splash cannot be
+  # partitioned by XLA); under `on_mesh` the mesh's platform decides.
+  with mock.patch.object(jax, "default_backend", return_value="tpu"):
+    assert attention.impl_for() == "cpu"
+  with mock.patch.object(jax, "default_backend", return_value="gpu"):
+    assert attention.impl_for() == "xla"
   mesh = jax.make_mesh((1,), ("data",))
   with attention.on_mesh(mesh):
     assert attention.impl_for() == "cpu"

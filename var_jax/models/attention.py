@@ -206,8 +206,10 @@ def on_mesh(mesh):
 
   Its devices' platform chooses the implementation (`impl_for`), so a
   program for compile-only TPU devices gets the TPU kernel on a CPU host;
-  splash attention is mapped over the mesh (`shard_map`) along the rows.
-  Trace-time only: enter it inside the jitted function.
+  splash attention is mapped over all the mesh's axes (`shard_map`) along
+  the (row, head) axis, which must be split as the batch is (the mesh's
+  axes Auto, as `training.mesh.make_mesh` makes them). Trace-time only:
+  enter it inside the jitted function.
   """
   prev = getattr(_context, "mesh", None)
   _context.mesh = mesh
@@ -225,12 +227,20 @@ def impl_for(platform: str | None = None) -> str:
   """The training attention for a platform ("tpu", "gpu", "cpu", ...).
 
   None: the platform of the `on_mesh` mesh if one is set, else
-  `jax.default_backend()`. Static: decided at trace time.
+  `jax.default_backend()`; static, decided at trace time. Splash only runs
+  under `on_mesh` (the train and eval steps): XLA cannot partition a Mosaic
+  kernel over sharded inputs ("Mosaic kernels cannot be automatically
+  partitioned"), so a TPU program without a declared mesh (the sampler's
+  prefill) keeps the segment form ("cpu", untiled off the CPU).
   """
   if platform is None:
     mesh = _current_mesh()
-    platform = (mesh.devices.flat[0].platform if mesh is not None
-                else jax.default_backend())
+    if mesh is None:
+      platform = jax.default_backend()
+      if platform == "tpu":
+        return "cpu"
+    else:
+      platform = mesh.devices.flat[0].platform
   return _PLATFORM_IMPLS.get(platform, "xla")
 
 
