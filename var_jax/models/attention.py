@@ -14,6 +14,10 @@ step for d16 at batch 4) and stream them through memory several times.
 On the CPU, the (row, head) pairs of a segment are processed in groups whose
 score tiles fit in a few MiB, so the softmax and its gradient run in cache;
 on accelerators every segment is one fused batch (`tiled`).
+
+`training_attention` (end of the file) is what the transformer calls: this
+form on the CPU, the TPU splash kernel or `jax.nn.dot_product_attention`
+elsewhere, chosen at trace time.
 """
 
 from __future__ import annotations
