@@ -7,6 +7,7 @@ var-jax, so everything here is imported only when `var-jax verify` runs.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import pathlib
 import sys
@@ -54,8 +55,8 @@ def _import_official(repo: pathlib.Path):
                       "(no models/var.py)")
   if "huggingface_hub" not in sys.modules:
     try:
-      import huggingface_hub  # pylint: disable=import-outside-toplevel
-      del huggingface_hub  # Importable: the official code uses the real one.
+      # Importable: the official code gets the real one.
+      importlib.import_module("huggingface_hub")
     except ImportError:  # Only the hub mixin is imported by the official code.
       stub = types.ModuleType("huggingface_hub")
       stub.PyTorchModelHubMixin = type("PyTorchModelHubMixin", (), {})
