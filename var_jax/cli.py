@@ -127,6 +127,17 @@ def _raise_terminated(signum, frame):
   raise _Terminated()
 
 
+def _ignore_signals_while_exiting() -> None:
+  """SIGINT and SIGTERM ignored from now on: the command has printed its
+  last line and the process is exiting. A signal (a second Ctrl-C) during
+  the interpreter's shutdown would otherwise raise KeyboardInterrupt in
+  `threading._shutdown` and print a traceback after that line."""
+  if threading.current_thread() is not threading.main_thread():
+    return
+  for s in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(s, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
   """SIGTERM handled as SIGINT while a command runs; the previous handler
@@ -272,6 +283,9 @@ def main(argv=None) -> int:
     print(f"var-jax {args.command}: interrupted by "
           f"{signal.Signals(signum).name}", file=sys.stderr)
     return 128 + signum
+  finally:
+    if argv is None:  # The process's own command line: it exits next.
+      _ignore_signals_while_exiting()
 
 
 if __name__ == "__main__":
