@@ -180,13 +180,18 @@ class RunCheckpoints:
     """Cleans up after a failed save; the complete checkpoints stay."""
     err = write_error(e, self.dir)
     self.close(quiet=True)
+    self._remove_partial()
+    return err
+
+  def _remove_partial(self) -> None:
+    """Removes Orbax's temporary directories (of saves that did not
+    complete); call once no save of this run is under way."""
     try:
       for p in self.dir.iterdir():
         if _TMP_MARK in p.name:
           p.rmtree()
     except OSError:  # Orbax removes what is left when the run restarts.
       pass
-    return err
 
   def close(self, quiet: bool = False) -> None:
     """Waits for the running save and releases Orbax's threads."""
@@ -209,6 +214,12 @@ class RunCheckpoints:
       pass
     finally:
       log.setLevel(level)
+    # A save cut short (an interrupted one) leaves its temporary directory.
+    # Its writers are stopped now. In a multi-process run another process
+    # may still be writing there, and a gs:// workdir has no lock (another
+    # run's save); Orbax removes what is left at the next start.
+    if jax.process_count() == 1 and io.is_local(self.dir):
+      self._remove_partial()
 
 
 def restore_tree(path, target, what: str):

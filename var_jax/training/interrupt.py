@@ -3,10 +3,13 @@
 While the step loop runs, the first of these signals only records a request:
 the loop finishes the step in flight, saves a checkpoint of it (when its
 metrics are finite) and raises `TrainingInterrupted`, whose exit code is the
-shell's for that signal (130 for SIGINT, 143 for SIGTERM). The handlers are
-the default ones again from the first signal on, so a second one quits at
-once without saving, and outside the loop (start-up, export) a signal acts
-as it always does.
+shell's for that signal (130 for SIGINT, 143 for SIGTERM). A second signal
+quits at once without saving (`Interrupted`, a KeyboardInterrupt), except
+while a checkpoint is being written (`StopOnSignal.saving`): that save
+completes first, so that no half-written checkpoint is left behind. Closing
+the run (`held`: waiting for the save under way, stopping Orbax's threads)
+is not interrupted either. Outside the loop (start-up, export) a signal
+acts as it always does.
 
 A multi-process run must stop every process after the same step, because a
 checkpoint save is collective. The process that receives the signal
@@ -20,6 +23,7 @@ the end, agreed on at a barrier after the loop.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -44,6 +48,44 @@ class TrainingInterrupted(VarJaxError, RuntimeError):
     super().__init__(message)
     self.signum = signum
     self.exit_code = 128 + signum
+
+
+class Interrupted(KeyboardInterrupt):
+  """A further signal after the stop request: the run quits without saving.
+
+  `signum` is the signal (the command line's exit status is 128 + it).
+  """
+
+  def __init__(self, signum: int):
+    super().__init__(signal_name(signum))
+    self.signum = signum
+
+
+def _main_thread() -> bool:
+  return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def held():
+  """SIGINT and SIGTERM are noted but do not interrupt the block.
+
+  For work that must not stop halfway and ends soon by itself (closing a
+  run: waiting for the checkpoint under way, stopping Orbax's threads); a
+  signal that arrived is then dropped, as the caller is already on its way
+  out. Yields the list of signals that arrived. Ignored signals stay
+  ignored; off the main thread nothing changes.
+  """
+  arrived: list[int] = []
+  previous = {}
+  if _main_thread():
+    for s in _SIGNALS:
+      if signal.getsignal(s) != signal.SIG_IGN:
+        previous[s] = signal.signal(s, lambda signum, _: arrived.append(signum))
+  try:
+    yield arrived
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
 
 
 def signal_name(signum: int) -> str:
@@ -89,10 +131,12 @@ class StopOnSignal:
     self._published = False
     self._target: tuple[int, int] | None = None  # (stop step, signal).
     self._previous: dict = {}
+    self._saving = 0  # Depth of `saving()` blocks.
+    self._again: int | None = None  # A further signal held by `saving()`.
 
   # ------------------------------------------------------------ handlers
   def __enter__(self) -> "StopOnSignal":
-    if self.active and threading.current_thread() is threading.main_thread():
+    if self.active and _main_thread():
       for s in _SIGNALS:
         # An ignored signal stays ignored (`nohup`, background jobs).
         if signal.getsignal(s) != signal.SIG_IGN:
@@ -107,11 +151,35 @@ class StopOnSignal:
       signal.signal(s, handler)
     self._previous = {}
 
+  @contextlib.contextmanager
+  def saving(self, *, then_quit: bool = True):
+    """A checkpoint save: a further signal waits until it is complete.
+
+    With `then_quit`, a further signal that arrived meanwhile quits at the
+    end of the block (`Interrupted`, unless an exception is already on its
+    way); without, the caller decides (the stop's own save is followed by
+    `TrainingInterrupted` anyway).
+    """
+    self._saving += 1
+    try:
+      yield
+    finally:
+      self._saving -= 1
+    if then_quit and not self._saving and self._again is not None:
+      self._quit(self._again)
+
+  def _quit(self, signum: int) -> None:
+    self._restore()
+    raise Interrupted(signum)
+
   def _handle(self, signum, frame) -> None:
     del frame
-    if self.signum is None:
-      self.signum = signum
-    self._restore()  # A second signal quits at once.
+    if self.signum is not None:  # A further signal: quit without saving,
+      if self._saving:  # but not in the middle of a checkpoint.
+        self._again = self._again or signum
+        return
+      self._quit(signum)
+    self.signum = signum
     again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
     msg = (f"[{self.command}] {signal_name(signum)}: finishing the current "
            f"step, then saving a checkpoint ({again} again quits without "

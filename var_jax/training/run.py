@@ -271,7 +271,7 @@ class Run:
         final = step + 1 == self.total
         signum = stop.stop_after(step + 1, self.total)
         if signum is not None:
-          self._stop(writer, signum, step, pending)
+          self._stop(writer, stop, signum, step, pending)
         if final or self.ckpts.due(step + 1):
           # What is saved passed the checks: this step's metrics and the
           # state they produced (a diverged state is never saved).
@@ -285,10 +285,15 @@ class Run:
             self._write(writer, step, flat, *pending[2:])
             writer.flush()
             pending = None
-        self.ckpts.maybe_save(step + 1, self.state, self.record, force=final)
+        # A further signal waits for the save (no half-written checkpoint).
+        with stop.saving():
+          self.ckpts.maybe_save(step + 1, self.state, self.record,
+                                force=final)
+      with stop.saving():  # A signal meanwhile stops instead of exporting.
+        self.ckpts.wait()
       signum = stop.stop_at_end()
       if signum is not None and self.start < self.total:
-        self._stop(writer, signum, self.total - 1, pending)
+        self._stop(writer, stop, signum, self.total - 1, pending)
     if pending is not None:
       step, m, dt, first = pending
       last = self._checked(step, m)  # Never export a diverged model.
@@ -309,9 +314,12 @@ class Run:
                 f"{out}")
     return last
 
-  def _stop(self, writer, signum: int, step: int, pending) -> None:
+  def _stop(self, writer, stop, signum: int, step: int, pending) -> None:
     """Saves the state after `step` (its metrics permitting) and raises
-    TrainingInterrupted saying what was saved and how to resume."""
+    TrainingInterrupted saying what was saved and how to resume.
+
+    A further signal quits at once (`interrupt.Interrupted`), except while
+    a checkpoint is written: that one completes first."""
     done, name = step + 1, interrupt.signal_name(signum)
     try:
       if pending is not None:
@@ -320,16 +328,18 @@ class Run:
       metrics_lib.check_finite_state(step, self.state)
       writer.flush()
     except TrainingDiverged as e:
-      self.ckpts.wait()  # A periodic save already under way completes.
+      with stop.saving(then_quit=False):
+        self.ckpts.wait()  # A periodic save already under way completes.
       newest = self.ckpts.latest_step()
       kept = (f"the newest checkpoint is step {newest}" if newest else
               "no checkpoint was saved")
       raise interrupt.TrainingInterrupted(
           f"interrupted by {name}; step {done} not saved: {e}; {kept}",
           signum) from None
-    self.ckpts.wait()  # Settles a save under way (maybe of this step).
-    self.ckpts.maybe_save(done, self.state, self.record, force=True)
-    self.ckpts.wait()
+    with stop.saving(then_quit=False):  # TrainingInterrupted follows.
+      self.ckpts.wait()  # Settles a save under way (maybe of this step).
+      self.ckpts.maybe_save(done, self.state, self.record, force=True)
+      self.ckpts.wait()
     nxt = ("resume from it" if done < self.total else
            "export the model directory")
     raise interrupt.TrainingInterrupted(
@@ -352,6 +362,10 @@ class Run:
   def _close(self, writer, *, quiet: bool) -> None:
     """Closes writer, loaders and checkpoints; raises the first error unless
     `quiet` (another error is already on its way)."""
+    with interrupt.held():  # Never stopped halfway (see interrupt.held).
+      self._close_all(writer, quiet=quiet)
+
+  def _close_all(self, writer, *, quiet: bool) -> None:
     errors = []
     closers = [getattr(writer, "close", None),
                getattr(self.loader, "close", None), self.task.close,
