@@ -260,6 +260,7 @@ def test_num_with_per_class_is_refused_before_loading(tmp_path, capsys):
   assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # End to end: two bundled-model runs (the flag logic: above).
 def test_num_counts_samples_and_out_names_the_format(tmp_path, capsys):
   """`--labels 7 --num 16` is 16 sevens, the .jpg a JPEG, and --out-dir one
   PNG per sample named by index, label and seed; the line names them all."""
@@ -298,6 +299,8 @@ def test_num_counts_samples_and_out_names_the_format(tmp_path, capsys):
       "each", "g.jpg", "only", "s.npz"]
 
 
+@pytest.mark.slow  # End to end: three bundled-model runs (the refusals:
+# test_guarantees_sample_many).
 def test_sample_many_leaves_a_finished_run_alone(tmp_path, capsys):
   out = tmp_path / "m.npz"
   argv = ["sample-many", "--per-class", "1", "--classes", "1,2",

@@ -55,6 +55,7 @@ def test_library_sampling_writes_nothing_under_home(golden_dir, tmp_path,
   assert list(home.iterdir()) == []
 
 
+@pytest.mark.slow  # End to end: `var-jax tune` on the bundled model.
 def test_tune_stores_what_sample_reads(tmp_path, monkeypatch, capsys):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
   from var_jax.sampling import commands
