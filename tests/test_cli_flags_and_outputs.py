@@ -9,6 +9,7 @@ import os
 import types
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from var_jax import checkpoint, cli
@@ -206,3 +207,38 @@ def test_the_commands_name_a_missing_model_directory_as_typed(
   err = capsys.readouterr().err.strip()
   assert rc == 2 and err.startswith(
       f"var-jax {cmd}: error: ./digits is not a var-jax model directory"), err
+
+
+def test_a_grid_named_like_an_out_dir_sample_is_refused(tmp_path, capsys,
+                                                        no_loading):
+  d = tmp_path / "each"
+  grid = d / "00001_label7_seed0.png"
+  rc = cli.main(["sample", "--labels", "3,7", "--out-dir", str(d), "--out",
+                 str(grid)])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and len(err.splitlines()) == 1, err
+  assert err.startswith(f"var-jax sample: error: --out {grid} is a sample "
+                        f"file name in --out-dir {d}"), err
+  assert not d.exists()
+
+
+def test_a_box_mixing_fractions_and_pixels_is_refused():
+  for text in ("0.1,0.1,1.2,0.8", "0.5,0.5,2,2"):
+    with pytest.raises(UserError, match=r"mixes fractions and pixels"):
+      commands._parse_box(text, 64)
+
+
+@pytest.mark.slow  # Loads the bundled model (the box needs its token grid).
+@pytest.mark.parametrize("mode,box", [("inpaint", "0,0,0.01,0.01"),
+                                      ("outpaint", "0,0,1,1")])
+def test_an_edit_that_keeps_every_token_is_refused(tmp_path, capsys, mode,
+                                                   box):
+  # A sub-token box to inpaint, the whole image to outpaint: nothing to draw.
+  src = tmp_path / "in.png"
+  Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(src)
+  rc = cli.main(["--no-compile-cache", "edit", "--image", str(src), "--box",
+                 box, "--mode", mode, "--out", str(tmp_path / "e.png")])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and err.splitlines()[-1].startswith(
+      f"var-jax edit: error: --box {box} leaves nothing to {mode}"), err
+  assert not (tmp_path / "e.png").exists()

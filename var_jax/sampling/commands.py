@@ -450,6 +450,13 @@ def _check_outputs(args, suffix=None):
     check_output_file(args.save_npz, ".npz", "--save-npz")
   if getattr(args, "out_dir", None):
     image_io.check_output_dir(args.out_dir)
+    if args.out is not None and image_io.is_sample_file_name(
+        os.path.basename(os.fspath(args.out))) and os.path.abspath(
+            os.path.dirname(os.fspath(args.out)) or ".") == os.path.abspath(
+                os.fspath(args.out_dir)):
+      raise _user_error(f"--out {args.out} is a sample file name in --out-dir"
+                        f" {args.out_dir}: the samples would overwrite the "
+                        "grid; give the grid another name")
 
 
 def _sample_batched(sampler, labels, seed, batch, on_chunk=None):
@@ -564,6 +571,10 @@ def _parse_box(text, side):
   if len(box) != 4:
     raise _user_error(f"--box must be y0,x0,y1,x1, got {text!r}")
   if max(box) > 1:  # Pixels of the model's resolution.
+    if any(v != int(v) for v in box):
+      raise _user_error(
+          f"--box {text} mixes fractions and pixels: give four fractions in "
+          f"[0, 1] of the image side, or four whole pixels in [0, {side}]")
     if max(box) > side or min(box) < 0:
       raise _user_error(
           f"--box {text} is outside the image: give fractions in [0, 1] of "
@@ -583,6 +594,12 @@ def cmd_edit(args: argparse.Namespace) -> int:
   pn = m.var.cfg.patch_nums[-1]
   mask = edit.box_mask(pn, _parse_box(args.box, side),
                        inpaint=args.mode == "inpaint")
+  if mask.all():
+    raise _user_error(
+        f"--box {args.box} leaves nothing to {args.mode}: every one of the "
+        f"{mask.size} finest-scale tokens would be kept "
+        + ("(the box covers less than one token)" if args.mode == "inpaint"
+           else "(the box covers the whole image)"))
   img = image_io.read_image(args.image, side)  # [0, 1], as edit takes.
   n_cls = m.var.cfg.num_classes
   label = n_cls if args.label is None else args.label

@@ -132,6 +132,12 @@ def check_unused_dir(path, flag: str = "--out-dir"):
 _SAMPLE_NAME = re.compile(r"\d{5,}_label\d+_seed\d+\.png")
 
 
+def is_sample_file_name(name: str) -> bool:
+  """Whether `name` has the form `sample_file_names` gives (and `save_each`
+  writes and, with overwrite, removes)."""
+  return _SAMPLE_NAME.fullmatch(name) is not None
+
+
 def sample_file_names(labels, seed: int, offset: int = 0) -> list[str]:
   """One PNG name per sample: index (from `offset`), label and seed, e.g.
   00003_label207_seed0.png; the index and the seed reproduce the sample."""
