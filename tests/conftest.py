@@ -6,6 +6,7 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -287,3 +288,16 @@ def gcs_dir(gcs_emulator, request):
   """A fresh `gs://` directory (a unique prefix in the emulator's bucket)."""
   name = re.sub(r"[^\w-]", "_", request.node.name)[:40]
   return f"gs://{GcsEmulator.BUCKET}/{name}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def signals_at_defaults():
+  """SIGINT and SIGTERM act as in a shell's foreground job, even when the
+  suite runs as a background job (which starts with SIGINT ignored, and a
+  run keeps an ignored signal ignored); restored afterwards."""
+  kept = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  yield
+  for s, handler in kept.items():
+    signal.signal(s, handler)

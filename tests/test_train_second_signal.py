@@ -26,22 +26,12 @@ in_main_thread = pytest.mark.skipif(
     reason="signal handlers live in the main thread")
 
 
-@pytest.fixture
-def _signals_not_ignored():
-  kept = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-  signal.signal(signal.SIGINT, signal.default_int_handler)
-  signal.signal(signal.SIGTERM, signal.SIG_DFL)
-  yield
-  for s, handler in kept.items():
-    signal.signal(s, handler)
-
-
 def _send(signum):
   os.kill(os.getpid(), signum)  # The handler runs before os.kill returns.
 
 
 @in_main_thread
-def test_a_second_signal_during_a_save_waits_for_it(_signals_not_ignored,
+def test_a_second_signal_during_a_save_waits_for_it(signals_at_defaults,
                                                      capfd):
   before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
   stop = interrupt.StopOnSignal("train")
@@ -59,7 +49,7 @@ def test_a_second_signal_during_a_save_waits_for_it(_signals_not_ignored,
 
 
 @in_main_thread
-def test_the_stops_own_save_is_not_cut_short(_signals_not_ignored, capfd):
+def test_the_stops_own_save_is_not_cut_short(signals_at_defaults, capfd):
   stop = interrupt.StopOnSignal("train")
   with stop:
     _send(signal.SIGINT)
@@ -71,7 +61,7 @@ def test_the_stops_own_save_is_not_cut_short(_signals_not_ignored, capfd):
 
 
 @in_main_thread
-def test_a_second_signal_outside_a_save_quits_at_once(_signals_not_ignored,
+def test_a_second_signal_outside_a_save_quits_at_once(signals_at_defaults,
                                                       capfd):
   stop = interrupt.StopOnSignal("train")
   with pytest.raises(interrupt.Interrupted) as e:
@@ -85,7 +75,7 @@ def test_a_second_signal_outside_a_save_quits_at_once(_signals_not_ignored,
 
 
 @in_main_thread
-def test_held_notes_signals_and_restores_the_handlers(_signals_not_ignored):
+def test_held_notes_signals_and_restores_the_handlers(signals_at_defaults):
   before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
   with interrupt.held() as arrived:
     _send(signal.SIGINT)

@@ -20,9 +20,11 @@ from var_jax.training.config import VAETrainConfig, load_config
 from var_jax.training.interrupt import TrainingInterrupted
 from var_jax.training.vae_trainer import VAETask
 
-pytestmark = pytest.mark.skipif(
-    threading.current_thread() is not threading.main_thread(),
-    reason="signal handlers live in the main thread")
+pytestmark = [
+    pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                       reason="signal handlers live in the main thread"),
+    pytest.mark.usefixtures("signals_at_defaults"),
+]
 
 
 def _task(signal_at: int, signum: int, nan_at: int | None = None):
@@ -36,18 +38,6 @@ def _task(signal_at: int, signum: int, nan_at: int | None = None):
       return state, m
   return Task
 
-
-@pytest.fixture(autouse=True)
-def _signals_not_ignored():
-  """Signals act as in a shell's foreground job, even when the suite runs
-  as a background job (which starts with SIGINT ignored, and a run keeps an
-  ignored signal ignored)."""
-  kept = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-  signal.signal(signal.SIGINT, signal.default_int_handler)
-  signal.signal(signal.SIGTERM, signal.SIG_DFL)
-  yield
-  for s, handler in kept.items():
-    signal.signal(s, handler)
 
 
 def _run(workdir, **kw):
