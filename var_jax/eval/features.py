@@ -13,7 +13,6 @@ dropped. Process 0 reports progress in images/s on stderr
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import threading
 
@@ -24,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from var_jax.errors import DataError, UserError
+from var_jax.fingerprints import tree_fingerprint
 from var_jax.models.inception import FEATURE_DIMS
 
 ADM_FEATURES = ("pool", "spatial", "logits_unbiased")
@@ -35,12 +35,7 @@ CACHE_VERSION = 2  # 2: `content`, the fingerprint of the images.
 
 def weights_fingerprint(model) -> str:
   """A short hash of every weight, to tie a feature cache to its network."""
-  h = hashlib.sha256()
-  for path, var in sorted(nnx.to_flat_state(nnx.state(model)),
-                          key=lambda kv: tuple(map(str, kv[0]))):
-    h.update(".".join(map(str, path)).encode())
-    h.update(np.ascontiguousarray(np.asarray(var.value, np.float32)).data)
-  return h.hexdigest()[:16]
+  return tree_fingerprint(nnx.to_pure_dict(nnx.state(model)))
 
 
 class FeatureExtractor:
