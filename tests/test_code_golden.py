@@ -38,7 +38,7 @@ def test_code_greedy_tokens_and_images(golden_dir, golden, n):
   vae, drafter = golden_vae(golden_dir), golden_var(golden_dir)
   refiner = golden_refiner(golden_dir)
   # The commands' loops for a one-call job (scan); the Python driver draws
-  # the same tokens (test_both_drivers_draw_the_same_tokens).
+  # the same tokens (test_sampler_drivers.py).
   for cfg in (1.5, 4.0):  # cfg is data: one compiled program for both.
     opts = SampleOptions(cfg=cfg, draft_steps=n, scale_loop="scan",
                          layer_loop="scan", **GREEDY)
@@ -94,29 +94,6 @@ def test_per_scale_filter_equals_official_masks(golden):
   for i, (k, p) in enumerate(settings):
     np.testing.assert_array_equal(out[i], g[f"keep_k{k}_p{p}"],
                                   err_msg=f"k={k} p={p}")
-
-
-def test_both_drivers_draw_the_same_tokens(golden_dir):
-  # Stochastic sampling with everything that shapes the loop: a per-scale
-  # schedule (static per scale in the Python loop, traced in the scan), a
-  # collaborative pair (the refiner's prefill) and cfg_until (rows dropped
-  # mid-run). Scale 0 with top-k 1 is the argmax whatever the temperature.
-  vae, drafter = golden_vae(golden_dir), golden_var(golden_dir)
-  refiner = golden_refiner(golden_dir)
-  sched = dict(top_k=(1, 40, 0, 30, 20, 0, 10, 600, 5, 2),
-               top_p=(0.0, 0.0, 0.9, 0.5, 0.0, 0.8, 0.95, 0.0, 0.0, 0.7),
-               temperature=(3.0,) * 5 + (1.1, 1.1, 1.0, 0.9, 1.0),
-               draft_steps=3, cfg_until=7)
-  runs = [Sampler(vae, refiner, SampleOptions(scale_loop=s, layer_loop=l,
-                                              **sched),
-                  drafter=drafter)([1, 6], seed=4)
-          for s, l in (("python", "unrolled"), ("scan", "scan"))]
-  for si in range(10):
-    np.testing.assert_array_equal(runs[1].idx[si], runs[0].idx[si])
-  np.testing.assert_allclose(runs[1].images_BHWC, runs[0].images_BHWC,
-                             atol=1e-5)
-  first = guided_logits(vae, drafter, [1, 6], runs[0].idx, 1.5)[0]
-  np.testing.assert_array_equal(runs[0].idx[0], first.argmax(-1))
 
 
 @pytest.mark.slow  # Several compiled samplers (minutes on 2 cores).

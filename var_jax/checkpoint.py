@@ -140,7 +140,9 @@ def _restore(path: epath.Path, ctor, cfg, what: str):
   except Exception as e:  # Orbax raises many types; the user needs one line.
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise CheckpointError(f"cannot restore {path}: {msg}") from None
-  nnx.replace_by_pure_dict(state, restored)
+  # Orbax gives host (numpy) arrays for a target without shardings; on the
+  # device once here, not copied there again by every jitted call.
+  nnx.replace_by_pure_dict(state, jax.device_put(restored))
   return nnx.merge(graphdef, state)
 
 

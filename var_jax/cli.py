@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import logging
 import os
 import re
@@ -29,6 +30,7 @@ _COMMAND_MODULES = (
     "var_jax.sampling.commands",
     "var_jax.training.commands",
     "var_jax.eval.commands",
+    "var_jax.planning.commands",
 )
 
 
@@ -179,6 +181,24 @@ def _backend_unavailable(e: BaseException) -> str | None:
           "cpu")
 
 
+def _leave_out_absent_tpu() -> None:
+  """With the TPU compiler installed (the `tpu` extra, for `var-jax plan`)
+  but no TPU attached, JAX would start a TPU runtime in every command, which
+  fails and logs it on stderr: name the platforms there are instead
+  (`JAX_PLATFORMS`, for this process). A set `JAX_PLATFORMS` is kept."""
+  if os.environ.get("JAX_PLATFORMS", "").strip():
+    return
+  from var_jax.hardware import tpu_attached  # pylint: disable=import-outside-toplevel
+  if importlib.util.find_spec("libtpu") is None or tpu_attached():
+    return
+  gpu = any(importlib.util.find_spec(m) is not None
+            for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+  platforms = "cuda,cpu" if gpu and os.path.exists("/dev/nvidiactl") else "cpu"
+  os.environ["JAX_PLATFORMS"] = platforms  # For child processes.
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.config.update("jax_platforms", platforms)  # Read at import: set it.
+
+
 def _check_backend(args) -> None:
   """Starts JAX's backends now when `JAX_PLATFORMS` names some, so that an
   absent one is one line before any command runs (later, a model load
@@ -250,7 +270,11 @@ def main(argv=None) -> int:
   # once. Process-wide logging and hook changes: here, never in the library.
   from var_jax import io  # pylint: disable=import-outside-toplevel
   io._install_orbax_quieting()  # pylint: disable=protected-access
-  cache = None if args.no_compile_cache else compile_cache_dir()
+  _leave_out_absent_tpu()
+  # A command may opt out (plan: compile-only programs cannot be loaded).
+  cache = (None if args.no_compile_cache
+           or not getattr(args, "compile_cache", True)
+           else compile_cache_dir())
   if cache:
     enable_compile_cache(cache)
   try:

@@ -7,6 +7,7 @@ rate a same-process reference where no peak is published (e.g. CPUs).
 
 from __future__ import annotations
 
+import glob
 import time
 
 import jax
@@ -33,6 +34,22 @@ def device_peak(device, dtype: str) -> float | None:
     if frag.lower() in kind.lower():
       return peaks.get(dtype)
   return None
+
+
+_GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips attach as PCI devices of Google's.
+
+
+def tpu_attached() -> bool:
+  """Whether this machine has TPU chips (PCI devices by Google), read from
+  sysfs without starting any runtime."""
+  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+    try:
+      with open(vendor, encoding="ascii") as f:
+        if f.read().strip() == _GOOGLE_PCI_VENDOR:
+          return True
+    except OSError:
+      continue
+  return False
 
 
 def measure_matmul_peak(dtype: str = "float32", n: int = 2048,

@@ -74,9 +74,10 @@ def tiled() -> bool:
   """Whether programs traced now cut attention into cache-sized tiles.
 
   Only on the CPU, where an (N, l, S) score tensor far larger than the caches
-  is slow to write and re-read; accelerators run the fused batch.
+  is slow to write and re-read; accelerators run the fused batch. The
+  platform is the `on_mesh` mesh's, else the default backend's.
   """
-  return jax.default_backend() == "cpu"
+  return _platform() == "cpu"
 
 
 def _mapped(fn, n: int, rows: int, keys: int, *args):
@@ -227,6 +228,30 @@ def _current_mesh():
   return getattr(_context, "mesh", None)
 
 
+@contextlib.contextmanager
+def using(impl: str):
+  """Training attention traced inside runs as `impl` (one of IMPLS) whatever
+  the platform, e.g. XLA's dense form on a TPU mesh to compare it with
+  splash. Trace-time only, like `on_mesh`."""
+  if impl not in IMPLS:
+    raise ValueError(f"unknown attention impl {impl!r}: expected one of "
+                     f"{IMPLS}")
+  prev = getattr(_context, "impl", None)
+  _context.impl = impl
+  try:
+    yield impl
+  finally:
+    _context.impl = prev
+
+
+def _platform() -> str:
+  """The platform programs traced now are for: the `on_mesh` mesh's, else
+  the default backend's."""
+  mesh = _current_mesh()
+  return (mesh.devices.flat[0].platform if mesh is not None
+          else jax.default_backend())
+
+
 def impl_for(platform: str | None = None) -> str:
   """The training attention for a platform ("tpu", "gpu", "cpu", ...).
 
@@ -237,6 +262,8 @@ def impl_for(platform: str | None = None) -> str:
   partitioned"), so a TPU program without a declared mesh (the sampler's
   prefill) keeps the segment form ("cpu", untiled off the CPU).
   """
+  if platform is None and getattr(_context, "impl", None) is not None:
+    return _context.impl
   if platform is None:
     mesh = _current_mesh()
     if mesh is None:
@@ -353,9 +380,6 @@ def training_attention(patch_nums, scale, dtype, q_NLc, k_NLc, v_NLc, *,
     return splash_attention(patch_nums, scale, dtype, q_NLc, k_NLc, v_NLc,
                             interpret=interpret)
   if impl == "xla":
-    mesh = _current_mesh()
-    platform = (mesh.devices.flat[0].platform if mesh is not None
-                else jax.default_backend())
     return xla_attention(patch_nums, scale, dtype, q_NLc, k_NLc, v_NLc,
-                         cudnn=platform in ("gpu", "cuda", "rocm"))
+                         cudnn=_platform() in ("gpu", "cuda", "rocm"))
   raise ValueError(f"unknown attention impl {impl!r}: expected one of {IMPLS}")

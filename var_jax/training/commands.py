@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from var_jax.models.var.config import COMPUTE_DTYPES
+from var_jax.models.var.config import COMPUTE_DTYPES, REMAT_CHOICES
 
 # How every image-reading command reads a folder (data.decode.decode_image).
 _FOLDER_HELP = (" (folder: .jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp, "
@@ -66,6 +66,11 @@ def register(subparsers) -> None:
                       "(train_d16, d16, train_tiny)")
   _add_run_flags(p, batch_what="examples", tokens=True,
                  what="loss and accuracy")
+  p.add_argument("--remat", choices=REMAT_CHOICES,
+                 help="what the backward pass recomputes to save memory: "
+                 "none, dots (keep the weight matmuls' outputs), block "
+                 "(keep only each block's input) (default: the config's, "
+                 "none in the bundled configs)")
   w = p.add_mutually_exclusive_group()
   w.add_argument("--vae-ckpt", metavar="DIR_OR_NAME",
                  help="model directory, or a model name (digits, d16.., "
@@ -99,7 +104,7 @@ def register(subparsers) -> None:
 
 # Flag -> config field, for the flags that override a config value.
 _OVERRIDES = ("data", "steps", "global_batch", "dtype", "seed", "ckpt_every",
-              "eval_batch", "vae_ckpt", "init_ckpt", "lpips_weights")
+              "eval_batch", "vae_ckpt", "init_ckpt", "lpips_weights", "remat")
 
 
 def _run(args) -> int:

@@ -16,7 +16,8 @@ import json
 import sys
 import types
 
-from var_jax.models.var.config import COMPUTE_DTYPES, ModelConfig, VQVAEConfig, get_preset
+from var_jax.models.var.config import (COMPUTE_DTYPES, REMAT_CHOICES,
+                                       ModelConfig, VQVAEConfig, get_preset)
 from var_jax.errors import UserError
 from var_jax.io import as_path, is_local
 from var_jax.training import schedule
@@ -109,6 +110,7 @@ class TrainConfig(RunConfig):
   wp0: float = 0.005
   wpe: float = 0.01
   grad_accum: int = 1  # [ac] micro-batches per step.
+  remat: str = "none"  # Recomputed in the backward pass: none, dots, block.
   # Progressive training [pg, pg0, pgwp]; pgwp None = epochs / 300.
   pg: float = 0.0
   pg0: int = 4
@@ -162,6 +164,8 @@ class TrainConfig(RunConfig):
         (self.steps is None or self.steps >= 1, "steps must be >= 1"),
         (self.epochs >= 1, "epochs must be >= 1"),
         (self.grad_accum >= 1, "grad_accum must be >= 1"),
+        (self.remat in REMAT_CHOICES, f"remat must be one of "
+         f"{', '.join(REMAT_CHOICES)}, not {self.remat!r}"),
         (0 <= self.label_smooth < 1, "label_smooth must be in [0, 1)"),
     ]
 

@@ -13,6 +13,7 @@ import os
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from var_jax.errors import UserError
@@ -64,12 +65,43 @@ def parse_mesh(spec: str | None, num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(spec: str | None, devices=None) -> Mesh:
-  """The training mesh over all (global) devices."""
+  """The training mesh over all (global) devices.
+
+  On a TPU torus an axis may span parts of several physical axes (8 ways
+  on a 4x4x4 slice); over several slices 'data' runs across them (the
+  data-center network carries only the gradient reduction).
+
+  Raises:
+    UserError: a bad spec, or sizes the devices cannot be laid out as (the
+      message lists the shapes that can).
+  """
   devices = list(jax.devices() if devices is None else devices)
   sizes = parse_mesh(spec, len(devices))
-  return jax.make_mesh((sizes["data"], sizes["fsdp"]), AXES,
-                       axis_types=(AxisType.Auto, AxisType.Auto),
-                       devices=devices)
+  grid = _device_grid((sizes["data"], sizes["fsdp"]), devices)
+  if grid is None:
+    n = len(devices)
+    fits = [f"data={d},fsdp={n // d}" for d in range(1, n + 1)
+            if n % d == 0 and _device_grid((d, n // d), devices) is not None]
+    raise UserError(f"--mesh data={sizes['data']},fsdp={sizes['fsdp']} "
+                    f"cannot be laid out on these {n} devices; shapes that "
+                    f"fit: {' '.join(fits) or 'none'}")
+  return Mesh(grid, AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def _device_grid(shape: tuple[int, int], devices: list):
+  """Devices arranged as `shape` (data, fsdp), or None if they cannot be."""
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  try:
+    if slices > 1:
+      if shape[0] % slices:
+        return None
+      return mesh_utils.create_hybrid_device_mesh(
+          (shape[0] // slices, shape[1]), (slices, 1), devices,
+          allow_split_physical_axes=True)
+    return mesh_utils.create_device_mesh(shape, devices,
+                                         allow_split_physical_axes=True)
+  except (ValueError, NotImplementedError, AssertionError):
+    return None
 
 
 def check_batch(mesh: Mesh, global_batch: int, grad_accum: int = 1) -> None:

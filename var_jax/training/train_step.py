@@ -37,6 +37,10 @@ class StepOptions:
   grad_accum: int = 1  # Micro-batches per optimizer step.
   tokens: bool = False  # Batches carry 'tokens' (B, L) instead of 'images'.
   dropout: bool = True  # Class dropout and drop-path (False: eval mode).
+  remat: str = "none"  # What the backward pass recomputes (VAR's REMAT).
+  # Unrolled layer and micro-batch loops: the same step, but a compiler's
+  # cost analysis (which counts a loop body once) sees all of its work.
+  unroll: bool = False
 
 
 def _make_tokenize(model_cfg: ModelConfig, vae_graphdef: nnx.GraphDef,
@@ -89,7 +93,8 @@ def make_train_step(model_cfg: ModelConfig, var_spec: StateSpec,
     def loss_fn(p):
       var = nnx.merge(var_spec.graphdef, p)
       logits_BLV = var(batch["labels"], x_BLC,
-                       dropout_key=key if opts.dropout else None, dtype=dtype)
+                       dropout_key=key if opts.dropout else None, dtype=dtype,
+                       remat=opts.remat, unroll=opts.unroll)
       loss = loss_lib.weighted_loss(logits_BLV, tgt_BL, weights_L,
                                     opts.label_smooth)
       return loss, loss_lib.scale_metrics(logits_BLV, tgt_BL, patch_nums)
@@ -120,7 +125,7 @@ def make_train_step(model_cfg: ModelConfig, var_spec: StateSpec,
                                        jax.tree.map(lambda a: a[0], micro),
                                        weights_L, key))
     (loss, sums, grads), _ = jax.lax.scan(
-        body, zeros, (jnp.arange(n_micro), micro))
+        body, zeros, (jnp.arange(n_micro), micro), unroll=opts.unroll)
     # The reference scales each micro-loss by 1/n before summing gradients.
     return loss / n_micro, sums, jax.tree.map(lambda g: g / n_micro, grads)
 

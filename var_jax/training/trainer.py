@@ -157,7 +157,7 @@ class VARTask(run_lib.Task):
         self.model_cfg, self.spec, self.vae_gd, self._vae_sh, self.tx,
         self.mesh, step_lib.StepOptions(
             label_smooth=cfg.label_smooth, dtype=cfg.dtype, tokens=self.tokens,
-            grad_accum=cfg.grad_accum))
+            grad_accum=cfg.grad_accum, remat=cfg.remat))
     # Opened now: a bad split or batch fails before training.
     self.eval_loader = run_lib.open_eval_loader(
         cfg, self.model_cfg.vae.resolution, self.mesh, loader)

@@ -18,6 +18,8 @@ PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 # Compute dtypes a run or sampler may ask for by name (`jnp.dtype(name)`);
 # weights stay float32.
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# What a training step may recompute in its backward pass (`VAR.__call__`).
+REMAT_CHOICES = ("none", "dots", "block")
 
 
 @dataclasses.dataclass(frozen=True)

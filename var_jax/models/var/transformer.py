@@ -12,6 +12,7 @@ created.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import NamedTuple
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from var_jax.models.var.config import VARConfig
+from var_jax.models.var.config import REMAT_CHOICES, VARConfig
 from var_jax.models import attention, scales
 
 FSDP = "fsdp"
@@ -246,6 +247,16 @@ def _mlp(cfg, p, x_BLC, scale, shift, dtype):
   return _mm(h, p["fc2_w"], dtype) + p["fc2_b"]
 
 
+# Rematerialisation of the teacher-forced blocks: name -> checkpoint policy
+# (None: no block-level checkpoint).
+REMAT = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "block": jax.checkpoint_policies.nothing_saveable,
+}
+assert tuple(REMAT) == REMAT_CHOICES
+
+
 class VAR(nnx.Module):
   """Class-conditional next-scale predictor."""
 
@@ -295,7 +306,8 @@ class VAR(nnx.Module):
 
   # ------------------------------------------------------------ teacher forcing
   def __call__(self, labels_B, x_BLCvae, *, dropout_key=None,
-               dtype=jnp.float32) -> jax.Array:
+               dtype=jnp.float32, remat: str = "none",
+               unroll: bool = False) -> jax.Array:
     """Teacher-forced logits (B, L, V).
 
     Args:
@@ -303,6 +315,11 @@ class VAR(nnx.Module):
       x_BLCvae: `idx_to_var_input` of the ground truth, (B, L - first_l, Cvae).
       dropout_key: enables training-time class dropout and drop-path.
       dtype: matmul compute dtype (params and residual stream stay float32).
+      remat: what the backward pass recomputes (`REMAT`): "none" (only the
+        MLP's norm and GELU), "dots" (each block keeps its weight matmuls'
+        outputs, recomputes the rest), "block" (each block keeps its input
+        only and runs again in the backward pass).
+      unroll: unroll the layer scan (same values; for FLOP counting).
     """
     cfg = self.cfg
     b = labels_B.shape[0]
@@ -331,7 +348,9 @@ class VAR(nnx.Module):
                                                    cfg.patch_nums), None)
       return _block(cfg, p, x, _adaln(cfg, p, cond), attn, dtype, keep_B)
 
-    x, _ = self._over_layers(body, x, keep)
+    if REMAT[remat] is not None:
+      body = jax.checkpoint(body, policy=REMAT[remat], prevent_cse=False)
+    x, _ = self._over_layers(body, x, keep, unroll)
     return self.logits(x, cond_BD)
 
   # ------------------------------------------------------------ the layer loop
@@ -339,15 +358,17 @@ class VAR(nnx.Module):
     """"stacked" or "list" (see the module docstring)."""
     return "stacked" if isinstance(self.blocks, Blocks) else "list"
 
-  def _over_layers(self, body, x, extra):
+  def _over_layers(self, body, x, extra, unroll: bool = False):
     """Applies `body(x, (params, extra_i)) -> (x, y)` to every block in turn.
 
     `extra` is a pytree with a leading depth axis (or None). The stacked
-    layout scans; the list layout loops in Python and stacks the `y`s as
-    the scan would.
+    layout scans (`unroll`: fully unrolled, e.g. so that a compiler's cost
+    analysis sees every layer); the list layout loops in Python and stacks
+    the `y`s as the scan would.
     """
     if isinstance(self.blocks, Blocks):
-      return jax.lax.scan(body, x, (self.blocks.stacked(), extra))
+      return jax.lax.scan(body, x, (self.blocks.stacked(), extra),
+                          unroll=unroll)
     ys = []
     for i, p in enumerate(self.blocks.params()):
       x, y = body(x, (p, jax.tree.map(lambda a, i=i: a[i], extra)))
@@ -476,3 +497,21 @@ def with_block_layout(var: VAR, block_layout: str) -> VAR:
 
 
 BLOCK_LAYOUTS = ("stacked", "list")
+
+
+def without_training_fields(var: VAR) -> VAR:
+  """`var` with the training-only config fields (class dropout, drop-path)
+  at zero; every array is shared.
+
+  The config is static in a compiled program's key; zeroing what inference
+  never reads lets models that differ only there (a converted checkpoint and
+  the same weights under a preset) share their compiled samplers.
+  """
+  cfg = dataclasses.replace(var.cfg, cond_drop_rate=0.0, drop_path_rate=0.0)
+  if cfg == var.cfg:
+    return var
+  new = nnx.merge(*nnx.split(var))
+  for _, node in nnx.iter_graph(new):
+    if isinstance(node, nnx.Module) and getattr(node, "cfg", None) == var.cfg:
+      node.cfg = cfg
+  return new

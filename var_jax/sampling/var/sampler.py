@@ -28,7 +28,8 @@ from flax import nnx
 from var_jax.errors import UserError
 from var_jax.models.scales import layout
 from var_jax.models.var.config import check_compatible
-from var_jax.models.var.transformer import VAR, with_block_layout
+from var_jax.models.var.transformer import (VAR, with_block_layout,
+                                            without_training_fields)
 from var_jax.models.var.vqvae import VQVAE
 from var_jax.sampling.tuning import CpuPlan
 from var_jax.sampling.var import loop
@@ -73,6 +74,22 @@ def _decode(vae_state, f_hat_BHWC, *, vae_def, batched):
   """float32 images (B, H, W, 3) in [0, 1] from the final f_hat."""
   return loop.decode_images(nnx.merge(vae_def, vae_state), f_hat_BHWC,
                             batched=batched)
+
+
+def _committed(tree):
+  """The weights committed to the device(s) they are on.
+
+  Whether an argument is committed is part of a jitted program's cache key:
+  weights restored from a checkpoint are committed, freshly built ones are
+  not, and the same model would otherwise compile its sampler twice.
+  """
+  def commit(x):
+    if isinstance(x, jax.ShapeDtypeStruct):  # Abstract: compile-only use.
+      return x
+    if not isinstance(x, jax.Array):  # Host arrays: onto the default device.
+      x = jax.device_put(x)
+    return x if x.committed else jax.device_put(x, x.sharding)
+  return jax.tree.map(commit, tree)
 
 
 @functools.lru_cache(maxsize=None)
@@ -139,11 +156,13 @@ class Sampler:
     self.layout = layout(self.patch_nums)
     self._resolved = opts.resolved(self.layout.num_scales)
     models = (var,) if drafter is None else (drafter, var)
-    split = [nnx.split(with_block_layout(m, _BLOCK_LAYOUT[opts.layer_loop]))
+    split = [nnx.split(with_block_layout(without_training_fields(m),
+                                         _BLOCK_LAYOUT[opts.layer_loop]))
              for m in models]
     self._var_defs = tuple(d for d, _ in split)
-    self.var_states = tuple(s for _, s in split)
-    self._vae_def, self.vae_state = nnx.split(vae)
+    self.var_states = _committed(tuple(s for _, s in split))
+    self._vae_def, vae_state = nnx.split(vae)
+    self.vae_state = _committed(vae_state)
     # Data (cfg, temperature) stays out of the static options.
     self._static = dataclasses.replace(self._resolved, cfg=0.0,
                                        temperature=1.0)
@@ -172,21 +191,37 @@ class Sampler:
         vae_def=self._vae_def, batched=self.tuning.decoder_batched)
 
   def lower(self, batch: int, *, random_labels: bool = False,
-            edit: bool = False):
-    """AOT-lowers both programs for `batch`: (scale loop, decoder)."""
-    i32 = jax.ShapeDtypeStruct((batch,), jnp.int32)
+            edit: bool = False, sharding=None, batch_sharding=None):
+    """AOT-lowers both programs for `batch`: (scale loop, decoder).
+
+    With `sharding` (of the weights and the scale table, e.g. replicated
+    over a mesh) and `batch_sharding` (of the per-sample inputs), every
+    argument is abstract and carries them: the programs are lowered for
+    those devices (also compile-only ones) without touching the weights.
+    """
+    def spec(shape, dtype, sh=None):
+      return jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+
+    def placed(tree):
+      if sharding is None:
+        return tree
+      return jax.tree.map(lambda x: spec(x.shape, x.dtype, sharding), tree)
+
+    i32 = spec((batch,), jnp.int32, batch_sharding)
     seq = self.layout.seq_len
-    given = jax.ShapeDtypeStruct((batch, seq), jnp.int32) if edit else None
-    keep = jax.ShapeDtypeStruct((batch, seq), bool) if edit else None
+    given = spec((batch, seq), jnp.int32, batch_sharding) if edit else None
+    keep = spec((batch, seq), bool, batch_sharding) if edit else None
+    key = jax.random.key(0) if sharding is None else placed(
+        jax.eval_shape(lambda: jax.random.key(0)))
     scales = self._scales_program().func.lower(
-        self.var_states, self.vae_state, self._table(),
-        None if random_labels else i32, jax.random.key(0), i32, given, keep,
-        **self._scales_program().keywords)
+        placed(self.var_states), placed(self.vae_state),
+        placed(self._table()), None if random_labels else i32, key, i32,
+        given, keep, **self._scales_program().keywords)
     side = self.patch_nums[-1]
-    f_hat = jax.ShapeDtypeStruct((batch, side, side, self.var_config.cvae),
-                                 jnp.float32)
+    f_hat = spec((batch, side, side, self.var_config.cvae), jnp.float32,
+                 batch_sharding)
     decoder = self._decode_program().func.lower(
-        self.vae_state, f_hat, **self._decode_program().keywords)
+        placed(self.vae_state), f_hat, **self._decode_program().keywords)
     return scales, decoder
 
   def compile(self, batch: int):

@@ -1,0 +1,112 @@
+"""`var-jax plan`: what fits on a TPU slice, compiled on a machine without one.
+
+The train step (or, with --sample, the sampler) is compiled by the TPU
+compiler (libtpu) for the slice's compile-only devices; the command prints
+a table and one JSON line: memory per chip against HBM, compiled and model
+FLOPs, and the compiler's own step-time estimate where it gives one.
+"""
+
+from __future__ import annotations
+
+import json
+
+from var_jax.errors import UserError
+from var_jax.models.var.config import COMPUTE_DTYPES, REMAT_CHOICES
+
+GiB = 2 ** 30
+
+
+class DoesNotFit(UserError):
+  """The program needs more memory per chip than the slice's chips have."""
+
+  exit_code = 1
+
+
+def register(subparsers) -> None:
+  p = subparsers.add_parser(
+      "plan", help="compile the train step or sampler for a TPU slice (no "
+      "TPU needed): memory per chip, FLOPs, the compiler's estimate",
+      description="Compiles, with the TPU compiler (pip install "
+      "'var-jax[tpu]'), exactly the step `var-jax train` runs (or with "
+      "--sample the sampler) for a TPU slice, on any machine. Prints a "
+      "table and one JSON line; exits 1 when the program does not fit.")
+  p.add_argument("--topology", required=True,
+                 help="the slice, as Cloud names it (v4-32, v5e-256, "
+                 "v5p-128, v6e-64: v4 and v5p count TensorCores, two per "
+                 "chip) or GEN:AxB[xC] (v5e:2x4)")
+  p.add_argument("--slices", type=int, default=1,
+                 help="slices joined over the data-center network (data "
+                 "parallel across them)")
+  p.add_argument("--preset", default="d16",
+                 help="a training config: bundled name (d16..d36, tiny, "
+                 "digits) or a config file; its model and recipe are used")
+  p.add_argument("--global-batch", type=int,
+                 help="examples per step (default: the config's)")
+  p.add_argument("--grad-accum", type=int,
+                 help="micro-batches per step (default: the config's)")
+  p.add_argument("--mesh", help="data=D,fsdp=F over all chips (default: "
+                 "fsdp over every chip of a slice, data across slices)")
+  p.add_argument("--remat", choices=REMAT_CHOICES,
+                 help="what the backward pass recomputes (default: the "
+                 "config's)")
+  p.add_argument("--dtype", choices=COMPUTE_DTYPES, default="bfloat16",
+                 help="matmul compute dtype (weights stay float32)")
+  p.add_argument("--attention", choices=("splash", "xla"),
+                 help="training attention (default: splash, the TPU's)")
+  p.add_argument("--no-flop-count", action="store_true",
+                 help="skip the second, loop-unrolled compile that counts "
+                 "the step's FLOPs (flops_per_step is then null)")
+  p.add_argument("--sample", action="store_true",
+                 help="plan the sampler instead of the train step")
+  p.add_argument("--batch", type=int, default=64,
+                 help="with --sample: images per call over the slice")
+  p.add_argument("--scale-loop", choices=("python", "scan"),
+                 default="python", help="with --sample: the scale driver "
+                 "(scan: the compiler's estimates are then null, a loop "
+                 "body being counted once)")
+  p.add_argument("--layer-loop", choices=("unrolled", "scan"),
+                 default="unrolled", help="with --sample: the layer loop")
+  # Compile-only programs cannot be stored in or loaded from the cache.
+  p.set_defaults(func=_run, compile_cache=False)
+
+
+def _quiet_libtpu() -> None:
+  """On a machine without TPUs, libtpu logs on stderr that it cannot find
+  this host's accelerator and workers (it only compiles here): tell it, for
+  this process, what it would look up. A TPU VM's own settings are kept."""
+  import os  # pylint: disable=import-outside-toplevel
+  from var_jax.hardware import tpu_attached  # pylint: disable=import-outside-toplevel
+  if tpu_attached():
+    return
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
+
+def _run(args) -> int:
+  from var_jax.planning import topology
+  slice_ = topology.parse(args.topology, args.slices)
+  reason = topology.libtpu_missing()
+  if reason:
+    raise UserError(reason)
+  _quiet_libtpu()
+  from var_jax.planning import plan
+  if args.sample:
+    if args.batch < 1:
+      raise UserError(f"--batch must be >= 1, got {args.batch}")
+    rec = plan.plan_sampling(slice_, args.preset, batch=args.batch,
+                             dtype=args.dtype, scale_loop=args.scale_loop,
+                             layer_loop=args.layer_loop, mesh=args.mesh)
+  else:
+    rec = plan.plan_training(
+        slice_, args.preset, global_batch=args.global_batch,
+        grad_accum=args.grad_accum, mesh=args.mesh, remat=args.remat,
+        dtype=args.dtype, attention=args.attention,
+        count_flops=not args.no_flop_count)
+  for line in plan.table(rec):
+    print(line)
+  print(json.dumps(rec, sort_keys=True))
+  if not rec["fits"]:
+    raise DoesNotFit(rec["advice"])
+  return 0
+

@@ -1,0 +1,265 @@
+"""Plans: one compiled program for one slice, as a record and a table.
+
+`plan_training` compiles the train step twice: once as it runs (memory per
+chip, the compiler's step-time estimate) and once with its layer and
+micro-batch loops unrolled, because XLA's cost analysis counts a loop body
+once; that second compile gives `flops_per_step`. The splash kernel is a
+custom call the analysis does not see into: its FLOPs are added from its
+block mask and the record says so (`flops_source`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+
+import jax
+from flax import nnx
+
+from var_jax.errors import UserError
+from var_jax.models.abstract import abstract_split
+from var_jax.models.var.vqvae import VQVAE
+from var_jax.planning import programs, topology
+from var_jax.training import flops as flops_lib
+from var_jax.training import mesh as mesh_lib
+from var_jax.training import train_step as step_lib
+
+GiB = 2 ** 30
+
+
+def _versions() -> dict:
+  try:
+    libtpu = importlib.metadata.version("libtpu")
+  except importlib.metadata.PackageNotFoundError:
+    libtpu = None
+  return {"jax": jax.__version__, "libtpu": libtpu}
+
+
+def default_mesh(slice_: topology.Slice) -> str:
+  """fsdp over the chips of a slice, data across slices."""
+  return f"data={slice_.slices},fsdp={slice_.chips_per_slice}"
+
+
+def _mesh(slice_, spec):
+  devs = topology.devices(slice_)
+  return mesh_lib.make_mesh(spec or default_mesh(slice_), devs)
+
+
+def _estimate(optimal_seconds):
+  """(seconds, why null): the cost model's step time if it is usable."""
+  if optimal_seconds is None:
+    return None, "the compiler gave no optimal_seconds"
+  if optimal_seconds <= 0:
+    return None, (f"the compiler's optimal_seconds is {optimal_seconds:.3g} "
+                  "(not a time)")
+  return optimal_seconds, None
+
+
+def _memory(slice_, c: programs.Compiled) -> dict:
+  hbm = slice_.chip.hbm_bytes
+  return {"hbm_per_chip_bytes": hbm, "argument_bytes": c.argument_bytes,
+          "temp_bytes": c.temp_bytes, "output_bytes": c.output_bytes,
+          "alias_bytes": c.alias_bytes, "peak_bytes": c.peak_bytes,
+          "fits": c.peak_bytes <= hbm}
+
+
+def _oom_advice(what: str, slice_, oom: programs.OutOfMemory,
+                mesh: str) -> str:
+  hbm = slice_.chip.hbm_bytes
+  need = (f"needs {oom.needed / GiB:.1f} GiB per chip of "
+          f"{(oom.available or hbm) / GiB:.1f} GiB (short by "
+          f"{(oom.needed - (oom.available or hbm)) / GiB:.1f} GiB)"
+          if oom.needed is not None else f"does not fit: {oom}")
+  return f"{what} on {slice_.name} ({mesh}) {need}"
+
+
+def plan_training(slice_: topology.Slice, preset: str, *,
+                  global_batch: int | None = None,
+                  grad_accum: int | None = None, mesh: str | None = None,
+                  remat: str | None = None, dtype: str = "bfloat16",
+                  attention: str | None = None,
+                  count_flops: bool = True) -> dict:
+  """The record of one train step on `slice_` (see the module docstring).
+
+  `preset` names a training config (bundled or a file); the other
+  arguments override its fields.
+
+  Raises:
+    UserError: bad arguments; `commands.DoesNotFit` (a UserError) when the
+      compiler reports that a chip cannot hold the step.
+  """
+  from var_jax.planning.commands import DoesNotFit  # pylint: disable=import-outside-toplevel
+  from var_jax.training.config import TrainConfig, load_config  # pylint: disable=import-outside-toplevel
+  cfg = load_config(preset, TrainConfig)
+  kw = {k: v for k, v in (("global_batch", global_batch),
+                          ("grad_accum", grad_accum), ("remat", remat),
+                          ("dtype", dtype)) if v is not None}
+  cfg = dataclasses.replace(cfg, **kw)
+  cfg.validate()
+  model = cfg.model_config()
+  m = _mesh(slice_, mesh)
+  mesh_lib.check_batch(m, cfg.global_batch, cfg.grad_accum)
+  mesh_text = ",".join(f"{k}={v}" for k, v in m.shape.items())
+  opts = step_lib.StepOptions(label_smooth=cfg.label_smooth, dtype=cfg.dtype,
+                              grad_accum=cfg.grad_accum, remat=cfg.remat)
+  impl = attention or "splash"
+  setup = programs.TrainSetup(model, cfg.global_batch, opts,
+                              None if impl == "splash" else impl)
+  what = (f"{model.name} training at global batch {cfg.global_batch} "
+          f"(grad_accum {cfg.grad_accum}, remat {cfg.remat}, {cfg.dtype})")
+  try:
+    run = programs.train_step(setup, m)
+  except programs.OutOfMemory as oom:
+    per_chip = cfg.global_batch // cfg.grad_accum // m.devices.size
+    raise DoesNotFit(
+        _oom_advice(what, slice_, oom, mesh_text) + "; try more fsdp ways "
+        f"(--mesh data=1,fsdp={m.devices.size}), --remat block, or a "
+        f"smaller per-chip batch (now {per_chip}; --grad-accum "
+        f"{cfg.grad_accum * 2})") from None
+  var = model.var
+  vae_def, vae_abs = abstract_split(VQVAE, model.vae)
+  tok = flops_lib.tokenizer_flops(vae_def, nnx.to_pure_dict(vae_abs),
+                                  model.vae.resolution) or 0.0
+  model_flops = (flops_lib.var_train_flops(var, cfg.global_batch)
+                 + tok * cfg.global_batch)
+  head_dim = var.embed_dim // var.num_heads
+  splash_flops = (programs.splash_kernel_flops(
+      var.patch_nums, var.num_heads, head_dim, cfg.global_batch) * var.depth
+      if impl == "splash" else 0.0)
+  flops = source = None
+  if count_flops:
+    counted = programs.train_step(dataclasses.replace(
+        setup, opts=dataclasses.replace(opts, unroll=True)), m)
+    if counted.flops is not None:
+      flops = counted.flops + splash_flops
+      source = ("XLA cost analysis of the step with its loops unrolled"
+                + (" + the splash kernels' FLOPs from their block mask"
+                   if impl == "splash" else ""))
+  seconds, why = _estimate(run.optimal_seconds)
+  peak = slice_.chip.peak_bf16
+  rec = {
+      "kind": "train", "topology": slice_.name,
+      "topology_name": slice_.topology_name, "slices": slice_.slices,
+      "chips": slice_.chips, "preset": model.name,
+      "global_batch": cfg.global_batch, "grad_accum": cfg.grad_accum,
+      "mesh": mesh_text, "remat": cfg.remat, "dtype": cfg.dtype,
+      "attention": impl, **_memory(slice_, run),
+      "flops_per_step": flops, "flops_source": source,
+      "model_flops_per_step": model_flops,
+      "model_flops_note": "VAR: 6 x params x tokens + attention over the "
+                          "full L x L matrix (forward + 2 x backward); "
+                          "tokenizer: its forward pass per image (XLA's "
+                          "count on this host)",
+      "compiler_seconds": seconds, "compiler_seconds_is_estimate": True,
+      "compiler_seconds_null_reason": why,
+      "images_per_second": None if seconds is None
+      else cfg.global_batch / seconds,
+      "mfu": None if seconds is None
+      else model_flops / seconds / (peak * slice_.chips),
+      "peak_bf16_per_chip": peak,
+      "compile_seconds": run.compile_seconds, **_versions()}
+  if not rec["fits"]:
+    rec["advice"] = _oom_advice(what, slice_, programs.OutOfMemory(
+        run.peak_bytes, slice_.chip.hbm_bytes, ""), mesh_text)
+  return rec
+
+
+def plan_sampling(slice_: topology.Slice, preset: str, *, batch: int,
+                  dtype: str = "bfloat16", scale_loop: str = "python",
+                  layer_loop: str = "unrolled",
+                  mesh: str | None = None) -> dict:
+  """The record of sampling `batch` images per call on `slice_` (the batch
+  split over every chip, weights replicated)."""
+  from var_jax.planning.commands import DoesNotFit  # pylint: disable=import-outside-toplevel
+  from var_jax.training.config import TrainConfig, load_config  # pylint: disable=import-outside-toplevel
+  model = load_config(preset, TrainConfig).model_config()
+  m = _mesh(slice_, mesh or f"data={slice_.chips},fsdp=1")
+  if batch % m.devices.size:
+    raise UserError(f"--batch {batch} does not split over the "
+                    f"{m.devices.size} chips of {slice_.name}")
+  mesh_text = ",".join(f"{k}={v}" for k, v in m.shape.items())
+  try:
+    run = programs.sampler(model, batch, m, dtype=dtype,
+                           scale_loop=scale_loop, layer_loop=layer_loop)
+  except programs.OutOfMemory as oom:
+    raise DoesNotFit(_oom_advice(
+        f"{model.name} sampling at batch {batch}", slice_, oom, mesh_text)
+        + f"; try a smaller --batch (now {batch // m.devices.size} per "
+        "chip)") from None
+  seconds, why = _estimate(run.optimal_seconds)
+  loops = scale_loop == "scan" or layer_loop == "scan"
+  if loops:  # The cost model counts a loop body once.
+    seconds, why = None, ("the program loops (scan) and the cost model "
+                          "counts a loop body once; --scale-loop python "
+                          "--layer-loop unrolled gives an estimate")
+  model_flops = programs.sample_model_flops(model, batch) + batch * (
+      programs.decoder_flops(model) or 0.0)
+  peak = slice_.chip.peak_bf16
+  rec = {
+      "kind": "sample", "topology": slice_.name,
+      "topology_name": slice_.topology_name, "slices": slice_.slices,
+      "chips": slice_.chips, "preset": model.name, "batch": batch,
+      "mesh": mesh_text, "dtype": dtype, "scale_loop": scale_loop,
+      "layer_loop": layer_loop, **_memory(slice_, run),
+      "flops_per_step": None if loops else run.flops,
+      "flops_source": None if loops else "XLA cost analysis",
+      "model_flops_per_step": model_flops,
+      "model_flops_note": "transformer and head over every scale's new "
+                          "tokens, guidance doubling the rows; the decoder "
+                          "per image (XLA's count on this host)",
+      "compiler_seconds": seconds, "compiler_seconds_is_estimate": True,
+      "compiler_seconds_null_reason": why,
+      "images_per_second": None if seconds is None else batch / seconds,
+      "mfu": None if seconds is None
+      else model_flops / seconds / (peak * slice_.chips),
+      "peak_bf16_per_chip": peak,
+      "compile_seconds": run.compile_seconds, **_versions()}
+  if not rec["fits"]:
+    rec["advice"] = _oom_advice(f"{model.name} sampling at batch {batch}",
+                                slice_, programs.OutOfMemory(
+                                    run.peak_bytes, slice_.chip.hbm_bytes,
+                                    ""), mesh_text)
+  return rec
+
+
+def _gib(x) -> str:
+  return "n/a" if x is None else f"{x / GiB:.2f} GiB"
+
+
+def _num(x, fmt) -> str:
+  return "null" if x is None else format(x, fmt)
+
+
+def table(rec: dict) -> list[str]:
+  """Readable lines of a record (the JSON line follows them)."""
+  what = (f"train step, global batch {rec['global_batch']}, grad_accum "
+          f"{rec['grad_accum']}, remat {rec['remat']}, attention "
+          f"{rec['attention']}" if rec["kind"] == "train" else
+          f"sampler, batch {rec['batch']}, {rec['scale_loop']} scale loop, "
+          f"{rec['layer_loop']} layer loop")
+  ratio = (None if rec["flops_per_step"] is None
+           else rec["flops_per_step"] / rec["model_flops_per_step"])
+  rows = [
+      ("plan", f"{rec['preset']} {what}, {rec['dtype']}"),
+      ("slice", f"{rec['topology']} ({rec['topology_name']}, "
+                f"{rec['slices']} slice(s), {rec['chips']} chips), mesh "
+                f"{rec['mesh']}"),
+      ("per chip", f"arguments {_gib(rec['argument_bytes'])}, temporaries "
+                   f"{_gib(rec['temp_bytes'])}, outputs "
+                   f"{_gib(rec['output_bytes'])} (donated "
+                   f"{_gib(rec['alias_bytes'])})"),
+      ("peak", f"{_gib(rec['peak_bytes'])} of {_gib(rec['hbm_per_chip_bytes'])}"
+               f" HBM: {'fits' if rec['fits'] else 'DOES NOT FIT'}"),
+      ("FLOPs", f"compiled {_num(rec['flops_per_step'], '.3e')}, model "
+                f"{rec['model_flops_per_step']:.3e} (ratio "
+                f"{_num(ratio, '.2f')})"),
+      ("estimate", "compiler cost model (an estimate, not a measurement): "
+       + (f"{rec['compiler_seconds']:.4f} s per step, "
+          f"{rec['images_per_second']:.1f} images/s, MFU "
+          f"{100 * rec['mfu']:.1f}%" if rec["compiler_seconds"] is not None
+          else f"none ({rec['compiler_seconds_null_reason']})")),
+      ("compiled", f"in {rec['compile_seconds']:.1f} s with jax "
+                   f"{rec['jax']}, libtpu {rec['libtpu']}"),
+  ]
+  width = max(len(k) for k, _ in rows)
+  return [f"{k:<{width}}  {v}" for k, v in rows]
