@@ -12,6 +12,7 @@ import json
 
 from var_jax.errors import UserError
 from var_jax.models.var.config import COMPUTE_DTYPES, REMAT_CHOICES
+from var_jax.planning import topology
 
 GiB = 2 ** 30
 
@@ -71,20 +72,19 @@ def register(subparsers) -> None:
 
 
 def _quiet_libtpu() -> None:
-  """On a machine without TPUs, libtpu logs on stderr that it cannot find
-  this host's accelerator and workers (it only compiles here): tell it, for
-  this process, what it would look up. A TPU VM's own settings are kept."""
+  """On a machine without TPUs, libtpu only compiles: set what it would look
+  up for a TPU host (`topology.COMPILE_ONLY_ENV`, for this process) so that
+  it neither logs the lookups' failures nor holds its one-process lock. A TPU
+  VM's own settings are kept."""
   import os  # pylint: disable=import-outside-toplevel
   from var_jax.hardware import tpu_attached  # pylint: disable=import-outside-toplevel
   if tpu_attached():
     return
-  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  for k, v in topology.COMPILE_ONLY_ENV.items():
+    os.environ.setdefault(k, v)
 
 
 def _run(args) -> int:
-  from var_jax.planning import topology
   slice_ = topology.parse(args.topology, args.slices)
   reason = topology.libtpu_missing()
   if reason:

@@ -45,13 +45,17 @@ def _mesh(slice_, spec):
   return mesh_lib.make_mesh(spec or default_mesh(slice_), devs)
 
 
-def _estimate(optimal_seconds):
-  """(seconds, why null): the cost model's step time if it is usable."""
+def _estimate(optimal_seconds, model_flops: float, peak_flops: float):
+  """(seconds, why null): the cost model's step time if it is usable: a
+  positive time in which the chips' peak could do the model's work."""
   if optimal_seconds is None:
     return None, "the compiler gave no optimal_seconds"
   if optimal_seconds <= 0:
     return None, (f"the compiler's optimal_seconds is {optimal_seconds:.3g} "
                   "(not a time)")
+  if model_flops / optimal_seconds > peak_flops:
+    return None, (f"the cost model's {optimal_seconds:.3g} s would exceed "
+                  "the chips' peak FLOP/s (it left work out)")
   return optimal_seconds, None
 
 
@@ -111,11 +115,17 @@ def plan_training(slice_: topology.Slice, preset: str, *,
     run = programs.train_step(setup, m)
   except programs.OutOfMemory as oom:
     per_chip = cfg.global_batch // cfg.grad_accum // m.devices.size
-    raise DoesNotFit(
-        _oom_advice(what, slice_, oom, mesh_text) + "; try more fsdp ways "
-        f"(--mesh data=1,fsdp={m.devices.size}), --remat block, or a "
-        f"smaller per-chip batch (now {per_chip}; --grad-accum "
-        f"{cfg.grad_accum * 2})") from None
+    tries = []
+    if m.shape["fsdp"] < slice_.chips_per_slice:
+      tries.append(f"more fsdp ways (--mesh data={slice_.slices},"
+                   f"fsdp={slice_.chips_per_slice})")
+    if cfg.remat != "block":
+      tries.append("--remat block")
+    tries.append(f"a smaller per-chip batch (now {per_chip}; --grad-accum "
+                 f"{cfg.grad_accum * 2})")
+    raise DoesNotFit(_oom_advice(what, slice_, oom, mesh_text) + "; try "
+                     + ", ".join(tries[:-1]) + (" or " if len(tries) > 1
+                                                else "") + tries[-1]) from None
   var = model.var
   vae_def, vae_abs = abstract_split(VQVAE, model.vae)
   tok = flops_lib.tokenizer_flops(vae_def, nnx.to_pure_dict(vae_abs),
@@ -127,6 +137,12 @@ def plan_training(slice_: topology.Slice, preset: str, *,
       var.patch_nums, var.num_heads, head_dim, cfg.global_batch) * var.depth
       if impl == "splash" else 0.0)
   flops = source = None
+  # The step as it runs loops over layers (and micro-batches); the cost
+  # model counts a loop body once, so only the unrolled compile's figures
+  # describe the whole step.
+  seconds, why = None, ("the step loops over its layers and the cost model "
+                        "counts a loop body once; the unrolled compile "
+                        "(without --no-flop-count) gives the estimate")
   if count_flops:
     counted = programs.train_step(dataclasses.replace(
         setup, opts=dataclasses.replace(opts, unroll=True)), m)
@@ -135,7 +151,8 @@ def plan_training(slice_: topology.Slice, preset: str, *,
       source = ("XLA cost analysis of the step with its loops unrolled"
                 + (" + the splash kernels' FLOPs from their block mask"
                    if impl == "splash" else ""))
-  seconds, why = _estimate(run.optimal_seconds)
+    seconds, why = _estimate(counted.optimal_seconds, model_flops,
+                             slice_.chip.peak_bf16 * slice_.chips)
   peak = slice_.chip.peak_bf16
   rec = {
       "kind": "train", "topology": slice_.name,
@@ -186,14 +203,15 @@ def plan_sampling(slice_: topology.Slice, preset: str, *, batch: int,
         f"{model.name} sampling at batch {batch}", slice_, oom, mesh_text)
         + f"; try a smaller --batch (now {batch // m.devices.size} per "
         "chip)") from None
-  seconds, why = _estimate(run.optimal_seconds)
+  model_flops = programs.sample_model_flops(model, batch) + batch * (
+      programs.decoder_flops(model) or 0.0)
+  seconds, why = _estimate(run.optimal_seconds, model_flops,
+                           slice_.chip.peak_bf16 * slice_.chips)
   loops = scale_loop == "scan" or layer_loop == "scan"
   if loops:  # The cost model counts a loop body once.
     seconds, why = None, ("the program loops (scan) and the cost model "
                           "counts a loop body once; --scale-loop python "
                           "--layer-loop unrolled gives an estimate")
-  model_flops = programs.sample_model_flops(model, batch) + batch * (
-      programs.decoder_flops(model) or 0.0)
   peak = slice_.chip.peak_bf16
   rec = {
       "kind": "sample", "topology": slice_.name,

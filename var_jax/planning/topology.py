@@ -17,6 +17,16 @@ from var_jax.errors import UserError
 
 GiB = 2 ** 30
 
+# Environment for libtpu on a host without TPUs, where it only compiles: the
+# accelerator and worker lookups it would log failures of, and its lock
+# that allows one process per host.
+COMPILE_ONLY_ENV = {
+    "TPU_SKIP_MDS_QUERY": "1",
+    "TPU_ACCELERATOR_TYPE": "v5litepod-1",
+    "TPU_WORKER_HOSTNAMES": "localhost",
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class Chip:

@@ -1,0 +1,210 @@
+"""`var-jax plan`: TPU slices by Cloud name, meshes on a torus, remat, and
+the train step and sampler compiled for TPU topologies without a TPU.
+
+The compile-only cases (marked slow; CI installs the `tpu` extra and runs
+them) use the tiny preset on 8-chip slices.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from golden_models import small_var
+
+from var_jax import cli
+from var_jax.errors import UserError
+from var_jax.planning import topology
+
+# libtpu on this host only compiles (what the command line sets too).
+for _k, _v in topology.COMPILE_ONLY_ENV.items():
+  os.environ.setdefault(_k, _v)
+
+FIELDS = {"topology", "chips", "hbm_per_chip_bytes", "argument_bytes",
+          "temp_bytes", "output_bytes", "peak_bytes", "fits",
+          "flops_per_step", "model_flops_per_step", "compiler_seconds",
+          "compiler_seconds_is_estimate", "images_per_second", "mfu"}
+
+
+@pytest.mark.parametrize("name,topo,chips", [
+    ("v4-32", "v4:2x2x4", 16), ("v5p-128", "v5p:4x4x4", 64),
+    ("v5e-256", "v5e:16x16", 256), ("v6e-64", "v6e:8x8", 64),
+    ("v5litepod-16", "v5e:4x4", 16), ("v5e:2x4", "v5e:2x4", 8),
+    ("V5P-8", "v5p:2x2x1", 4)])
+def test_cloud_names_map_to_topologies(name, topo, chips):
+  s = topology.parse(name)
+  assert (s.topology_name, s.chips) == (topo, chips)
+  assert topology.parse(name, slices=2).chips == 2 * chips
+
+
+@pytest.mark.parametrize("name,needle", [
+    ("v5p-100", "v5p names count TensorCores, two per chip"),
+    ("v5p-129", "known sizes: v5p-8,"),
+    ("v7x-8", "unknown TPU topology 'v7x-8'"),
+    ("v5e:2x2x2", "v5e slices are 2-D"),
+    ("tpu", "expected a Cloud name")])
+def test_bad_topology_names_are_one_line(name, needle):
+  with pytest.raises(UserError, match=None) as e:
+    topology.parse(name)
+  assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_libtpu_is_one_line(monkeypatch, capsys):
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None
+                      if name == "libtpu" else real(name, *a))
+  assert cli.main(["plan", "--topology", "v5e-8", "--preset", "tiny"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err == ("var-jax plan: error: compiling for a TPU topology needs "
+                 "the TPU compiler (libtpu): pip install 'var-jax[tpu]'")
+
+
+def test_cpu_commands_do_not_start_an_absent_tpu(tmp_path):
+  # With libtpu installed and no TPU attached, the command line leaves the
+  # TPU runtime out: nothing on stderr, and the CPU backend.
+  if importlib.util.find_spec("libtpu") is None:
+    pytest.fail("the tests need the tpu extra: pip install -e '.[test,tpu]'")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  code = textwrap.dedent("""
+      from var_jax import cli
+      cli._leave_out_absent_tpu()
+      import jax
+      print(jax.default_backend(), len(jax.devices()))
+  """)
+  r = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
+                     capture_output=True, text=True, timeout=300, check=False)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.split() == ["cpu", "1"]
+  assert r.stderr == ""
+
+
+@pytest.mark.parametrize("remat", ["dots", "block"])
+def test_remat_changes_memory_not_values(remat):
+  var = small_var()
+  from flax import nnx
+  graph, params = nnx.split(var)
+  b, cfg = 3, var.cfg
+  labels = jnp.arange(b) % cfg.num_classes
+  x = jax.random.normal(jax.random.key(1), (b, cfg.seq_len - cfg.first_l,
+                                            cfg.cvae))
+
+  def loss(p, how):
+    logits = nnx.merge(graph, p)(labels, x, remat=how,
+                                 dropout_key=jax.random.key(2))
+    return jnp.mean(jax.nn.logsumexp(logits, -1))
+
+  ref = jax.jit(jax.value_and_grad(lambda p: loss(p, "none")))(params)
+  got = jax.jit(jax.value_and_grad(lambda p: loss(p, remat)))(params)
+  np.testing.assert_allclose(got[0], ref[0], rtol=1e-6)
+  for a, b_ in zip(jax.tree.leaves(got[1]), jax.tree.leaves(ref[1])):
+    np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------ compile-only
+def _plan(capsys, *argv):
+  code = cli.main(["plan", *argv])
+  out = capsys.readouterr()
+  return code, out.out.strip().splitlines(), out.err.strip()
+
+
+@pytest.mark.slow  # Compiles for TPU (tens of seconds on 2 cores).
+def test_mesh_splits_torus_axes():
+  # 8 x 8 over a 4x4x4 torus: an axis spans parts of physical axes.
+  from var_jax.training import mesh as mesh_lib
+  devs = topology.devices(topology.parse("v5p-128"))
+  m = mesh_lib.make_mesh("data=8,fsdp=8", devs)
+  assert dict(m.shape) == {"data": 8, "fsdp": 8}
+  assert sorted(d.id for d in m.devices.flat) == sorted(d.id for d in devs)
+
+
+@pytest.mark.slow  # Compiles the tiny train step for TPU twice.
+def test_train_plan_prints_a_table_and_every_field(capsys):
+  code, lines, err = _plan(capsys, "--topology", "v5e-8", "--preset", "tiny",
+                           "--global-batch", "16")
+  assert code == 0, err
+  rec = json.loads(lines[-1])
+  assert FIELDS <= set(rec), FIELDS - set(rec)
+  assert rec["fits"] and rec["chips"] == 8 and rec["attention"] == "splash"
+  assert rec["hbm_per_chip_bytes"] == 16 * 2 ** 30
+  # The loop-unrolled count and the analytic one agree within the work the
+  # model count leaves out (norms, softmax, the optimizer).
+  assert 0.9 < rec["flops_per_step"] / rec["model_flops_per_step"] < 1.5
+  assert rec["compiler_seconds"] is None or rec["compiler_seconds"] > 0
+  assert (rec["compiler_seconds"] is None) == bool(
+      rec["compiler_seconds_null_reason"])
+  assert lines[0].startswith("plan ") and any(
+      ln.startswith("peak ") for ln in lines)
+
+
+_WIDE = """
+from var_jax.configs.models import DIGITS_VAE
+from var_jax.models.var.config import ModelConfig, VARConfig
+from var_jax.training.config import TrainConfig
+
+
+def get_config():
+  var = VARConfig(depth=2, embed_dim=512, num_heads=8, num_classes=10,
+                  vocab_size=512, cvae=16, patch_nums=(1, 2, 3, 4))
+  return TrainConfig(model=ModelConfig("wide", DIGITS_VAE, var),
+                     global_batch=16, dtype="bfloat16")
+"""
+
+
+@pytest.mark.slow  # Compiles a small train step for TPU twice.
+def test_fsdp_shards_the_state(capsys, tmp_path):
+  # Per chip, the arguments hold the replicated tokenizer and 1/8 of every
+  # parameter and moment that fsdp splits (a 512-wide model: TPU tiling
+  # pads small arrays, which would blur the count).
+  from var_jax.training import mesh as mesh_lib
+  from var_jax.training import optimizer as opt_lib
+  from var_jax.training import state as state_lib
+  from var_jax.training.config import TrainConfig, load_config
+  cfg_file = tmp_path / "wide.py"
+  cfg_file.write_text(_WIDE)
+  args = {}
+  for mesh in ("data=8,fsdp=1", "data=1,fsdp=8"):
+    code, lines, err = _plan(capsys, "--topology", "v5e-8", "--preset",
+                             str(cfg_file), "--mesh", mesh, "--no-flop-count")
+    assert code == 0, err
+    args[mesh] = json.loads(lines[-1])["argument_bytes"]
+  var = load_config(str(cfg_file), TrainConfig).model_config().var
+  m = mesh_lib.make_mesh("data=1,fsdp=8",
+                         topology.devices(topology.parse("v5e-8")))
+  spec = state_lib.var_state_spec(var, opt_lib.make_optimizer(var), m)
+  whole = shard = 0
+  for x, sh in zip(jax.tree.leaves(spec.abstract),
+                   jax.tree.leaves(spec.shardings)):
+    nbytes = x.size * x.dtype.itemsize
+    whole += nbytes
+    shard += nbytes // (8 if "fsdp" in str(sh.spec) else 1)
+  saved = args["data=8,fsdp=1"] - args["data=1,fsdp=8"]
+  assert shard < 0.2 * whole
+  assert abs(saved - (whole - shard)) <= 0.02 * whole, (saved, whole, shard)
+
+
+@pytest.mark.slow  # Compiles for TPU until the compiler gives up.
+def test_a_step_that_does_not_fit_is_one_line(capsys):
+  code, lines, err = _plan(capsys, "--topology", "v5e:1x1", "--preset",
+                           "tiny", "--global-batch", "262144",
+                           "--no-flop-count")
+  assert code == 1 and not lines
+  assert "\n" not in err and err.startswith("var-jax plan: error: "), err
+  assert "GiB per chip of 15.8 GiB (short by" in err, err
+  assert "--remat block" in err and "--grad-accum 2" in err, err
+
+
+@pytest.mark.slow  # Compiles the tiny sampler for TPU.
+def test_sample_plan_compiles_the_sampler(capsys):
+  code, lines, err = _plan(capsys, "--sample", "--topology", "v6e-8",
+                           "--preset", "tiny", "--batch", "16")
+  assert code == 0, err
+  rec = json.loads(lines[-1])
+  assert FIELDS <= set(rec) and rec["kind"] == "sample" and rec["fits"]
+  assert rec["mesh"] == "data=8,fsdp=1"
+  assert 0.8 < rec["flops_per_step"] / rec["model_flops_per_step"] < 1.5
