@@ -42,5 +42,5 @@ def test_readme_names_the_checkout_installs_and_accelerator_builds():
     assert command in install, command
   # The two commands of the README stay as they are.
   assert "python -m pip install . && var-jax sample --out digits.png" in text
-  assert ("python -m pip install -q -e '.[test]' && python -m pytest -q -m "
-          "\"not slow\"") in text
+  assert ("python -m pip install -q -e '.[test,tpu]' && python -m pytest -q "
+          "-m \"not slow\"") in text

@@ -14,7 +14,6 @@ from var_jax.errors import UserError
 from var_jax.models.var.config import COMPUTE_DTYPES, REMAT_CHOICES
 from var_jax.planning import topology
 
-GiB = 2 ** 30
 
 
 class DoesNotFit(UserError):
@@ -55,8 +54,13 @@ def register(subparsers) -> None:
   p.add_argument("--attention", choices=("splash", "xla"),
                  help="training attention (default: splash, the TPU's)")
   p.add_argument("--no-flop-count", action="store_true",
-                 help="skip the second, loop-unrolled compile that counts "
-                 "the step's FLOPs (flops_per_step is then null)")
+                 help="skip the loop-unrolled compiles (at 1 and 2 examples "
+                 "per chip) that count the step's FLOPs (flops_per_step is "
+                 "then null)")
+  p.add_argument("--fit", action="store_true",
+                 help="if the step does not fit, try remat dots, then block, "
+                 "then 2, 4, 8 times the gradient accumulation, and report "
+                 "the first that fits")
   p.add_argument("--sample", action="store_true",
                  help="plan the sampler instead of the train step")
   p.add_argument("--batch", type=int, default=64,
@@ -102,7 +106,7 @@ def _run(args) -> int:
         slice_, args.preset, global_batch=args.global_batch,
         grad_accum=args.grad_accum, mesh=args.mesh, remat=args.remat,
         dtype=args.dtype, attention=args.attention,
-        count_flops=not args.no_flop_count)
+        count_flops=not args.no_flop_count, fit=args.fit)
   for line in plan.table(rec):
     print(line)
   print(json.dumps(rec, sort_keys=True))

@@ -24,7 +24,7 @@ from var_jax.training import flops as flops_lib
 from var_jax.training import mesh as mesh_lib
 from var_jax.training import train_step as step_lib
 
-GiB = 2 ** 30
+GiB = topology.GiB
 
 
 def _versions() -> dict:
@@ -77,16 +77,70 @@ def _oom_advice(what: str, slice_, oom: programs.OutOfMemory,
   return f"{what} on {slice_.name} ({mesh}) {need}"
 
 
+# What --fit tries, in order, until the step fits: (remat, grad_accum factor).
+FIT_LADDER = (("none", 1), ("dots", 1), ("block", 1), ("block", 2),
+              ("block", 4), ("block", 8))
+
+
+def _compile_fitting(setups, m, slice_, mesh_text, DoesNotFit):
+  """Compiles the first setup that fits; the last one's error otherwise."""
+  for i, (setup, what) in enumerate(setups):
+    try:
+      return setup, programs.train_step(setup, m)
+    except programs.OutOfMemory as oom:
+      if i + 1 < len(setups):
+        continue
+      opts = setup.opts
+      per_chip = setup.global_batch // opts.grad_accum // m.devices.size
+      tries = []
+      if m.shape["fsdp"] < slice_.chips_per_slice:
+        tries.append(f"more fsdp ways (--mesh data={slice_.slices},"
+                     f"fsdp={slice_.chips_per_slice})")
+      if opts.remat != "block":
+        tries.append("--remat block")
+      tries.append(f"a smaller per-chip batch (now {per_chip}; --grad-accum "
+                   f"{opts.grad_accum * 2})")
+      raise DoesNotFit(_oom_advice(what, slice_, oom, mesh_text) + "; try "
+                       + ", ".join(tries[:-1]) + (" or " if len(tries) > 1
+                                                  else "") + tries[-1]
+                       ) from None
+  raise AssertionError("no setup to compile")
+
+
+def _counted_flops(setup, m) -> tuple[float | None, float | None]:
+  """(FLOPs of the step at its global batch, the cost model's seconds).
+
+  The step is compiled with its loops unrolled (the cost analysis counts a
+  loop body once) at one and at two examples per chip, where it fits
+  whatever the batch, and the count is extended linearly to the global
+  batch: a step's work is per-example work plus the optimizer's, which does
+  not depend on the batch. The seconds are only for the global batch when
+  the unrolled step itself is compiled at it; None otherwise.
+  """
+  n = m.devices.size
+  counts = []
+  for per_chip in (1, 2):
+    small = dataclasses.replace(
+        setup, global_batch=n * per_chip,
+        opts=dataclasses.replace(setup.opts, unroll=True, grad_accum=1))
+    counts.append(programs.train_step(small, m).flops)
+  if None in counts:
+    return None, None
+  per_example = (counts[1] - counts[0]) / n
+  return counts[0] + (setup.global_batch - n) * per_example, None
+
+
 def plan_training(slice_: topology.Slice, preset: str, *,
                   global_batch: int | None = None,
                   grad_accum: int | None = None, mesh: str | None = None,
                   remat: str | None = None, dtype: str = "bfloat16",
-                  attention: str | None = None,
-                  count_flops: bool = True) -> dict:
+                  attention: str | None = None, count_flops: bool = True,
+                  fit: bool = False) -> dict:
   """The record of one train step on `slice_` (see the module docstring).
 
   `preset` names a training config (bundled or a file); the other
-  arguments override its fields.
+  arguments override its fields. `fit`: try `FIT_LADDER` (remat, then
+  gradient accumulation) from the given setting until the step fits.
 
   Raises:
     UserError: bad arguments; `commands.DoesNotFit` (a UserError) when the
@@ -102,30 +156,29 @@ def plan_training(slice_: topology.Slice, preset: str, *,
   cfg.validate()
   model = cfg.model_config()
   m = _mesh(slice_, mesh)
-  mesh_lib.check_batch(m, cfg.global_batch, cfg.grad_accum)
   mesh_text = ",".join(f"{k}={v}" for k, v in m.shape.items())
-  opts = step_lib.StepOptions(label_smooth=cfg.label_smooth, dtype=cfg.dtype,
-                              grad_accum=cfg.grad_accum, remat=cfg.remat)
   impl = attention or "splash"
-  setup = programs.TrainSetup(model, cfg.global_batch, opts,
-                              None if impl == "splash" else impl)
-  what = (f"{model.name} training at global batch {cfg.global_batch} "
-          f"(grad_accum {cfg.grad_accum}, remat {cfg.remat}, {cfg.dtype})")
-  try:
-    run = programs.train_step(setup, m)
-  except programs.OutOfMemory as oom:
-    per_chip = cfg.global_batch // cfg.grad_accum // m.devices.size
-    tries = []
-    if m.shape["fsdp"] < slice_.chips_per_slice:
-      tries.append(f"more fsdp ways (--mesh data={slice_.slices},"
-                   f"fsdp={slice_.chips_per_slice})")
-    if cfg.remat != "block":
-      tries.append("--remat block")
-    tries.append(f"a smaller per-chip batch (now {per_chip}; --grad-accum "
-                 f"{cfg.grad_accum * 2})")
-    raise DoesNotFit(_oom_advice(what, slice_, oom, mesh_text) + "; try "
-                     + ", ".join(tries[:-1]) + (" or " if len(tries) > 1
-                                                else "") + tries[-1]) from None
+  ladder = [(cfg.remat, 1)]
+  if fit:
+    start = [r for r, _ in FIT_LADDER].index(cfg.remat)
+    ladder += [step for step in FIT_LADDER[start:] if step != (cfg.remat, 1)]
+  setups = []
+  for remat_i, factor in ladder:
+    accum = cfg.grad_accum * factor
+    if cfg.global_batch % accum or (cfg.global_batch // accum) % (
+        m.devices.size):
+      continue
+    opts = step_lib.StepOptions(label_smooth=cfg.label_smooth,
+                                dtype=cfg.dtype, grad_accum=accum,
+                                remat=remat_i)
+    setups.append((programs.TrainSetup(model, cfg.global_batch, opts,
+                                       None if impl == "splash" else impl),
+                   f"{model.name} training at global batch "
+                   f"{cfg.global_batch} (grad_accum {accum}, remat {remat_i}"
+                   f", {cfg.dtype})"))
+  if not setups:
+    mesh_lib.check_batch(m, cfg.global_batch, cfg.grad_accum)  # Raises.
+  setup, run = _compile_fitting(setups, m, slice_, mesh_text, DoesNotFit)
   var = model.var
   vae_def, vae_abs = abstract_split(VQVAE, model.vae)
   tok = flops_lib.tokenizer_flops(vae_def, nnx.to_pure_dict(vae_abs),
@@ -137,29 +190,32 @@ def plan_training(slice_: topology.Slice, preset: str, *,
       var.patch_nums, var.num_heads, head_dim, cfg.global_batch) * var.depth
       if impl == "splash" else 0.0)
   flops = source = None
-  # The step as it runs loops over layers (and micro-batches); the cost
-  # model counts a loop body once, so only the unrolled compile's figures
-  # describe the whole step.
-  seconds, why = None, ("the step loops over its layers and the cost model "
-                        "counts a loop body once; the unrolled compile "
-                        "(without --no-flop-count) gives the estimate")
   if count_flops:
-    counted = programs.train_step(dataclasses.replace(
-        setup, opts=dataclasses.replace(opts, unroll=True)), m)
-    if counted.flops is not None:
-      flops = counted.flops + splash_flops
-      source = ("XLA cost analysis of the step with its loops unrolled"
-                + (" + the splash kernels' FLOPs from their block mask"
-                   if impl == "splash" else ""))
-    seconds, why = _estimate(counted.optimal_seconds, model_flops,
-                             slice_.chip.peak_bf16 * slice_.chips)
+    counted, _ = _counted_flops(setup, m)
+    if counted is not None:
+      flops = counted + splash_flops
+      source = ("XLA cost analysis of the step with its loops unrolled, at "
+                "1 and 2 examples per chip, extended linearly to the global "
+                "batch" + (" + the splash kernels' FLOPs from their block "
+                           "mask" if impl == "splash" else ""))
+  # No usable time: the step as compiled loops over its layers (the cost
+  # model counts a loop body once), and for the unrolled step on more than
+  # one chip the cost model answers -1 (it gives times for the same step on
+  # one chip: cross-chip collectives are what it cannot price).
+  seconds, why = None, ("the cost model prices neither a loop (it counts "
+                        "the layer loop's body once) nor, in the unrolled "
+                        "step, the cross-chip collectives (-1); its figure "
+                        f"for the step as compiled: {run.optimal_seconds:.3g}"
+                        " s" if run.optimal_seconds is not None else
+                        "the compiler gave no optimal_seconds")
   peak = slice_.chip.peak_bf16
+  opts = setup.opts
   rec = {
       "kind": "train", "topology": slice_.name,
       "topology_name": slice_.topology_name, "slices": slice_.slices,
       "chips": slice_.chips, "preset": model.name,
-      "global_batch": cfg.global_batch, "grad_accum": cfg.grad_accum,
-      "mesh": mesh_text, "remat": cfg.remat, "dtype": cfg.dtype,
+      "global_batch": cfg.global_batch, "grad_accum": opts.grad_accum,
+      "mesh": mesh_text, "remat": opts.remat, "dtype": cfg.dtype,
       "attention": impl, **_memory(slice_, run),
       "flops_per_step": flops, "flops_source": source,
       "model_flops_per_step": model_flops,
@@ -176,8 +232,10 @@ def plan_training(slice_: topology.Slice, preset: str, *,
       "peak_bf16_per_chip": peak,
       "compile_seconds": run.compile_seconds, **_versions()}
   if not rec["fits"]:
-    rec["advice"] = _oom_advice(what, slice_, programs.OutOfMemory(
-        run.peak_bytes, slice_.chip.hbm_bytes, ""), mesh_text)
+    rec["advice"] = _oom_advice(
+        f"{model.name} training at global batch {cfg.global_batch}", slice_,
+        programs.OutOfMemory(run.peak_bytes, slice_.chip.hbm_bytes, ""),
+        mesh_text)
   return rec
 
 
