@@ -16,7 +16,7 @@ from var_jax import checkpoint, cli
 from var_jax.errors import CheckpointError, IncompatibleModelsError, UserError
 from var_jax.errors import WriteError
 from var_jax.models.var.config import VQVAEConfig
-from var_jax.sampling import commands, images, many
+from var_jax.sampling import images, jobs, many
 from var_jax.sampling.var import code, edit
 
 
@@ -113,14 +113,14 @@ def test_overwrite_replaces_the_samples_and_keeps_other_files(tmp_path):
 
 
 def test_the_success_line_names_the_sample_files():
-  one = commands.each_file_summary("out", ["out/00000_label7_seed3.png"])
+  one = jobs.each_file_summary("out", ["out/00000_label7_seed3.png"])
   assert one == ["out/00000_label7_seed3.png"]
   names = [f"out/{n}" for n in images.sample_file_names([7] * 16, 3)]
-  assert commands.each_file_summary("out/", names) == [
+  assert jobs.each_file_summary("out/", names) == [
       "out/ (16 PNG files, 00000_label7_seed3.png ... "
       "00015_label7_seed3.png)"]
-  assert commands.count(1, "sample") == "1 sample"
-  assert commands.count(16, "sample") == "16 samples"
+  assert jobs.count(1, "sample") == "1 sample"
+  assert jobs.count(16, "sample") == "16 samples"
 
 
 # ------------------------------------------------------------------ help
@@ -159,11 +159,11 @@ def test_unknown_arguments_name_the_subcommand(capsys, argv, prefix):
 # ------------------------------------------------------------------ messages
 def test_box_errors_say_fractions_or_pixels():
   with pytest.raises(UserError) as e:
-    commands._parse_box("0,0,100,100", 64)
+    jobs._parse_box("0,0,100,100", 64)
   assert str(e.value) == (
       "--box 0,0,100,100 is outside the image: give fractions in [0, 1] of "
       "the image side, or pixels in [0, 64] of the model's 64x64 resolution")
-  assert commands._parse_box("0,0,32,64", 64) == [0, 0, 0.5, 1]
+  assert jobs._parse_box("0,0,32,64", 64) == [0, 0, 0.5, 1]
   with pytest.raises(UserError, match=r"^box \(y0, x0, y1, x1\) is fractions "
                      r"in \[0, 1\] of the image side"):
     edit.box_mask(4, (0.5, 0, 0.4, 1), inpaint=True)
@@ -225,7 +225,7 @@ def test_a_grid_named_like_an_out_dir_sample_is_refused(tmp_path, capsys,
 def test_a_box_mixing_fractions_and_pixels_is_refused():
   for text in ("0.1,0.1,1.2,0.8", "0.5,0.5,2,2"):
     with pytest.raises(UserError, match=r"mixes fractions and pixels"):
-      commands._parse_box(text, 64)
+      jobs._parse_box(text, 64)
 
 
 @pytest.mark.slow  # Loads the bundled model (the box needs its token grid).

@@ -237,20 +237,20 @@ def test_sample_many_on_four_devices_matches(model_dir, tmp_path):
 ])
 def test_num_and_per_class_mean_what_they_say(labels, num, per_class, n_cls,
                                               want):
-  from var_jax.sampling import commands
-  got, ncol = commands.sample_labels(labels, num, per_class, n_cls, seed=0)
+  from var_jax.sampling import jobs
+  got, ncol = jobs.sample_labels(labels, num, per_class, n_cls, seed=0)
   assert got == want
   assert ncol == (per_class if per_class else
                   8 if (labels, num) == (None, None) else None)
 
 
 def test_large_label_sets_draw_num_random_classes_or_per_class_of_all():
-  from var_jax.sampling import commands
-  got, _ = commands.sample_labels(None, 12, None, 1000, seed=0)
+  from var_jax.sampling import jobs
+  got, _ = jobs.sample_labels(None, 12, None, 1000, seed=0)
   assert len(got) == 12 and all(0 <= c < 1000 for c in got)
-  assert got == commands.sample_labels(None, 12, None, 1000, seed=0)[0]
-  assert len(commands.sample_labels(None, None, None, 1000, seed=0)[0]) == 8
-  assert commands.sample_labels(None, None, 1, 1000, seed=0)[0] == list(
+  assert got == jobs.sample_labels(None, 12, None, 1000, seed=0)[0]
+  assert len(jobs.sample_labels(None, None, None, 1000, seed=0)[0]) == 8
+  assert jobs.sample_labels(None, None, 1, 1000, seed=0)[0] == list(
       range(1000))
 
 

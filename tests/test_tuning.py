@@ -58,16 +58,16 @@ def test_library_sampling_writes_nothing_under_home(golden_dir, tmp_path,
 @pytest.mark.slow  # End to end: `var-jax tune` on the bundled model.
 def test_tune_stores_what_sample_reads(tmp_path, monkeypatch, capsys):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-  from var_jax.sampling import commands
+  from var_jax.sampling import jobs
   from var_jax import checkpoint
   _, vae, var = checkpoint.load_model(None, need_var=True)
-  plan, notice = commands.stored_tuning(vae, var, "float32", 8)
+  plan, notice = jobs.stored_tuning(vae, var, "float32", 8)
   assert plan is None and "var-jax tune" in notice
   assert cli.main(["--no-compile-cache", "tune"]) == 0
   assert "stored in" in capsys.readouterr().out
   stored = json.loads((tmp_path / "var-jax" / tuning.PLAN_FILE).read_text())
   assert len(stored) == 2  # One-image and several-image calls.
-  plan, notice = commands.stored_tuning(vae, var, "float32", 8)
+  plan, notice = jobs.stored_tuning(vae, var, "float32", 8)
   assert isinstance(plan, CpuPlan) and notice is None
 
 

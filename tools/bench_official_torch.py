@@ -212,7 +212,7 @@ def bench_side_by_side(args):
                      var_cfg.patch_nums)
   plan = None
   if args.tuning == "stored":
-    from var_jax.sampling.commands import stored_tuning
+    from var_jax.sampling.jobs import stored_tuning
     plan, _ = stored_tuning(vae, var, args.dtype, args.batch)
   sampler = Sampler(vae, var, SampleOptions(
       cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, dtype=args.dtype,

@@ -116,7 +116,7 @@ def _models(args):
 
 def run(args) -> int:
   from var_jax.sampling import flops as sflops
-  from var_jax.sampling.commands import stored_tuning
+  from var_jax.sampling.jobs import stored_tuning
   from var_jax.sampling.var.sampler import SampleOptions, Sampler
   from var_jax import hardware
 
