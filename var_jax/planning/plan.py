@@ -98,8 +98,15 @@ def _compile_fitting(setups, m, slice_, mesh_text, DoesNotFit):
                      f"fsdp={slice_.chips_per_slice})")
       if opts.remat != "block":
         tries.append("--remat block")
-      tries.append(f"a smaller per-chip batch (now {per_chip}; --grad-accum "
-                   f"{opts.grad_accum * 2})")
+      micro = setup.global_batch // (opts.grad_accum * 2)
+      if micro and setup.global_batch % (opts.grad_accum * 2) == 0 and (
+          micro % m.devices.size == 0):
+        tries.append(f"a smaller per-chip batch (now {per_chip}; "
+                     f"--grad-accum {opts.grad_accum * 2})")
+      else:
+        tries.append(f"a slice with more memory per chip (the per-chip "
+                     f"batch is {per_chip}, the least the global batch "
+                     "allows here)")
       raise DoesNotFit(_oom_advice(what, slice_, oom, mesh_text) + "; try "
                        + ", ".join(tries[:-1]) + (" or " if len(tries) > 1
                                                   else "") + tries[-1]
