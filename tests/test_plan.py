@@ -207,3 +207,21 @@ def test_sample_plan_compiles_the_sampler(capsys):
   assert FIELDS <= set(rec) and rec["kind"] == "sample" and rec["fits"]
   assert rec["mesh"] == "data=8,fsdp=1"
   assert 0.8 < rec["flops_per_step"] / rec["model_flops_per_step"] < 1.5
+
+
+@pytest.mark.slow  # Compiles a small train step for TPU twice.
+def test_accumulation_saves_memory_on_a_sharded_mesh(capsys, tmp_path):
+  # Half the micro-batch: fewer activations live at once, and the gradient
+  # sum stays sharded like the parameters (not whole on every chip).
+  cfg_file = tmp_path / "wide.py"
+  cfg_file.write_text(_WIDE)
+  peak = {}
+  for accum in ("1", "2"):
+    code, lines, err = _plan(capsys, "--topology", "v5e-8", "--preset",
+                             str(cfg_file), "--global-batch", "1024",
+                             "--grad-accum", accum, "--no-flop-count")
+    assert code == 0, err
+    rec = json.loads(lines[-1])
+    assert rec["grad_accum"] == int(accum)
+    peak[accum] = rec["peak_bytes"]
+  assert peak["2"] < 0.7 * peak["1"], peak

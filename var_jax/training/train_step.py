@@ -113,17 +113,23 @@ def make_train_step(model_cfg: ModelConfig, var_spec: StateSpec,
               mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES)))
 
     micro = jax.tree.map(split, batch)
+    # The gradient sum is sharded as the parameters are: left to itself,
+    # the compiler may keep the loop's carry whole on every device.
+    param_sh = var_spec.shardings["params"]
 
     def body(carry, xs):
       i, mb = xs
       loss, sums, grads = micro_step(params, vae_state, mb, weights_L,
                                      jax.random.fold_in(key, i))
+      grads = jax.lax.with_sharding_constraint(grads, param_sh)
       return jax.tree.map(jnp.add, carry, (loss, sums, grads)), None
 
     zeros = jax.tree.map(
         jnp.zeros_like, jax.eval_shape(micro_step, params, vae_state,
                                        jax.tree.map(lambda a: a[0], micro),
                                        weights_L, key))
+    zeros = (zeros[0], zeros[1],
+             jax.lax.with_sharding_constraint(zeros[2], param_sh))
     (loss, sums, grads), _ = jax.lax.scan(
         body, zeros, (jnp.arange(n_micro), micro), unroll=opts.unroll)
     # The reference scales each micro-loss by 1/n before summing gradients.
