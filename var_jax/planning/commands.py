@@ -45,7 +45,8 @@ def register(subparsers) -> None:
   p.add_argument("--grad-accum", type=int,
                  help="micro-batches per step (default: the config's)")
   p.add_argument("--mesh", help="data=D,fsdp=F over all chips (default: "
-                 "fsdp over every chip of a slice, data across slices)")
+                 "fsdp over the most chips of a slice that divide the model "
+                 "width, data over the rest and across slices)")
   p.add_argument("--remat", choices=REMAT_CHOICES,
                  help="what the backward pass recomputes (default: the "
                  "config's)")

@@ -35,14 +35,20 @@ def _versions() -> dict:
   return {"jax": jax.__version__, "libtpu": libtpu}
 
 
-def default_mesh(slice_: topology.Slice) -> str:
-  """fsdp over the chips of a slice, data across slices."""
-  return f"data={slice_.slices},fsdp={slice_.chips_per_slice}"
+def default_mesh(slice_: topology.Slice, width: int | None = None) -> str:
+  """fsdp over the chips of a slice, data across slices; with the model's
+  `width`, the most fsdp ways that divide it (a weight whose dimension the
+  fsdp ways do not divide stays whole on every chip: d30's 1,920 over 256
+  chips would be), the rest of the slice's chips data parallel."""
+  n = slice_.chips_per_slice
+  fsdp = max(f for f in range(1, n + 1)
+             if n % f == 0 and (width is None or width % f == 0))
+  return f"data={slice_.slices * (n // fsdp)},fsdp={fsdp}"
 
 
-def _mesh(slice_, spec):
+def _mesh(slice_, spec, width=None):
   devs = topology.devices(slice_)
-  return mesh_lib.make_mesh(spec or default_mesh(slice_), devs)
+  return mesh_lib.make_mesh(spec or default_mesh(slice_, width), devs)
 
 
 def _estimate(optimal_seconds, model_flops: float, peak_flops: float):
@@ -162,7 +168,7 @@ def plan_training(slice_: topology.Slice, preset: str, *,
   cfg = dataclasses.replace(cfg, **kw)
   cfg.validate()
   model = cfg.model_config()
-  m = _mesh(slice_, mesh)
+  m = _mesh(slice_, mesh, model.var.embed_dim)
   mesh_text = ",".join(f"{k}={v}" for k, v in m.shape.items())
   impl = attention or "splash"
   ladder = [(cfg.remat, 1)]
