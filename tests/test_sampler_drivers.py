@@ -1,8 +1,8 @@
 """The two scale drivers (a Python loop of exact-size steps, a lax.scan over
 padded groups of scales) draw the same tokens.
 
-Random small models over seven scales (128px; 1..8 tokens a side), so that
-the scan groups several scales and both programs compile in seconds; the
+Random small models over five scales (128px; 1..8 tokens a side), so that
+the scan groups scales and both programs compile in seconds; the
 golden tests check each driver against the reference.
 """
 
@@ -17,7 +17,7 @@ from var_jax.models.var.transformer import VAR
 from var_jax.models.var.vqvae import VQVAE
 from var_jax.sampling.var.sampler import SampleOptions, Sampler
 
-PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8)
+PATCH_NUMS = (1, 2, 4, 6, 8)
 
 
 @functools.lru_cache(maxsize=None)
@@ -34,10 +34,9 @@ def test_both_drivers_draw_the_same_tokens():
   # collaborative pair (the refiner's prefill) and cfg_until (rows dropped
   # mid-run). Scale 0 with top-k 1 is the argmax whatever the temperature.
   vae, drafter, refiner = _models()
-  sched = dict(top_k=(1, 40, 0, 30, 20, 0, 10),
-               top_p=(0.0, 0.0, 0.9, 0.5, 0.0, 0.8, 0.95),
-               temperature=(3.0, 3.0, 3.0, 1.1, 1.1, 1.0, 0.9),
-               draft_steps=3, cfg_until=5)
+  sched = dict(top_k=(1, 3, 0, 30, 10), top_p=(0.0, 0.0, 0.9, 0.5, 0.95),
+               temperature=(3.0, 3.0, 1.1, 1.0, 0.9), draft_steps=2,
+               cfg_until=4)
   runs = [Sampler(vae, refiner, SampleOptions(scale_loop=s, layer_loop=l,
                                               **sched),
                   drafter=drafter)([1, 6], seed=4)

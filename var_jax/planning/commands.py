@@ -26,8 +26,9 @@ def register(subparsers) -> None:
   p = subparsers.add_parser(
       "plan", help="compile the train step or sampler for a TPU slice (no "
       "TPU needed): memory per chip, FLOPs, the compiler's estimate",
-      description="Compiles, with the TPU compiler (pip install "
-      "'var-jax[tpu]'), exactly the step `var-jax train` runs (or with "
+      description="Compiles, with the TPU compiler (libtpu: pip install "
+      "'.[tpu]' in the checkout), exactly the step `var-jax train` runs (or "
+      "with "
       "--sample the sampler) for a TPU slice, on any machine. Prints a "
       "table and one JSON line; exits 1 when the program does not fit.")
   p.add_argument("--topology", required=True,

@@ -129,8 +129,8 @@ def parse(name: str, slices: int = 1) -> Slice:
 def libtpu_missing() -> str | None:
   """The one-line reason compile-only TPU devices are unavailable, or None."""
   if importlib.util.find_spec("libtpu") is None:
-    return ("compiling for a TPU topology needs the TPU compiler (libtpu): "
-            "pip install 'var-jax[tpu]'")
+    return ("compiling for a TPU topology needs the TPU compiler: pip "
+            "install libtpu (from a checkout: pip install '.[tpu]')")
   return None
 
 
