@@ -32,6 +32,12 @@ FIELDS = {"topology", "chips", "hbm_per_chip_bytes", "argument_bytes",
           "compiler_seconds_is_estimate", "images_per_second", "mfu"}
 
 
+def _plan(capsys, *argv):
+  code = cli.main(["plan", *argv])
+  out = capsys.readouterr()
+  return code, out.out.strip().splitlines(), out.err.strip()
+
+
 @pytest.mark.parametrize("name,topo,chips", [
     ("v4-32", "v4:2x2x4", 16), ("v5p-128", "v5p:4x4x4", 64),
     ("v5e-256", "v5e:16x16", 256), ("v6e-64", "v6e:8x8", 64),
@@ -64,6 +70,28 @@ def test_missing_libtpu_is_one_line(monkeypatch, capsys):
   assert err == ("var-jax plan: error: compiling for a TPU topology needs "
                  "the TPU compiler: pip install libtpu (from a checkout: pip "
                  "install '.[tpu]')")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--sample", "--remat", "dots"], "--remat only applies to the train step"),
+    (["--sample", "--global-batch", "16", "--mesh", "data=8,fsdp=1"],
+     "--global-batch, --mesh only apply to the train step"),
+    (["--batch", "16"], "--batch only applies to the sampler (--sample)")])
+def test_flags_of_the_other_plan_are_refused(capsys, argv, needle):
+  code, lines, err = _plan(capsys, "--topology", "v5e-8", "--preset", "tiny",
+                           *argv)
+  assert code == 2 and not lines and "\n" not in err, err
+  assert needle in err, err
+
+
+def test_a_config_that_fails_is_one_line(capsys, tmp_path):
+  bad = tmp_path / "raises.py"
+  bad.write_text("def get_config():\n  raise RuntimeError('no such data')\n")
+  code, lines, err = _plan(capsys, "--topology", "v5e-8", "--preset",
+                           str(bad))
+  assert code == 2 and not lines, err
+  assert err == (f"var-jax plan: error: config {bad}: get_config() failed: "
+                 "RuntimeError: no such data")
 
 
 def test_cpu_commands_do_not_start_an_absent_tpu(tmp_path):
@@ -109,11 +137,6 @@ def test_remat_changes_memory_not_values():
 
 
 # ------------------------------------------------------------ compile-only
-def _plan(capsys, *argv):
-  code = cli.main(["plan", *argv])
-  out = capsys.readouterr()
-  return code, out.out.strip().splitlines(), out.err.strip()
-
 
 def test_mesh_splits_torus_axes():
   # 8 x 8 over a 4x4x4 torus: an axis spans parts of physical axes.

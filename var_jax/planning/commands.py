@@ -65,14 +65,15 @@ def register(subparsers) -> None:
                  "the first that fits")
   p.add_argument("--sample", action="store_true",
                  help="plan the sampler instead of the train step")
-  p.add_argument("--batch", type=int, default=64,
-                 help="with --sample: images per call over the slice")
+  p.add_argument("--batch", type=int,
+                 help="with --sample: images per call over the slice "
+                 "(default 64)")
   p.add_argument("--scale-loop", choices=("python", "scan"),
-                 default="python", help="with --sample: the scale driver "
-                 "(scan: the compiler's estimates are then null, a loop "
+                 help="with --sample: the scale driver (default python; "
+                 "scan: the compiler's estimates are then null, a loop "
                  "body being counted once)")
   p.add_argument("--layer-loop", choices=("unrolled", "scan"),
-                 default="unrolled", help="with --sample: the layer loop")
+                 help="with --sample: the layer loop (default unrolled)")
   # Compile-only programs cannot be stored in or loaded from the cache.
   p.set_defaults(func=_run, compile_cache=False)
 
@@ -90,19 +91,42 @@ def _quiet_libtpu() -> None:
     os.environ.setdefault(k, v)
 
 
+# Flags of one kind of plan only: (attribute, flag).
+_TRAIN_ONLY = (("global_batch", "--global-batch"), ("grad_accum", "--grad-accum"),
+               ("remat", "--remat"), ("attention", "--attention"),
+               ("fit", "--fit"), ("no_flop_count", "--no-flop-count"),
+               ("mesh", "--mesh"))
+_SAMPLE_ONLY = (("batch", "--batch"), ("scale_loop", "--scale-loop"),
+                ("layer_loop", "--layer-loop"))
+
+
+def _check_applicable(args) -> None:
+  """A flag of the other kind of plan is an error, not silently ignored."""
+  wrong = _TRAIN_ONLY if args.sample else _SAMPLE_ONLY
+  given = [flag for attr, flag in wrong if getattr(args, attr) not in
+           (None, False)]
+  if given:
+    raise UserError(f"{', '.join(given)} only appl"
+                    f"{'ies' if len(given) == 1 else 'y'} to "
+                    f"{'the train step (without --sample)' if args.sample else 'the sampler (--sample)'}")
+
+
 def _run(args) -> int:
   slice_ = topology.parse(args.topology, args.slices)
   reason = topology.libtpu_missing()
   if reason:
     raise UserError(reason)
   _quiet_libtpu()
+  _check_applicable(args)
   from var_jax.planning import plan
   if args.sample:
-    if args.batch < 1:
+    if args.batch is not None and args.batch < 1:
       raise UserError(f"--batch must be >= 1, got {args.batch}")
-    rec = plan.plan_sampling(slice_, args.preset, batch=args.batch,
-                             dtype=args.dtype, scale_loop=args.scale_loop,
-                             layer_loop=args.layer_loop, mesh=args.mesh)
+    rec = plan.plan_sampling(slice_, args.preset, batch=args.batch or 64,
+                             dtype=args.dtype,
+                             scale_loop=args.scale_loop or "python",
+                             layer_loop=args.layer_loop or "unrolled",
+                             mesh=args.mesh)
   else:
     rec = plan.plan_training(
         slice_, args.preset, global_batch=args.global_batch,

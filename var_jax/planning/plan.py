@@ -215,12 +215,13 @@ def plan_training(slice_: topology.Slice, preset: str, *,
   # model counts a loop body once), and for the unrolled step on more than
   # one chip the cost model answers -1 (it gives times for the same step on
   # one chip: cross-chip collectives are what it cannot price).
-  seconds, why = None, ("the cost model prices neither a loop (it counts "
-                        "the layer loop's body once) nor, in the unrolled "
-                        "step, the cross-chip collectives (-1); its figure "
-                        f"for the step as compiled: {run.optimal_seconds:.3g}"
-                        " s" if run.optimal_seconds is not None else
-                        "the compiler gave no optimal_seconds")
+  figure = ("" if run.optimal_seconds is None else
+            f" (its figure for the step as compiled: "
+            f"{run.optimal_seconds:.3g} s)")
+  seconds, why = None, (
+      "the cost model counts the layer loop's body once" + figure
+      + ("; for the loop-unrolled step on several chips it answers -1 "
+         "(cross-chip collectives)" if m.devices.size > 1 else ""))
   peak = slice_.chip.peak_bf16
   opts = setup.opts
   rec = {

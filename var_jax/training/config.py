@@ -343,7 +343,14 @@ def load_config(ref: str, cls: type = TrainConfig):
                       f"(e.g. {example})")
   if not hasattr(mod, "get_config"):
     raise UserError(f"config {ref} defines no get_config()")
-  cfg = mod.get_config()
+  try:
+    cfg = mod.get_config()
+  except UserError:
+    raise
+  except Exception as e:  # The user's code: any error, reported as theirs.
+    msg = str(e).splitlines()[0] if str(e) else ""
+    raise UserError(f"config {ref}: get_config() failed: "
+                    f"{type(e).__name__}{': ' + msg if msg else ''}") from None
   if not isinstance(cfg, cls):
     raise UserError(f"config {ref}: get_config() returned "
                     f"{type(cfg).__name__}, not {cls.__name__}")
