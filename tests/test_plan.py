@@ -180,6 +180,14 @@ def get_config():
 """
 
 
+def _wide_config(tmp_path) -> str:
+  """A config file of a 512-wide model (TPU tiling pads small arrays, which
+  would blur per-chip byte counts)."""
+  path = tmp_path / "wide.py"
+  path.write_text(_WIDE)
+  return str(path)
+
+
 @pytest.mark.slow  # Compiles a small train step for TPU twice.
 def test_fsdp_shards_the_state(capsys, tmp_path):
   # Per chip, the arguments hold the replicated tokenizer and 1/8 of every
@@ -189,15 +197,14 @@ def test_fsdp_shards_the_state(capsys, tmp_path):
   from var_jax.training import optimizer as opt_lib
   from var_jax.training import state as state_lib
   from var_jax.training.config import TrainConfig, load_config
-  cfg_file = tmp_path / "wide.py"
-  cfg_file.write_text(_WIDE)
+  cfg_file = _wide_config(tmp_path)
   args = {}
   for mesh in ("data=8,fsdp=1", "data=1,fsdp=8"):
     code, lines, err = _plan(capsys, "--topology", "v5e-8", "--preset",
-                             str(cfg_file), "--mesh", mesh, "--no-flop-count")
+                             cfg_file, "--mesh", mesh, "--no-flop-count")
     assert code == 0, err
     args[mesh] = json.loads(lines[-1])["argument_bytes"]
-  var = load_config(str(cfg_file), TrainConfig).model_config().var
+  var = load_config(cfg_file, TrainConfig).model_config().var
   m = mesh_lib.make_mesh("data=1,fsdp=8",
                          topology.devices(topology.parse("v5e-8")))
   spec = state_lib.var_state_spec(var, opt_lib.make_optimizer(var), m)
@@ -238,12 +245,11 @@ def test_sample_plan_compiles_the_sampler(capsys):
 def test_accumulation_saves_memory_on_a_sharded_mesh(capsys, tmp_path):
   # Half the micro-batch: fewer activations live at once, and the gradient
   # sum stays sharded like the parameters (not whole on every chip).
-  cfg_file = tmp_path / "wide.py"
-  cfg_file.write_text(_WIDE)
+  cfg_file = _wide_config(tmp_path)
   peak = {}
   for accum in ("1", "2"):
     code, lines, err = _plan(capsys, "--topology", "v5e-8", "--preset",
-                             str(cfg_file), "--global-batch", "1024",
+                             cfg_file, "--global-batch", "1024",
                              "--grad-accum", accum, "--no-flop-count")
     assert code == 0, err
     rec = json.loads(lines[-1])

@@ -206,6 +206,16 @@ _context = threading.local()
 
 
 @contextlib.contextmanager
+def _scoped(name: str, value):
+  """Sets `_context.<name>` to `value` for the block (this thread)."""
+  prev = getattr(_context, name, None)
+  setattr(_context, name, value)
+  try:
+    yield value
+  finally:
+    setattr(_context, name, prev)
+
+
 def on_mesh(mesh):
   """Attention traced inside runs on `mesh` (a `jax.sharding.Mesh`).
 
@@ -216,19 +226,13 @@ def on_mesh(mesh):
   axes Auto, as `training.mesh.make_mesh` makes them). Trace-time only:
   enter it inside the jitted function.
   """
-  prev = getattr(_context, "mesh", None)
-  _context.mesh = mesh
-  try:
-    yield mesh
-  finally:
-    _context.mesh = prev
+  return _scoped("mesh", mesh)
 
 
 def _current_mesh():
   return getattr(_context, "mesh", None)
 
 
-@contextlib.contextmanager
 def using(impl: str):
   """Training attention traced inside runs as `impl` (one of IMPLS) whatever
   the platform, e.g. XLA's dense form on a TPU mesh to compare it with
@@ -236,12 +240,7 @@ def using(impl: str):
   if impl not in IMPLS:
     raise ValueError(f"unknown attention impl {impl!r}: expected one of "
                      f"{IMPLS}")
-  prev = getattr(_context, "impl", None)
-  _context.impl = impl
-  try:
-    yield impl
-  finally:
-    _context.impl = prev
+  return _scoped("impl", impl)
 
 
 def _platform() -> str:

@@ -92,7 +92,8 @@ def _quiet_libtpu() -> None:
 
 
 # Flags of one kind of plan only: (attribute, flag).
-_TRAIN_ONLY = (("global_batch", "--global-batch"), ("grad_accum", "--grad-accum"),
+_TRAIN_ONLY = (("global_batch", "--global-batch"),
+               ("grad_accum", "--grad-accum"),
                ("remat", "--remat"), ("attention", "--attention"),
                ("fit", "--fit"), ("no_flop_count", "--no-flop-count"),
                ("mesh", "--mesh"))
@@ -106,9 +107,10 @@ def _check_applicable(args) -> None:
   given = [flag for attr, flag in wrong if getattr(args, attr) not in
            (None, False)]
   if given:
-    raise UserError(f"{', '.join(given)} only appl"
-                    f"{'ies' if len(given) == 1 else 'y'} to "
-                    f"{'the train step (without --sample)' if args.sample else 'the sampler (--sample)'}")
+    verb = "applies" if len(given) == 1 else "apply"
+    to = ("the train step (without --sample)" if args.sample
+          else "the sampler (--sample)")
+    raise UserError(f"{', '.join(given)} only {verb} to {to}")
 
 
 def _run(args) -> int:

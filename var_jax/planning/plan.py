@@ -1,9 +1,9 @@
 """Plans: one compiled program for one slice, as a record and a table.
 
-`plan_training` compiles the train step twice: once as it runs (memory per
-chip, the compiler's step-time estimate) and once with its layer and
-micro-batch loops unrolled, because XLA's cost analysis counts a loop body
-once; that second compile gives `flops_per_step`. The splash kernel is a
+`plan_training` compiles the train step as it runs (memory per chip), and
+for `flops_per_step` twice more with its layer and micro-batch loops
+unrolled, because XLA's cost analysis counts a loop body once (see
+`_counted_flops`). The splash kernel is a
 custom call the analysis does not see into: its FLOPs are added from its
 block mask and the record says so (`flops_source`).
 """
@@ -65,12 +65,41 @@ def _estimate(optimal_seconds, model_flops: float, peak_flops: float):
   return optimal_seconds, None
 
 
-def _memory(slice_, c: programs.Compiled) -> dict:
-  hbm = slice_.chip.hbm_bytes
-  return {"hbm_per_chip_bytes": hbm, "argument_bytes": c.argument_bytes,
-          "temp_bytes": c.temp_bytes, "output_bytes": c.output_bytes,
-          "alias_bytes": c.alias_bytes, "peak_bytes": c.peak_bytes,
-          "fits": c.peak_bytes <= hbm}
+def _mesh_text(m) -> str:
+  return ",".join(f"{k}={v}" for k, v in m.shape.items())
+
+
+def _record(kind: str, slice_, m, run: programs.Compiled, *, what: str,
+            examples: int, flops, flops_source, model_flops: float,
+            model_flops_note: str, seconds, why, **fields) -> dict:
+  """The JSON record of a plan: what both kinds share, then `fields`.
+
+  `what` names the program for the advice when the peak exceeds HBM;
+  `examples` (per step or call) turns the estimated seconds into images/s.
+  """
+  hbm, peak = slice_.chip.hbm_bytes, slice_.chip.peak_bf16
+  rec = {
+      "kind": kind, "topology": slice_.name,
+      "topology_name": slice_.topology_name, "slices": slice_.slices,
+      "chips": slice_.chips, "mesh": _mesh_text(m), **fields,
+      "hbm_per_chip_bytes": hbm, "argument_bytes": run.argument_bytes,
+      "temp_bytes": run.temp_bytes, "output_bytes": run.output_bytes,
+      "alias_bytes": run.alias_bytes, "peak_bytes": run.peak_bytes,
+      "fits": run.peak_bytes <= hbm,
+      "flops_per_step": flops, "flops_source": flops_source,
+      "model_flops_per_step": model_flops,
+      "model_flops_note": model_flops_note,
+      "compiler_seconds": seconds, "compiler_seconds_is_estimate": True,
+      "compiler_seconds_null_reason": why,
+      "images_per_second": None if seconds is None else examples / seconds,
+      "mfu": None if seconds is None
+      else model_flops / seconds / (peak * slice_.chips),
+      "peak_bf16_per_chip": peak,
+      "compile_seconds": run.compile_seconds, **_versions()}
+  if not rec["fits"]:
+    rec["advice"] = _oom_advice(what, slice_, programs.OutOfMemory(
+        run.peak_bytes, hbm, ""), rec["mesh"])
+  return rec
 
 
 def _oom_advice(what: str, slice_, oom: programs.OutOfMemory,
@@ -88,7 +117,7 @@ FIT_LADDER = (("none", 1), ("dots", 1), ("block", 1), ("block", 2),
               ("block", 4), ("block", 8))
 
 
-def _compile_fitting(setups, m, slice_, mesh_text, DoesNotFit):
+def _compile_fitting(setups, m, slice_, DoesNotFit):
   """Compiles the first setup that fits; the last one's error otherwise."""
   for i, (setup, what) in enumerate(setups):
     try:
@@ -113,22 +142,21 @@ def _compile_fitting(setups, m, slice_, mesh_text, DoesNotFit):
         tries.append(f"a slice with more memory per chip (the per-chip "
                      f"batch is {per_chip}, the least the global batch "
                      "allows here)")
-      raise DoesNotFit(_oom_advice(what, slice_, oom, mesh_text) + "; try "
+      raise DoesNotFit(_oom_advice(what, slice_, oom, _mesh_text(m)) + "; try "
                        + ", ".join(tries[:-1]) + (" or " if len(tries) > 1
                                                   else "") + tries[-1]
                        ) from None
   raise AssertionError("no setup to compile")
 
 
-def _counted_flops(setup, m) -> tuple[float | None, float | None]:
-  """(FLOPs of the step at its global batch, the cost model's seconds).
+def _counted_flops(setup, m) -> float | None:
+  """FLOPs of the step at its global batch (all chips), or None.
 
   The step is compiled with its loops unrolled (the cost analysis counts a
   loop body once) at one and at two examples per chip, where it fits
   whatever the batch, and the count is extended linearly to the global
   batch: a step's work is per-example work plus the optimizer's, which does
-  not depend on the batch. The seconds are only for the global batch when
-  the unrolled step itself is compiled at it; None otherwise.
+  not depend on the batch.
   """
   n = m.devices.size
   counts = []
@@ -138,9 +166,9 @@ def _counted_flops(setup, m) -> tuple[float | None, float | None]:
         opts=dataclasses.replace(setup.opts, unroll=True, grad_accum=1))
     counts.append(programs.train_step(small, m).flops)
   if None in counts:
-    return None, None
+    return None
   per_example = (counts[1] - counts[0]) / n
-  return counts[0] + (setup.global_batch - n) * per_example, None
+  return counts[0] + (setup.global_batch - n) * per_example
 
 
 def plan_training(slice_: topology.Slice, preset: str, *,
@@ -169,7 +197,6 @@ def plan_training(slice_: topology.Slice, preset: str, *,
   cfg.validate()
   model = cfg.model_config()
   m = _mesh(slice_, mesh, model.var.embed_dim)
-  mesh_text = ",".join(f"{k}={v}" for k, v in m.shape.items())
   impl = attention or "splash"
   ladder = [(cfg.remat, 1)]
   if fit:
@@ -191,7 +218,7 @@ def plan_training(slice_: topology.Slice, preset: str, *,
                    f", {cfg.dtype})"))
   if not setups:
     mesh_lib.check_batch(m, cfg.global_batch, cfg.grad_accum)  # Raises.
-  setup, run = _compile_fitting(setups, m, slice_, mesh_text, DoesNotFit)
+  setup, run = _compile_fitting(setups, m, slice_, DoesNotFit)
   var = model.var
   vae_def, vae_abs = abstract_split(VQVAE, model.vae)
   tok = flops_lib.tokenizer_flops(vae_def, nnx.to_pure_dict(vae_abs),
@@ -204,7 +231,7 @@ def plan_training(slice_: topology.Slice, preset: str, *,
       if impl == "splash" else 0.0)
   flops = source = None
   if count_flops:
-    counted, _ = _counted_flops(setup, m)
+    counted = _counted_flops(setup, m)
     if counted is not None:
       flops = counted + splash_flops
       source = ("XLA cost analysis of the step with its loops unrolled, at "
@@ -222,35 +249,19 @@ def plan_training(slice_: topology.Slice, preset: str, *,
       "the cost model counts the layer loop's body once" + figure
       + ("; for the loop-unrolled step on several chips it answers -1 "
          "(cross-chip collectives)" if m.devices.size > 1 else ""))
-  peak = slice_.chip.peak_bf16
   opts = setup.opts
-  rec = {
-      "kind": "train", "topology": slice_.name,
-      "topology_name": slice_.topology_name, "slices": slice_.slices,
-      "chips": slice_.chips, "preset": model.name,
-      "global_batch": cfg.global_batch, "grad_accum": opts.grad_accum,
-      "mesh": mesh_text, "remat": opts.remat, "dtype": cfg.dtype,
-      "attention": impl, **_memory(slice_, run),
-      "flops_per_step": flops, "flops_source": source,
-      "model_flops_per_step": model_flops,
-      "model_flops_note": "VAR: 6 x params x tokens + attention over the "
-                          "full L x L matrix (forward + 2 x backward); "
-                          "tokenizer: its forward pass per image (XLA's "
-                          "count on this host)",
-      "compiler_seconds": seconds, "compiler_seconds_is_estimate": True,
-      "compiler_seconds_null_reason": why,
-      "images_per_second": None if seconds is None
-      else cfg.global_batch / seconds,
-      "mfu": None if seconds is None
-      else model_flops / seconds / (peak * slice_.chips),
-      "peak_bf16_per_chip": peak,
-      "compile_seconds": run.compile_seconds, **_versions()}
-  if not rec["fits"]:
-    rec["advice"] = _oom_advice(
-        f"{model.name} training at global batch {cfg.global_batch}", slice_,
-        programs.OutOfMemory(run.peak_bytes, slice_.chip.hbm_bytes, ""),
-        mesh_text)
-  return rec
+  return _record(
+      "train", slice_, m, run,
+      what=f"{model.name} training at global batch {cfg.global_batch}",
+      examples=cfg.global_batch, flops=flops, flops_source=source,
+      model_flops=model_flops,
+      model_flops_note="VAR: 6 x params x tokens + attention over the full "
+                       "L x L matrix (forward + 2 x backward); tokenizer: "
+                       "its forward pass per image (XLA's count on this "
+                       "host)",
+      seconds=seconds, why=why, preset=model.name,
+      global_batch=cfg.global_batch, grad_accum=opts.grad_accum,
+      remat=opts.remat, dtype=cfg.dtype, attention=impl)
 
 
 def plan_sampling(slice_: topology.Slice, preset: str, *, batch: int,
@@ -266,13 +277,13 @@ def plan_sampling(slice_: topology.Slice, preset: str, *, batch: int,
   if batch % m.devices.size:
     raise UserError(f"--batch {batch} does not split over the "
                     f"{m.devices.size} chips of {slice_.name}")
-  mesh_text = ",".join(f"{k}={v}" for k, v in m.shape.items())
   try:
     run = programs.sampler(model, batch, m, dtype=dtype,
                            scale_loop=scale_loop, layer_loop=layer_loop)
   except programs.OutOfMemory as oom:
     raise DoesNotFit(_oom_advice(
-        f"{model.name} sampling at batch {batch}", slice_, oom, mesh_text)
+        f"{model.name} sampling at batch {batch}", slice_, oom,
+        _mesh_text(m))
         + f"; try a smaller --batch (now {batch // m.devices.size} per "
         "chip)") from None
   model_flops = programs.sample_model_flops(model, batch) + batch * (
@@ -284,32 +295,17 @@ def plan_sampling(slice_: topology.Slice, preset: str, *, batch: int,
     seconds, why = None, ("the program loops (scan) and the cost model "
                           "counts a loop body once; --scale-loop python "
                           "--layer-loop unrolled gives an estimate")
-  peak = slice_.chip.peak_bf16
-  rec = {
-      "kind": "sample", "topology": slice_.name,
-      "topology_name": slice_.topology_name, "slices": slice_.slices,
-      "chips": slice_.chips, "preset": model.name, "batch": batch,
-      "mesh": mesh_text, "dtype": dtype, "scale_loop": scale_loop,
-      "layer_loop": layer_loop, **_memory(slice_, run),
-      "flops_per_step": None if loops else run.flops,
-      "flops_source": None if loops else "XLA cost analysis",
-      "model_flops_per_step": model_flops,
-      "model_flops_note": "transformer and head over every scale's new "
-                          "tokens, guidance doubling the rows; the decoder "
-                          "per image (XLA's count on this host)",
-      "compiler_seconds": seconds, "compiler_seconds_is_estimate": True,
-      "compiler_seconds_null_reason": why,
-      "images_per_second": None if seconds is None else batch / seconds,
-      "mfu": None if seconds is None
-      else model_flops / seconds / (peak * slice_.chips),
-      "peak_bf16_per_chip": peak,
-      "compile_seconds": run.compile_seconds, **_versions()}
-  if not rec["fits"]:
-    rec["advice"] = _oom_advice(f"{model.name} sampling at batch {batch}",
-                                slice_, programs.OutOfMemory(
-                                    run.peak_bytes, slice_.chip.hbm_bytes,
-                                    ""), mesh_text)
-  return rec
+  return _record(
+      "sample", slice_, m, run,
+      what=f"{model.name} sampling at batch {batch}", examples=batch,
+      flops=None if loops else run.flops,
+      flops_source=None if loops else "XLA cost analysis",
+      model_flops=model_flops,
+      model_flops_note="transformer and head over every scale's new tokens, "
+                       "guidance doubling the rows; the decoder per image "
+                       "(XLA's count on this host)",
+      seconds=seconds, why=why, preset=model.name, batch=batch, dtype=dtype,
+      scale_loop=scale_loop, layer_loop=layer_loop)
 
 
 def _gib(x) -> str:

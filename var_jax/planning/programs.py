@@ -23,6 +23,7 @@ from var_jax.models.abstract import abstract_split
 from var_jax.models.var.config import ModelConfig
 from var_jax.models.var.transformer import VAR, with_block_layout
 from var_jax.models.var.vqvae import VQVAE
+from var_jax.training import flops as flops_lib
 from var_jax.training import optimizer as opt_lib
 from var_jax.training import sharding
 from var_jax.training import state as state_lib
@@ -90,10 +91,7 @@ def _analyse(lowered, devices: int) -> Compiled:
     raise oom from None
   seconds = time.perf_counter() - t0
   mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  cost = cost or {}
+  cost = flops_lib.cost_dict(compiled.cost_analysis())
   flops = cost.get("flops")
   opt = cost.get("optimal_seconds")
   return Compiled(
@@ -218,11 +216,9 @@ def decoder_flops(model: ModelConfig) -> float | None:
   side = model.var.patch_nums[-1]
   f = jax.ShapeDtypeStruct((1, side, side, model.vae.z_channels),
                            jnp.float32)
-  cost = jax.jit(lambda st, x: nnx.merge(graphdef, st).decode(x)).lower(
-      nnx.to_pure_dict(state), f).cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  return float(cost["flops"]) if cost and "flops" in cost else None
+  return flops_lib.xla_flops(
+      lambda st, x: nnx.merge(graphdef, st).decode(x),
+      nnx.to_pure_dict(state), f)
 
 
 def sample_model_flops(model: ModelConfig, batch: int) -> float:

@@ -30,18 +30,29 @@ def var_train_flops(cfg: VARConfig, batch: int) -> float:
   return 3.0 * var_forward_flops(cfg) * batch
 
 
-def tokenizer_flops(vae_graphdef, vae_state, resolution: int) -> float | None:
-  """Forward FLOPs of tokenizing one image, from XLA's cost analysis."""
-  def tokenize(st, x):
-    return nnx.merge(vae_graphdef, st).img_to_idx(x)
-
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                          vae_state)
-  img = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
-  try:
-    cost = jax.jit(tokenize).lower(abstract, img).cost_analysis()
-  except Exception:  # Cost analysis is best effort on some backends.
-    return None
+def cost_dict(cost) -> dict:
+  """XLA's cost analysis as one dict (some versions give a list of them)."""
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
-  return float(cost["flops"]) if cost and "flops" in cost else None
+  return cost or {}
+
+
+def xla_flops(fn, *args) -> float | None:
+  """FLOPs of `jax.jit(fn)` at `args` (arrays or ShapeDtypeStructs) by XLA's
+  cost analysis of the lowered program on this host: exact for loop-free
+  programs (a loop body is counted once). None where it gives none."""
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                          args)
+  try:
+    cost = jax.jit(fn).lower(*abstract).cost_analysis()
+  except Exception:  # Cost analysis is best effort on some backends.
+    return None
+  flops = cost_dict(cost).get("flops")
+  return None if flops is None else float(flops)
+
+
+def tokenizer_flops(vae_graphdef, vae_state, resolution: int) -> float | None:
+  """Forward FLOPs of tokenizing one image, from XLA's cost analysis."""
+  img = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
+  return xla_flops(lambda st, x: nnx.merge(vae_graphdef, st).img_to_idx(x),
+                   vae_state, img)
