@@ -168,6 +168,7 @@ def test_grad_accumulation_equals_full_batch(golden_dir, golden):
     assert_close_rel(a, b, rel=1e-5)
 
 
+@pytest.mark.slow  # A third compiled train step.
 def test_bfloat16_compute_keeps_float32_weights(golden_dir, golden):
   f32_p, f32_m = _one_step(golden_dir, golden)
   bf_p, bf_m = _one_step(golden_dir, golden, dtype="bfloat16")

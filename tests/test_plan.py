@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from golden_models import small_var
 
-from var_jax import cli
+from var_jax import cli, hardware
 from var_jax.errors import UserError
 from var_jax.planning import topology
 
@@ -53,7 +53,8 @@ def test_cloud_names_map_to_topologies(name, topo, chips):
     ("v5p-100", "v5p names count TensorCores, two per chip"),
     ("v5p-129", "known sizes: v5p-8,"),
     ("v7x-8", "unknown TPU topology 'v7x-8'"),
-    ("v5e:2x2x2", "v5e slices are 2-D"),
+    ("v5e:2x2x2", "v5e slices are 2-D"), ("v5e:3x3", "v5e:2x4, v5e:4x4"),
+    ("v5e:16x32", "v5e slices are 2-D shapes Cloud provisions"),
     ("tpu", "expected a Cloud name")])
 def test_bad_topology_names_are_one_line(name, needle):
   with pytest.raises(UserError, match=None) as e:
@@ -101,7 +102,7 @@ def test_cpu_commands_do_not_start_an_absent_tpu(tmp_path):
     pytest.fail("the tests need the tpu extra: pip install -e '.[test,tpu]'")
   env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
   code = textwrap.dedent("""
-      from var_jax import cli
+      from var_jax import cli, hardware
       cli._leave_out_absent_tpu()
       import jax
       print(jax.default_backend(), len(jax.devices()))
@@ -113,6 +114,7 @@ def test_cpu_commands_do_not_start_an_absent_tpu(tmp_path):
   assert r.stderr == ""
 
 
+@pytest.mark.slow  # Three gradient programs in one compile.
 def test_remat_changes_memory_not_values():
   var = small_var()
   from flax import nnx
@@ -138,6 +140,29 @@ def test_remat_changes_memory_not_values():
 
 # ------------------------------------------------------------ compile-only
 
+@pytest.mark.parametrize("name", ["v4-8", "v5e-8", "v5p-8", "v6e-8"])
+def test_device_kinds_get_their_generations_peak(name):
+  # What the trainer and benchmarks divide by on a real TPU: the kind each
+  # generation's devices report ("TPU v5" is a v5p, "TPU v5 lite" a v5e).
+  slice_ = topology.parse(name)
+  dev = topology.devices(slice_)[0]
+  assert hardware.device_peak(dev, "bfloat16") == slice_.chip.peak_bf16
+
+
+def test_fsdp_ways_that_do_not_divide_the_width_are_a_warning():
+  # d30 is 1,920 wide: fsdp=256 cannot split its weights, fsdp=128 can.
+  from var_jax.models.var.config import get_preset
+  from var_jax.training import mesh as mesh_lib
+  from var_jax.training.trainer import unsplit_warning
+  devs = topology.devices(topology.parse("v5e-256"))
+  cfg = get_preset("d30").var
+  whole = unsplit_warning(cfg, mesh_lib.make_mesh("data=1,fsdp=256", devs))
+  assert len(whole) == 1 and "stay whole on every device" in whole[0]
+  assert "width 1920" in whole[0] and "GiB" in whole[0]
+  assert unsplit_warning(cfg, mesh_lib.make_mesh("data=2,fsdp=128",
+                                                 devs)) == []
+
+
 def test_mesh_splits_torus_axes():
   # 8 x 8 over a 4x4x4 torus: an axis spans parts of physical axes.
   from var_jax.training import mesh as mesh_lib
@@ -155,6 +180,7 @@ def test_train_plan_prints_a_table_and_every_field(capsys):
   rec = json.loads(lines[-1])
   assert FIELDS <= set(rec), FIELDS - set(rec)
   assert rec["fits"] and rec["chips"] == 8 and rec["attention"] == "splash"
+  assert rec["unsplit_weight_bytes"] == 0
   assert rec["hbm_per_chip_bytes"] == 16 * 2 ** 30
   # The loop-unrolled count and the analytic one agree within the work the
   # model count leaves out (norms, softmax, the optimizer).

@@ -38,9 +38,10 @@ def register(subparsers) -> None:
   p.add_argument("--slices", type=int, default=1,
                  help="slices joined over the data-center network (data "
                  "parallel across them)")
-  p.add_argument("--preset", default="d16",
-                 help="a training config: bundled name (d16..d36, tiny, "
-                 "digits) or a config file; its model and recipe are used")
+  p.add_argument("--preset", "--config", dest="preset", default="d16",
+                 help="a training config, as `train --config` takes it: "
+                 "bundled name (d16..d36, tiny, digits) or a config file; "
+                 "its model and recipe are used")
   p.add_argument("--global-batch", type=int,
                  help="examples per step (default: the config's)")
   p.add_argument("--grad-accum", type=int,

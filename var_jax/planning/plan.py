@@ -18,10 +18,12 @@ from flax import nnx
 
 from var_jax.errors import UserError
 from var_jax.models.abstract import abstract_split
+from var_jax.models.var.transformer import VAR
 from var_jax.models.var.vqvae import VQVAE
 from var_jax.planning import programs, topology
 from var_jax.training import flops as flops_lib
 from var_jax.training import mesh as mesh_lib
+from var_jax.training import sharding
 from var_jax.training import train_step as step_lib
 
 GiB = topology.GiB
@@ -220,6 +222,7 @@ def plan_training(slice_: topology.Slice, preset: str, *,
     mesh_lib.check_batch(m, cfg.global_batch, cfg.grad_accum)  # Raises.
   setup, run = _compile_fitting(setups, m, slice_, DoesNotFit)
   var = model.var
+  unsplit, _ = sharding.unsplit_weights(abstract_split(VAR, var)[1], m)
   vae_def, vae_abs = abstract_split(VQVAE, model.vae)
   tok = flops_lib.tokenizer_flops(vae_def, nnx.to_pure_dict(vae_abs),
                                   model.vae.resolution) or 0.0
@@ -261,7 +264,8 @@ def plan_training(slice_: topology.Slice, preset: str, *,
                        "host)",
       seconds=seconds, why=why, preset=model.name,
       global_batch=cfg.global_batch, grad_accum=opts.grad_accum,
-      remat=opts.remat, dtype=cfg.dtype, attention=impl)
+      remat=opts.remat, dtype=cfg.dtype, attention=impl,
+      unsplit_weight_bytes=unsplit)
 
 
 def plan_sampling(slice_: topology.Slice, preset: str, *, batch: int,
@@ -347,5 +351,9 @@ def table(rec: dict) -> list[str]:
       ("compiled", f"in {rec['compile_seconds']:.1f} s with jax "
                    f"{rec['jax']}, libtpu {rec['libtpu']}"),
   ]
+  if rec.get("unsplit_weight_bytes"):
+    rows.insert(3, ("warning", f"{_gib(rec['unsplit_weight_bytes'])} of "
+                    "weights stay whole on every chip: the mesh's fsdp ways "
+                    "do not divide the model width"))
   width = max(len(k) for k, _ in rows)
   return [f"{k:<{width}}  {v}" for k, v in rows]

@@ -14,6 +14,7 @@ import importlib.util
 import re
 
 from var_jax.errors import UserError
+from var_jax.hardware import TPU_PEAK_BF16
 
 GiB = 2 ** 30
 
@@ -40,10 +41,10 @@ class Chip:
 
 
 CHIPS = {
-    "v4": Chip("v4", 32 * GiB, 275e12, 2, 3),
-    "v5e": Chip("v5e", 16 * GiB, 197e12, 1, 2),
-    "v5p": Chip("v5p", 95 * GiB, 459e12, 2, 3),
-    "v6e": Chip("v6e", 32 * GiB, 918e12, 1, 2),
+    "v4": Chip("v4", 32 * GiB, TPU_PEAK_BF16["v4"], 2, 3),
+    "v5e": Chip("v5e", 16 * GiB, TPU_PEAK_BF16["v5e"], 1, 2),
+    "v5p": Chip("v5p", 95 * GiB, TPU_PEAK_BF16["v5p"], 2, 3),
+    "v6e": Chip("v6e", 32 * GiB, TPU_PEAK_BF16["v6e"], 1, 2),
 }
 # Other spellings of a generation (Cloud's accelerator types, device kinds).
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6litepod": "v6e"}
@@ -111,10 +112,11 @@ def parse(name: str, slices: int = 1) -> Slice:
       shape = tuple(int(s) for s in m.group(3).split("x"))
     except ValueError:
       shape = ()
-    if len(shape) != chip.torus_dims or min(shape, default=0) < 1:
-      raise UserError(f"bad TPU topology {name!r}: {gen} slices are "
-                      f"{chip.torus_dims}-D, e.g. "
-                      f"{gen}:{'x'.join(map(str, shapes[max(shapes)]))}")
+    if shape not in shapes.values():
+      known = ", ".join(f"{gen}:" + "x".join(map(str, s))
+                        for s in shapes.values())
+      raise UserError(f"unknown TPU topology {name!r}: {gen} slices are "
+                      f"{chip.torus_dims}-D shapes Cloud provisions: {known}")
     return Slice(f"{gen}:{m.group(3)}", chip, shape, slices)
   count = int(m.group(3)) if m.group(3).isdigit() else -1
   chips, rem = divmod(count, chip.cores_per_chip)

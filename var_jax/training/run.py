@@ -141,6 +141,11 @@ class Task:
     """Extra words for the start line (', 64px, lpips')."""
     return ""
 
+  def warnings(self) -> list[str]:
+    """Lines for the user after the start line (a layout that wastes
+    memory); nothing by default."""
+    return []
+
   def log_extras(self, step: int, dt: float, first: bool) -> dict:
     """Extra values for a logged step (MFU, progressive stage)."""
     del step, dt, first
@@ -237,6 +242,8 @@ class Run:
                   f"{cfg.global_batch}, mesh {dict(self.mesh.shape)}, "
                   f"{jax.process_count()} process(es), {cfg.dtype}"
                   f"{task.describe()}")
+      for line in task.warnings():
+        writer.note(f"[{task.command}] warning: {line}")
       last = self._loop(writer)
     except interrupt.TrainingInterrupted:
       self._close(writer, quiet=False)  # The line comes after the bar.

@@ -43,6 +43,25 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh) -> dict:
       specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
+def unsplit_weights(abstract_state: nnx.State, mesh: Mesh) -> tuple[int, int]:
+  """(bytes, count) of the parameters that declare a mesh axis of more than
+  one device but stay whole on every device, because the axis does not
+  divide their dimension (e.g. width 1,920 over fsdp=256)."""
+  specs = jax.tree.leaves(nnx.to_pure_dict(nnx.get_partition_spec(
+      abstract_state)), is_leaf=lambda x: isinstance(x, P))
+  shapes = jax.tree.leaves(nnx.to_pure_dict(abstract_state))
+  total = count = 0
+  for spec, x in zip(specs, shapes):
+    for names, fitted in zip(spec, _fit_spec(spec, x.shape, mesh)):
+      group = names if isinstance(names, tuple) else (names,)
+      if fitted is None and any(mesh.shape.get(n, 1) > 1 for n in group
+                                if n is not None):
+        total += int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+        count += 1
+        break
+  return total, count
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -15,7 +15,9 @@ import jax
 import numpy as np
 
 from var_jax import checkpoint, hardware
+from var_jax.models.abstract import abstract_split
 from var_jax.models.var.config import ModelConfig, check_compatible
+from var_jax.models.var.transformer import VAR
 from var_jax.errors import DataError, UserError
 from var_jax.training import flops as flops_lib
 from var_jax.training import loss as loss_lib
@@ -117,6 +119,19 @@ def token_cache_differences(src, model_cfg: ModelConfig,
   return out
 
 
+def unsplit_warning(cfg, mesh) -> list[str]:
+  """A line when the mesh's fsdp ways do not divide the model's weights, so
+  that they stay whole on every device; none otherwise."""
+  nbytes, count = sharding.unsplit_weights(
+      abstract_split(VAR, cfg)[1], mesh)
+  if not count:
+    return []
+  return [f"{count} weight arrays ({nbytes / 2 ** 30:.2f} GiB) stay whole on "
+          f"every device: the mesh {dict(mesh.shape)} does not divide their "
+          f"dimensions (width {cfg.embed_dim}); fsdp ways that divide "
+          f"{cfg.embed_dim} split them"]
+
+
 class VARTask(run_lib.Task):
   """VAR's state, step and model directory for `run.Run`."""
 
@@ -170,6 +185,9 @@ class VARTask(run_lib.Task):
     return state_lib.init_state(self.spec, self.model_cfg.var, self.tx,
                                 seed=self.cfg.seed,
                                 adaln_gamma=self.cfg.adaln_gamma)
+
+  def warnings(self) -> list[str]:
+    return unsplit_warning(self.model_cfg.var, self.mesh)
 
   def step_hparams(self, step: int):
     """(lr, wd, token weights, progressive stage) of `step`."""
