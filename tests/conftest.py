@@ -41,9 +41,9 @@ SHARED_GOLDEN = _ROOT.parent / "shared" / "golden"
 # with --durations; only the order matters, a file not listed comes last).
 _LONG_FIRST = {
     "golden_samplers": 150, "test_train_eval_split": 44,
-    "test_sampler_drivers": 25, "test_plan": 15,
+    "test_sampler_drivers": 15, "test_plan": 8,
     "test_default_model": 39, "test_train_stop": 35,
-    "test_optim_golden": 32, "test_download": 23, "test_api": 23,
+    "test_optim_golden": 25, "test_download": 23, "test_api": 23,
     "test_examples": 22, "test_vqvae_golden": 21, "test_convert_cli": 18,
     "test_eval_cli": 17, "test_bad_input_disk": 16,
     "test_digits_fast": 16, "test_code_cli": 15, "test_var_golden": 15,
