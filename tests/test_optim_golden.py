@@ -11,7 +11,7 @@ from flax import nnx
 from golden_models import golden_vae, golden_var
 
 from var_jax.models.var.config import get_preset
-from var_jax.convert.var.load import export_flat
+from var_jax.convert.rules import export_flat
 from var_jax.convert.var.official_names import var_rules
 from var_jax.training import loss as loss_lib
 from var_jax.training import mesh as mesh_lib

@@ -17,7 +17,7 @@ from conftest import assert_close_rel
 from flax import nnx
 from golden_models import golden_var
 
-from var_jax.convert.var.load import export_flat
+from var_jax.convert.rules import export_flat
 from var_jax.convert.var.official_names import var_rules
 
 

@@ -13,51 +13,9 @@ from flax import nnx
 
 from var_jax.models.var.config import PATCH_NUMS_256, PATCH_NUMS_512, VARConfig, VQVAEConfig
 from var_jax.errors import ConvertError
-from var_jax.convert.var.official_names import Rule, to_official
+from var_jax.convert import rules as rules_lib
+from var_jax.convert.rules import Rule, flat_to_pure, strip_prefixes
 from var_jax.models.scales import layout
-
-
-_WRAPPERS = ("module.", "_orig_mod.")
-
-
-def strip_prefixes(sd: dict) -> dict:
-  """Removes DDP/FSDP (`module.`) and torch.compile (`_orig_mod.`) prefixes."""
-  out = {}
-  for k, v in sd.items():
-    changed = True
-    while changed:
-      changed = False
-      for p in _WRAPPERS:
-        if k.startswith(p):
-          k, changed = k[len(p):], True
-    k = k.replace("._orig_mod.", ".").replace("._fsdp_wrapped_module.", ".")
-    out[k] = v
-  return out
-
-
-def _fmt(shape):
-  return "(" + ",".join(str(s) for s in shape) + ")"
-
-
-def check_keys(rules: list[Rule], sd: dict, what: str) -> None:
-  """Raises one ConvertError naming every unknown, missing or misshaped key."""
-  by_name = {r.official: r for r in rules}
-  problems = []
-  # Derived buffers are optional: some files leave the large mask out.
-  missing = [n for n, r in by_name.items() if n not in sd and not r.derived]
-  unknown = [k for k in sd if k not in by_name]
-  for name, arr in sd.items():
-    r = by_name.get(name)
-    if r is not None and tuple(arr.shape) != tuple(r.official_shape):
-      problems.append(f"{name}: expected {_fmt(r.official_shape)}, "
-                      f"found {_fmt(arr.shape)}")
-  if missing:
-    problems.append("missing keys: " + ", ".join(missing))
-  if unknown:
-    problems.append("unknown keys: " + ", ".join(unknown))
-  if problems:
-    raise ConvertError(f"{what} checkpoint does not match the model: "
-                       + "; ".join(problems))
 
 
 def _check_derived(rules, sd, patch_nums, what):
@@ -83,49 +41,11 @@ def _check_derived(rules, sd, patch_nums, what):
 
 def official_to_flat(abstract_state, rules: list[Rule], sd: dict, what: str,
                      patch_nums=None) -> dict:
-  """Checks an official state dict and lays it out as {our path: np.ndarray}.
-
-  `abstract_state` only supplies paths and shapes (e.g. from nnx.eval_shape),
-  so conversion never materialises a randomly initialised model.
-  """
-  sd = strip_prefixes(sd)
-  check_keys(rules, sd, what)
-  if patch_nums is not None:
-    _check_derived(rules, sd, patch_nums, what)
-  shapes = {p: tuple(v.shape) for p, v in nnx.to_flat_state(abstract_state)}
-  values = {}
-  for r in rules:
-    if r.derived:
-      continue
-    if r.path not in shapes:
-      raise ConvertError(f"internal: no parameter {r.path} in the model")
-    arr = r.transform(np.asarray(sd[r.official], np.float32))
-    if r.layer is None:
-      values[r.path] = np.ascontiguousarray(arr)
-    else:
-      if r.path not in values:
-        values[r.path] = np.zeros(shapes[r.path], np.float32)
-      values[r.path][r.layer] = arr
-  unfilled = sorted(set(shapes) - set(values))
-  if unfilled:
-    raise ConvertError(f"internal: {what} parameters without a source: "
-                       f"{unfilled}")
-  for path, arr in values.items():
-    if arr.shape != shapes[path]:
-      raise ConvertError(f"internal: {path} is {arr.shape}, model has "
-                         f"{shapes[path]}")
-  return values
-
-
-def flat_to_pure(values: dict) -> dict:
-  """{path tuple: array} -> the nested pure dict Orbax and nnx use."""
-  out = {}
-  for path, arr in values.items():
-    node = out
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = arr
-  return out
+  """`rules.official_to_flat`, checking VAR's derived buffers against
+  `patch_nums` when given."""
+  check = (None if patch_nums is None else
+           lambda rs, d: _check_derived(rs, d, patch_nums, what))
+  return rules_lib.official_to_flat(abstract_state, rules, sd, what, check)
 
 
 def load_official(model: nnx.Module, rules: list[Rule], sd: dict, what: str,
@@ -137,17 +57,6 @@ def load_official(model: nnx.Module, rules: list[Rule], sd: dict, what: str,
   nnx.replace_by_pure_dict(
       state, flat_to_pure({p: jnp.asarray(a) for p, a in values.items()}))
   nnx.update(model, state)
-
-
-def export_flat(flat: dict, rules: list[Rule]) -> dict:
-  """Our parameters (or gradients), a {path: array} dict, in official names."""
-  out = {}
-  for r in rules:
-    if r.derived or r.path not in flat:
-      continue
-    a = np.asarray(flat[r.path])
-    out[r.official] = to_official(r, a if r.layer is None else a[r.layer])
-  return out
 
 
 # ------------------------------------------------------------ config inference

@@ -8,25 +8,12 @@ official models carry but we compute (`lvl_1L`, the attention mask,
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable
-
-import numpy as np
-
+from var_jax.convert.rules import Rule
+from var_jax.convert.rules import conv as _conv
+from var_jax.convert.rules import linear as _linear
+from var_jax.convert.rules import same as _same
 from var_jax.models.var.config import VARConfig, VQVAEConfig
 from var_jax.models.var import quantizer as q
-
-
-def _same(a):
-  return a
-
-
-def _linear(a):  # torch (out, in) -> ours (in, out)
-  return a.T
-
-
-def _conv(a):  # torch (out, in, kh, kw) -> ours (kh, kw, in, out)
-  return a.transpose(2, 3, 1, 0)
 
 
 def _heads(a):  # (1, H, 1, 1) -> (H,)
@@ -35,21 +22,6 @@ def _heads(a):  # (1, H, 1, 1) -> (H,)
 
 def _gss(a):  # (1, 1, 6, C) -> (6, C)
   return a.reshape(a.shape[-2], a.shape[-1])
-
-
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-  official: str
-  path: tuple  # Our path (tuple of str/int); () for derived buffers.
-  official_shape: tuple
-  transform: Callable = _same
-  layer: int | None = None  # Index into a stacked (depth, ...) parameter.
-
-  @property
-  def derived(self) -> bool:
-    return not self.path
 
 
 def _conv_rules(off, ours, cin, cout, k):
@@ -202,12 +174,3 @@ def var_rules(cfg: VARConfig) -> list[Rule]:
       Rule("head.bias", ("head", "bias"), (cfg.vocab_size,)),
   ]
   return r
-
-
-def to_official(rule: Rule, ours: np.ndarray) -> np.ndarray:
-  """Our layout (one layer's slice if stacked) back to the official shape."""
-  if rule.transform is _conv:
-    return ours.transpose(3, 2, 0, 1)
-  if rule.transform is _linear:
-    return ours.T
-  return ours.reshape(rule.official_shape)
