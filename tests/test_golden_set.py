@@ -51,7 +51,10 @@ def test_in_repo_copy_is_complete():
           "var_tiny_saln512.pth", "var_tiny_refiner.pth", *_MANIFEST}
   assert need <= names, sorted(need - names)
   top_npz = {n for n in names if n.endswith(".npz") and "/" not in n}
-  assert top_npz == set(_MANIFEST), "every top-level npz needs a manifest entry"
+  top_listed = {n for n in _MANIFEST if "/" not in n}
+  assert top_npz == top_listed, "every top-level npz needs a manifest entry"
+  # A listed npz in a subset folder holds the listed arrays (the test below).
+  assert all(n.split("/")[0] in _SUBSET_OK for n in set(_MANIFEST) - top_listed)
 
 
 @pytest.mark.parametrize("name", sorted(_MANIFEST))
@@ -123,7 +126,7 @@ if (SHARED_GOLDEN / "README.md").exists():
     if ours.suffix == ".npz":
       subset = rel.split("/")[0] in _SUBSET_OK
       assert subset or rel in _MANIFEST, rel
-      _assert_npz_equal(ours, src, None if subset else _MANIFEST[rel])
+      _assert_npz_equal(ours, src, _MANIFEST.get(rel))
     elif rel == "README.md":  # The refresh note, then the source verbatim.
       text = ours.read_text()
       assert text == _readme_note(text) + src.read_text(), (
@@ -145,5 +148,21 @@ if (SHARED_GOLDEN / "README.md").exists():
           assert a.files == b.files, rel
           for k in a.files:
             assert a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes()
+      else:
+        assert (tmp_path / rel).read_bytes() == (IN_REPO_GOLDEN / rel).read_bytes()
+
+  def test_refresh_tool_rebuilds_the_infinity_subset(tmp_path):
+    # A subset folder the copy has gets the files the tests read, nested
+    # ones included, and of a listed npz only its kept arrays.
+    for name in ("kept_arrays.json", "README.md"):
+      shutil.copy(IN_REPO_GOLDEN / name, tmp_path / name)
+    (tmp_path / "infinity").mkdir()
+    _refresh_tool().refresh(SHARED_GOLDEN, tmp_path)
+    ours = [p for p in _files(IN_REPO_GOLDEN) if p.parts[0] == "infinity"]
+    assert [p for p in _files(tmp_path) if p.parts[0] == "infinity"] == ours
+    for rel in ours:
+      if rel.suffix == ".npz":
+        with np.load(tmp_path / rel) as a, np.load(IN_REPO_GOLDEN / rel) as b:
+          assert a.files == b.files == _MANIFEST[str(rel)]["keep"], rel
       else:
         assert (tmp_path / rel).read_bytes() == (IN_REPO_GOLDEN / rel).read_bytes()

@@ -14,7 +14,8 @@ copied from its top level:
 - `README.md`: the copy keeps its own opening note (everything before the
   first `# ` heading) followed by the source's text verbatim.
 In the folders whose files the tests read only in part (`SUBSET_DIRS`), the
-files the copy already holds are refreshed byte for byte, the ones
+files the copy already holds are refreshed (byte for byte, or an npz the
+manifest lists as `folder/name.npz` through its kept arrays), the ones
 `SUBSET_FILES` names are added when missing (in a folder the copy has), and
 nothing else is added. Files whose content is already current are not
 rewritten. Exits 1 with one line on stderr when the source or the manifest
@@ -39,7 +40,11 @@ SUBSET_DIRS = ("eval", "infinity")
 # Files of those folders that the tests read: copied byte for byte even where
 # the copy does not hold them yet.
 SUBSET_FILES = {"eval": ("adm_eval.npz", "adm_eval_wide.npz",
-                         "inception_io.npz", "inception_keys.json")}
+                         "inception_io.npz", "inception_keys.json"),
+                "infinity": ("README.md", "config.json", "golden_infinity.npz",
+                             "manifest_flan_t5_xl_encoder.json",
+                             "t5_tiny/config.json",
+                             "t5_tiny/model.safetensors")}
 
 
 class RefreshError(Exception):
@@ -87,7 +92,7 @@ def refresh(src: pathlib.Path, dest: pathlib.Path = DEST) -> list[str]:
   refused source leaves `dest` as it was.
   """
   manifest = json.loads((dest / MANIFEST).read_text())["npz"]
-  missing = sorted(set(manifest) - {p.name for p in src.iterdir()})
+  missing = sorted(n for n in manifest if not (src / n).is_file())
   if missing:
     raise RefreshError(f"{src}: {MANIFEST} lists files the source lacks: "
                        f"{missing}")
@@ -112,17 +117,25 @@ def refresh(src: pathlib.Path, dest: pathlib.Path = DEST) -> list[str]:
   for sub in SUBSET_DIRS:
     if not (dest / sub).is_dir():
       continue
-    held = {p.name for p in (dest / sub).iterdir() if p.is_file()}
+    held = {p.relative_to(dest / sub).as_posix()
+            for p in (dest / sub).rglob("*") if p.is_file()}
     for name in sorted(held | set(SUBSET_FILES.get(sub, ()))):
-      d, s = dest / sub / name, src / sub / name
+      d, s, rel = dest / sub / name, src / sub / name, f"{sub}/{name}"
       if not s.is_file():
         what = "holds" if name in held else "needs"
-        raise RefreshError(f"{s}: the copy {what} {sub}/{name} but the "
-                           "source does not")
+        raise RefreshError(f"{s}: the copy {what} {rel} but the source "
+                           "does not")
+      if rel in manifest:  # An npz the tests read some arrays of.
+        arrays = _kept_arrays(s, manifest[rel])
+        if not _same_npz(d, arrays):
+          writes.append((rel, lambda fh, a=arrays: np.savez_compressed(fh,
+                                                                      **a)))
+        continue
       data = s.read_bytes()
       if not d.exists() or d.read_bytes() != data:
-        writes.append((f"{sub}/{d.name}", lambda fh, b=data: fh.write(b)))
+        writes.append((rel, lambda fh, b=data: fh.write(b)))
   for name, write in writes:
+    (dest / name).parent.mkdir(parents=True, exist_ok=True)
     var_io.atomic_file(dest / name, write)
   return [name for name, _ in writes]
 
