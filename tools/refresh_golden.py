@@ -42,7 +42,9 @@ SUBSET_DIRS = ("eval", "infinity")
 SUBSET_FILES = {"eval": ("adm_eval.npz", "adm_eval_wide.npz",
                          "inception_io.npz", "inception_keys.json"),
                 "infinity": ("README.md", "config.json", "golden_infinity.npz",
+                             "infinity_tiny.pth",
                              "manifest_flan_t5_xl_encoder.json",
+                             "manifest_infinity_2b.json",
                              "t5_tiny/config.json",
                              "t5_tiny/model.safetensors")}
 
