@@ -28,6 +28,7 @@ from flax import nnx
 from var_jax import io
 from var_jax.errors import UserError
 from var_jax.models.var import vqvae
+from var_jax.models.vqgan import ResnetBlock
 
 
 class TuningError(UserError):
@@ -239,7 +240,7 @@ def probe(embed_dim: int, dtype: str, vae_ch: int, image_res: int,
   w = jax.random.normal(k2, (4 * embed_dim, embed_dim), jnp.float32) * 0.02
   mm = lambda a, b: jnp.matmul(a.astype(dt), b.T.astype(dt),
                                preferred_element_type=jnp.float32)
-  block = vqvae.ResnetBlock(vae_ch, vae_ch, rngs=nnx.Rngs(0))
+  block = ResnetBlock(vae_ch, vae_ch, rngs=nnx.Rngs(0))
   gd, st = nnx.split(block)
   imgs = jax.random.normal(k1, (2, image_res, image_res, vae_ch), jnp.float32)
   whole = lambda s, h: nnx.merge(gd, s)(h)

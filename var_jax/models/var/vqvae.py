@@ -20,170 +20,7 @@ from flax import nnx
 
 from var_jax.models.var.config import VQVAEConfig
 from var_jax.models.var import quantizer as q
-
-
-def _conv(cin, cout, k, rngs, stride=1, padding=None):
-  pad = k // 2 if padding is None else padding
-  return nnx.Conv(cin, cout, (k, k), strides=stride,
-                  padding=((pad, pad), (pad, pad)), rngs=rngs)
-
-
-def _norm(c, rngs):
-  # The official GroupNorm(32, eps=1e-6); exact two-pass variance.
-  return nnx.GroupNorm(c, num_groups=32, epsilon=1e-6, use_fast_variance=False,
-                       rngs=rngs)
-
-
-class ResnetBlock(nnx.Module):
-
-  def __init__(self, cin: int, cout: int, *, rngs: nnx.Rngs):
-    self.norm1 = _norm(cin, rngs)
-    self.conv1 = _conv(cin, cout, 3, rngs)
-    self.norm2 = _norm(cout, rngs)
-    self.conv2 = _conv(cout, cout, 3, rngs)
-    self.nin_shortcut = _conv(cin, cout, 1, rngs) if cin != cout else None
-
-  def __call__(self, x_BHWC):
-    h = self.conv1(nnx.silu(self.norm1(x_BHWC)))
-    h = self.conv2(nnx.silu(self.norm2(h)))
-    skip = x_BHWC if self.nin_shortcut is None else self.nin_shortcut(x_BHWC)
-    return skip + h
-
-
-class AttnBlock(nnx.Module):
-  """Single-head spatial self-attention with a fused 1x1 qkv convolution."""
-
-  def __init__(self, c: int, *, rngs: nnx.Rngs):
-    self.norm = _norm(c, rngs)
-    self.qkv = _conv(c, 3 * c, 1, rngs)
-    self.proj_out = _conv(c, c, 1, rngs)
-
-  def __call__(self, x_BHWC):
-    b, h, w, c = x_BHWC.shape
-    qkv = self.qkv(self.norm(x_BHWC)).reshape(b, h * w, 3 * c)
-    q_, k_, v_ = jnp.split(qkv, 3, axis=-1)
-    w_BLL = jnp.einsum("bic,bjc->bij", q_, k_) * (c ** -0.5)
-    w_BLL = jax.nn.softmax(w_BLL, axis=-1)
-    o = jnp.einsum("bij,bjc->bic", w_BLL, v_).reshape(b, h, w, c)
-    return x_BHWC + self.proj_out(o)
-
-
-class Downsample(nnx.Module):
-
-  def __init__(self, c: int, *, rngs: nnx.Rngs):
-    self.conv = _conv(c, c, 3, rngs, stride=2, padding=0)
-
-  def __call__(self, x_BHWC):
-    # Asymmetric zero pad (bottom/right only) before the strided conv.
-    return self.conv(jnp.pad(x_BHWC, ((0, 0), (0, 1), (0, 1), (0, 0))))
-
-
-class Upsample(nnx.Module):
-
-  def __init__(self, c: int, *, rngs: nnx.Rngs):
-    self.conv = _conv(c, c, 3, rngs)
-
-  def __call__(self, x_BHWC):
-    x = jnp.repeat(jnp.repeat(x_BHWC, 2, axis=1), 2, axis=2)
-    return self.conv(x)
-
-
-class Level(nnx.Module):
-  """One resolution of the encoder or decoder: res blocks, attention, resample."""
-
-  def __init__(self, blocks, attns, resample):
-    self.block = nnx.List(blocks)
-    self.attn = nnx.List(attns)
-    self.resample = resample
-
-  def run_blocks(self, h):
-    for i, blk in enumerate(self.block):
-      h = blk(h)
-      if len(self.attn):
-        h = self.attn[i](h)
-    return h
-
-
-class Mid(nnx.Module):
-
-  def __init__(self, c: int, *, rngs: nnx.Rngs):
-    self.block_1 = ResnetBlock(c, c, rngs=rngs)
-    self.attn_1 = AttnBlock(c, rngs=rngs)
-    self.block_2 = ResnetBlock(c, c, rngs=rngs)
-
-  def __call__(self, h):
-    return self.block_2(self.attn_1(self.block_1(h)))
-
-
-class Encoder(nnx.Module):
-
-  def __init__(self, cfg: VQVAEConfig, *, rngs: nnx.Rngs):
-    ch, mult, n = cfg.ch, cfg.ch_mult, len(cfg.ch_mult)
-    self.conv_in = _conv(cfg.in_channels, ch, 3, rngs)
-    levels, block_in = [], ch
-    for i in range(n):
-      block_out = ch * mult[i]
-      blocks, attns = [], []
-      for _ in range(cfg.num_res_blocks):
-        blocks.append(ResnetBlock(block_in, block_out, rngs=rngs))
-        block_in = block_out
-        if i == n - 1:
-          attns.append(AttnBlock(block_in, rngs=rngs))
-      down = Downsample(block_in, rngs=rngs) if i != n - 1 else None
-      levels.append(Level(blocks, attns, down))
-    self.down = nnx.List(levels)
-    self.mid = Mid(block_in, rngs=rngs)
-    self.norm_out = _norm(block_in, rngs)
-    self.conv_out = _conv(block_in, cfg.z_channels, 3, rngs)
-
-  def __call__(self, x_BHWC):
-    h = self.conv_in(x_BHWC)
-    for level in self.down:
-      h = level.run_blocks(h)
-      if level.resample is not None:
-        h = level.resample(h)
-    h = self.mid(h)
-    return self.conv_out(nnx.silu(self.norm_out(h)))
-
-
-class Decoder(nnx.Module):
-
-  def __init__(self, cfg: VQVAEConfig, *, rngs: nnx.Rngs):
-    ch, mult, n = cfg.ch, cfg.ch_mult, len(cfg.ch_mult)
-    block_in = ch * mult[-1]
-    self.conv_in = _conv(cfg.z_channels, block_in, 3, rngs)
-    self.mid = Mid(block_in, rngs=rngs)
-    levels = [None] * n
-    for i in reversed(range(n)):
-      block_out = ch * mult[i]
-      blocks, attns = [], []
-      for _ in range(cfg.num_res_blocks + 1):
-        blocks.append(ResnetBlock(block_in, block_out, rngs=rngs))
-        block_in = block_out
-        if i == n - 1:
-          attns.append(AttnBlock(block_in, rngs=rngs))
-      up = Upsample(block_in, rngs=rngs) if i != 0 else None
-      levels[i] = Level(blocks, attns, up)
-    # Indexed by level like the official `up` list: up[0] is the finest.
-    self.up = nnx.List(levels)
-    self.norm_out = _norm(block_in, rngs)
-    self.conv_out = _conv(block_in, cfg.in_channels, 3, rngs)
-
-  def trunk(self, z_BhwC):
-    """Everything but `conv_out`: its input features (B, H, W, ch).
-
-    Tokenizer training takes the adversarial weight's gradients at
-    `conv_out`, so it needs this split of the decoder.
-    """
-    h = self.mid(self.conv_in(z_BhwC))
-    for level in reversed(list(self.up)):
-      h = level.run_blocks(h)
-      if level.resample is not None:
-        h = level.resample(h)
-    return nnx.silu(self.norm_out(h))
-
-  def __call__(self, z_BhwC):
-    return self.conv_out(self.trunk(z_BhwC))
+from var_jax.models.vqgan import Decoder, Encoder, conv
 
 
 class Buffer(nnx.Variable):
@@ -198,7 +35,7 @@ class Quantizer(nnx.Module):
     self.embedding = nnx.Embed(cfg.vocab_size, cfg.z_channels, rngs=rngs)
     n_phi = q.num_phi(cfg.share_quant_resi, len(cfg.v_patch_nums))
     self.quant_resi = nnx.List([
-        _conv(cfg.z_channels, cfg.z_channels, 3, rngs) for _ in range(n_phi)
+        conv(cfg.z_channels, cfg.z_channels, 3, rngs) for _ in range(n_phi)
     ]) if abs(cfg.quant_resi) > 1e-6 else nnx.List([])
     self.ema_vocab_hit_SV = Buffer(
         jnp.zeros((len(cfg.v_patch_nums), cfg.vocab_size), jnp.float32))
@@ -221,12 +58,15 @@ class VQVAE(nnx.Module):
 
   def __init__(self, cfg: VQVAEConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.encoder = Encoder(cfg, rngs=rngs)
-    self.decoder = Decoder(cfg, rngs=rngs)
+    stack = (cfg.ch, cfg.ch_mult, cfg.num_res_blocks)
+    self.encoder = Encoder(*stack, cfg.in_channels, cfg.z_channels,
+                           attention=True, rngs=rngs)
+    self.decoder = Decoder(*stack, cfg.z_channels, cfg.in_channels,
+                           attention=True, rngs=rngs)
     self.quantize = Quantizer(cfg, rngs=rngs)
-    self.quant_conv = _conv(cfg.z_channels, cfg.z_channels, cfg.quant_conv_ks,
+    self.quant_conv = conv(cfg.z_channels, cfg.z_channels, cfg.quant_conv_ks,
                             rngs)
-    self.post_quant_conv = _conv(cfg.z_channels, cfg.z_channels,
+    self.post_quant_conv = conv(cfg.z_channels, cfg.z_channels,
                                  cfg.quant_conv_ks, rngs)
 
   def encode(self, img_BHWC: jax.Array) -> jax.Array:
