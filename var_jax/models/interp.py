@@ -54,6 +54,22 @@ def area_matrix(n_in: int, n_out: int) -> np.ndarray:
   return m.astype(np.float32)
 
 
+@functools.lru_cache(maxsize=None)
+def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """(n_out, n_in) matrix of PyTorch (bi/tri)linear, align_corners=False,
+  without antialiasing (also when shrinking)."""
+  m = np.zeros((n_out, n_in), np.float64)
+  scale = n_in / n_out
+  for o in range(n_out):
+    src = max((o + 0.5) * scale - 0.5, 0.0)
+    i0 = int(src)
+    i1 = min(i0 + 1, n_in - 1)
+    t = src - i0
+    m[o, i0] += 1.0 - t
+    m[o, i1] += t
+  return m.astype(np.float32)
+
+
 def _apply(x_BhwC: jax.Array, mh: np.ndarray, mw: np.ndarray) -> jax.Array:
   mh = jnp.asarray(mh, x_BhwC.dtype)
   mw = jnp.asarray(mw, x_BhwC.dtype)
@@ -61,17 +77,30 @@ def _apply(x_BhwC: jax.Array, mh: np.ndarray, mw: np.ndarray) -> jax.Array:
   return jnp.einsum("Ww,BHwc->BHWc", mw, y, precision=_HI)
 
 
-def bicubic_resize(x_BhwC: jax.Array, size: int) -> jax.Array:
-  """Bicubic resize of an NHWC map to (size, size), as PyTorch computes it."""
-  _, h, w, _ = x_BhwC.shape
-  if (h, w) == (size, size):
-    return x_BhwC
-  return _apply(x_BhwC, bicubic_matrix(h, size), bicubic_matrix(w, size))
+def _hw(size) -> tuple[int, int]:
+  return (size, size) if isinstance(size, int) else tuple(size)
 
 
-def area_resize(x_BHWC: jax.Array, size: int) -> jax.Array:
-  """Area (adaptive average) downsample of an NHWC map to (size, size)."""
-  _, h, w, _ = x_BHWC.shape
-  if (h, w) == (size, size):
-    return x_BHWC
-  return _apply(x_BHWC, area_matrix(h, size), area_matrix(w, size))
+def bicubic_resize(x_BhwC: jax.Array, size) -> jax.Array:
+  """Bicubic resize of an NHWC map to `size` (an int for a square, or
+  (h, w)), as PyTorch computes it."""
+  return _resize(x_BhwC, size, bicubic_matrix)
+
+
+def area_resize(x_BHWC: jax.Array, size) -> jax.Array:
+  """Area (adaptive average) downsample of an NHWC map to `size`."""
+  return _resize(x_BHWC, size, area_matrix)
+
+
+def bilinear_resize(x_BHWC: jax.Array, size) -> jax.Array:
+  """Bilinear resize of an NHWC map to `size` without antialiasing, as
+  PyTorch's `trilinear` computes it on one frame."""
+  return _resize(x_BHWC, size, bilinear_matrix)
+
+
+def _resize(x, size, matrix):
+  _, h, w, _ = x.shape
+  oh, ow = _hw(size)
+  if (h, w) == (oh, ow):
+    return x
+  return _apply(x, matrix(h, oh), matrix(w, ow))
