@@ -7,13 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import infinity_models
 from conftest import assert_close_rel
-from flax import nnx
 
 from var_jax.convert.infinity import bsq as bsq_convert
-from var_jax.convert.weights import read_weights
 from var_jax.errors import ConvertError
-from var_jax.models.abstract import abstract_split
 from var_jax.models.infinity import bsq, schedules
 
 GRIDS = schedules.schedule(1.0, 256)
@@ -25,23 +23,17 @@ def _nhwc(x):
 
 @pytest.fixture(scope="module")
 def g(golden_dir):
-  with np.load(golden_dir / "infinity" / "golden_infinity.npz") as z:
-    return {k: z[k] for k in z.files}
+  return infinity_models.arrays(golden_dir)
 
 
 @pytest.fixture(scope="module")
 def sd(golden_dir):
-  path = golden_dir / "infinity" / "vae_tiny.pth"
-  return bsq_convert.state_dict_of(read_weights(path), path)
+  return infinity_models.tokenizer_sd(golden_dir)
 
 
 @pytest.fixture(scope="module")
-def vae(sd):
-  cfg = bsq_convert.infer_config(sd)
-  graphdef, state = abstract_split(bsq.BSQVAE, cfg)
-  nnx.replace_by_pure_dict(state, jax.tree.map(
-      jnp.asarray, bsq_convert.bsq_params(cfg, sd)))
-  return nnx.merge(graphdef, state)
+def vae(golden_dir):
+  return infinity_models.tokenizer(golden_dir)
 
 
 @pytest.fixture(scope="module")

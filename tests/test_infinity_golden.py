@@ -6,38 +6,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import infinity_models
 from conftest import assert_close_rel
-from flax import nnx
 
 from var_jax.convert.infinity import infinity as inf_convert
-from var_jax.convert.weights import read_state_dict
 from var_jax.errors import ConvertError
-from var_jax.models.abstract import abstract_split
 from var_jax.models.infinity import schedules
 from var_jax.models.infinity.config import InfinityConfig
-from var_jax.models.infinity.transformer import Infinity
 
 GRIDS = schedules.schedule(1.0, 256)
 
 
 @pytest.fixture(scope="module")
 def g(golden_dir):
-  with np.load(golden_dir / "infinity" / "golden_infinity.npz") as z:
-    return {k: z[k] for k in z.files}
+  return infinity_models.arrays(golden_dir)
 
 
 @pytest.fixture(scope="module")
 def sd(golden_dir):
-  return read_state_dict(golden_dir / "infinity" / "infinity_tiny.pth")
+  return infinity_models.transformer_sd(golden_dir)
 
 
 @pytest.fixture(scope="module")
-def model(sd):
-  cfg = inf_convert.infer_config(sd)
-  graphdef, state = abstract_split(Infinity, cfg)
-  nnx.replace_by_pure_dict(state, jax.tree.map(
-      jnp.asarray, inf_convert.infinity_params(cfg, sd)))
-  return nnx.merge(graphdef, state)
+def model(golden_dir):
+  return infinity_models.transformer(golden_dir)
 
 
 def _text(g):

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from var_jax.sampling.keys import token_keys
 from var_jax.models.interp import area_resize
 from var_jax.models.scales import layout
 from var_jax.models.var import quantizer
@@ -114,14 +115,6 @@ def scale_groups(patch_nums, scales: range, scale_loop: str,
         continue
     groups.append((si,))
   return tuple(groups)
-
-
-def token_keys(key, si, ids_B, pos_l):
-  """(B, l) keys: key folded with the scale, the sample index, the position."""
-  k_si = jax.random.fold_in(key, si)
-  per_b = jax.vmap(lambda i: jax.random.fold_in(k_si, i))(ids_B)
-  return jax.vmap(lambda kb: jax.vmap(
-      lambda p: jax.random.fold_in(kb, p))(pos_l))(per_b)
 
 
 def _pair_rows(x_BlC):

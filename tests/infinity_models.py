@@ -1,0 +1,52 @@
+"""The golden set's tiny Infinity models, loaded once per process."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from var_jax.convert.infinity import bsq as bsq_convert
+from var_jax.convert.infinity import infinity as inf_convert
+from var_jax.convert.weights import read_state_dict, read_weights
+from var_jax.models.abstract import abstract_split
+from var_jax.models.infinity.bsq import BSQVAE
+from var_jax.models.infinity.transformer import Infinity
+
+
+def _merge(ctor, cfg, params):
+  graphdef, state = abstract_split(ctor, cfg)
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+  return nnx.merge(graphdef, state)
+
+
+@functools.lru_cache(maxsize=None)
+def transformer_sd(golden_dir):
+  return read_state_dict(golden_dir / "infinity" / "infinity_tiny.pth")
+
+
+@functools.lru_cache(maxsize=None)
+def transformer(golden_dir):
+  sd = transformer_sd(golden_dir)
+  cfg = inf_convert.infer_config(sd)
+  return _merge(Infinity, cfg, inf_convert.infinity_params(cfg, sd))
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer_sd(golden_dir):
+  path = golden_dir / "infinity" / "vae_tiny.pth"
+  return bsq_convert.state_dict_of(read_weights(path), path)
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer(golden_dir):
+  sd = tokenizer_sd(golden_dir)
+  cfg = bsq_convert.infer_config(sd)
+  return _merge(BSQVAE, cfg, bsq_convert.bsq_params(cfg, sd))
+
+
+@functools.lru_cache(maxsize=None)
+def arrays(golden_dir):
+  with np.load(golden_dir / "infinity" / "golden_infinity.npz") as z:
+    return {k: z[k] for k in z.files}

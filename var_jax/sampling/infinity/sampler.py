@@ -1,0 +1,208 @@
+"""Text to image with Infinity: a KV-cached loop over a scale schedule.
+
+`InfinitySampler(model, vae, options)(text_BTc, mask_BT, seed=, grids=)`
+draws d bits per token, scale by scale, and decodes the summed codes.
+
+One scale (`step`): the scale's input tokens (the start token at scale 0,
+else the running code sum resized to the grid) run through every block
+with the keys/values of the earlier scales; classifier-free guidance mixes
+either the logits (`cfg_insertion_layer=0`: cfg * cond + (1 - cfg) *
+uncond, then / tau) or the hidden states after block depth + n (n < 0);
+each bit's two logits are filtered (top-k, top-p) and a class drawn with
+the token's own key (folded from the seed, the scale, the sample's index and
+the position), so a batch split changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from var_jax.errors import UserError
+from var_jax.models import interp
+from var_jax.models.infinity import bsq, schedules
+from var_jax.models.infinity.transformer import Condition, Infinity
+from var_jax.sampling import filtering
+from var_jax.sampling.keys import token_keys
+
+
+def _per_scale(name, value, n: int) -> tuple[float, ...]:
+  vals = tuple(value) if isinstance(value, Sequence) else (value,) * n
+  if len(vals) != n or not all(isinstance(v, (int, float)) and
+                               not isinstance(v, bool) for v in vals):
+    raise UserError(f"{name} must be a number or {n} numbers (one per "
+                    f"scale), got {value!r}")
+  return tuple(float(v) for v in vals)
+
+
+@dataclasses.dataclass(frozen=True)
+class InfinityOptions:
+  """How to draw. `cfg` and `tau` are a number or one per scale."""
+
+  cfg: float | tuple[float, ...] = 3.0
+  tau: float | tuple[float, ...] = 0.5
+  top_k: int = 900
+  top_p: float = 0.97
+  # 0: guidance on the logits; n < 0: on the hidden states after block
+  # depth + n.
+  cfg_insertion_layer: int = 0
+
+  def per_scale(self, n: int, depth: int):
+    """(cfg, tau) tuples of `n` scales, checked.
+
+    Raises:
+      UserError: a bad value, named.
+    """
+    cfg, tau = _per_scale("cfg", self.cfg, n), _per_scale("tau", self.tau, n)
+    if any(t <= 0 for t in tau):
+      raise UserError(f"tau must be > 0, got {self.tau!r}")
+    if not isinstance(self.top_k, int) or self.top_k < 0:
+      raise UserError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+    if not 0.0 <= self.top_p <= 1.0:
+      raise UserError(f"top_p must be in [0, 1], got {self.top_p!r}")
+    layer = self.cfg_insertion_layer
+    if not isinstance(layer, int) or not -depth <= layer <= 0:
+      raise UserError(f"cfg_insertion_layer must be 0 (logits) or -1 .. "
+                      f"-{depth} (after a block), got {layer!r}")
+    return cfg, tau
+
+
+def filter_bits(logits_BlV, top_k: int, top_p: float):
+  """Each bit's two logits with top-k / top-p applied (-inf removed)."""
+  b, l, v = logits_BlV.shape
+  pairs = logits_BlV.reshape(b, l, v // 2, 2)
+  keep = filtering.keep_mask(pairs, top_k, top_p)
+  return jnp.where(keep, pairs, -jnp.inf)
+
+
+def draw_bits(masked_Bld2, noise_Bld2):
+  """The class of each bit drawn with Exp(1) noise: argmax p / E is a draw
+  from p."""
+  p = jax.nn.softmax(masked_Bld2, -1)
+  return jnp.argmax(p / noise_Bld2, -1).astype(jnp.int32)
+
+
+def bit_noise(key, si: int, ids_B, length: int, d: int):
+  """(B, l, d, 2) Exp(1) noise from each token's own key."""
+  keys = token_keys(key, si, ids_B, jnp.arange(length))
+  return jax.vmap(jax.vmap(lambda k: jax.random.exponential(
+      k, (d, 2))))(keys)
+
+
+def mix(a, cfg: float, batch: int):
+  """Guidance of paired rows (conditional first): cfg * cond + (1 - cfg) *
+  uncond."""
+  return cfg * a[:batch] + (1 - cfg) * a[batch:]
+
+
+class Step(NamedTuple):
+  logits_BlV: jax.Array  # Guided, divided by tau.
+  cache: list  # (k, v) per block, all scales so far.
+  blocks: list  # Each block's output (all rows), before any mixing.
+
+
+def step(model: Infinity, cond: Condition, x_bsLC, cache, rope, si: int,
+         cfg: float, tau: float, insertion: int, batch: int) -> Step:
+  """One scale. `x_bsLC` holds the scale's input tokens for every row
+  (conditional rows, then the null rows when guided); `cache` one (k, v)
+  per block or None; `rope` the scale's (cos, sin)."""
+  depth = model.cfg.depth
+  guided = x_bsLC.shape[0] > batch and cfg != 1.0
+  x = x_bsLC + model.lvl_embed[...][si]
+  params = model.block_params()
+  new_cache, blocks = [], []
+  for i in range(depth):
+    p = jax.tree.map(lambda a, i=i: a[i], params)
+    x, kv = model.block(p, x, cond, rope[0], rope[1], 0.0,
+                        None if cache is None else cache[i])
+    blocks.append(x)
+    new_cache.append(kv if cache is None else tuple(
+        jnp.concatenate([c, n], 1) for c, n in zip(cache[i], kv)))
+    if guided and insertion < 0 and i == depth + insertion:
+      x = jnp.concatenate([mix(x, cfg, batch)] * 2)
+  if guided and insertion == 0:
+    logits = mix(model.logits(x, cond) / tau, cfg, batch)
+  else:
+    head_cond = Condition(*(a[:batch] for a in cond))
+    logits = model.logits(x[:batch], head_cond) / tau
+  return Step(logits, new_cache, blocks)
+
+
+class Sample(NamedTuple):
+  bits: list  # Per scale (B, h * w, d) int32.
+  summed_BHWC: jax.Array
+  images_BHWC: jax.Array  # In [0, 1].
+
+
+class InfinitySampler:
+  """Draws images for prompts (T5 states) with an Infinity model and its
+  tokenizer; one jitted program per (batch, text length, schedule)."""
+
+  def __init__(self, model: Infinity, vae: bsq.BSQVAE,
+               options: InfinityOptions = InfinityOptions()):
+    if vae.cfg.spatial_patchify:
+      raise UserError("tokenizers that patchify space (the 8B model's) are "
+                      "not supported by this sampler")
+    if vae.cfg.codebook_dim != model.cfg.codebook_dim:
+      raise UserError(f"the tokenizer has {vae.cfg.codebook_dim} bits per "
+                      f"token, the transformer {model.cfg.codebook_dim}")
+    self.model, self.vae, self.options = model, vae, options
+    self._jit = jax.jit(self._run, static_argnames=("cfg", "tau", "grids",
+                                                     "ratio"))
+
+  def __call__(self, text_BTc, mask_BT, *, seed: int = 0, grids=None,
+               ratio: float = 1.0, null_text_BTc=None, sample_ids=None):
+    """`grids`: a schedule (default 256px 1:1); `null_text_BTc`: the
+    negative prompt's states (same mask) instead of the learned null
+    text; `sample_ids`: each row's index in the whole job (default
+    0..B-1), which its keys are folded with."""
+    grids = tuple(grids or schedules.schedule(ratio, 256))
+    cfg, tau = self.options.per_scale(len(grids), self.model.cfg.depth)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+      raise UserError(f"seed must be an integer >= 0, got {seed!r}")
+    b = np.shape(text_BTc)[0]
+    ids = np.arange(b) if sample_ids is None else np.asarray(sample_ids)
+    return self._jit(jnp.asarray(text_BTc, jnp.float32), jnp.asarray(mask_BT),
+                     None if null_text_BTc is None else jnp.asarray(
+                         null_text_BTc, jnp.float32),
+                     jax.random.key(seed), jnp.asarray(ids, jnp.int32),
+                     cfg=cfg, tau=tau, grids=grids, ratio=ratio)
+
+  def _run(self, text, mask, null_text, key, ids, cfg, tau, *, grids, ratio):
+    model, vae, opts = self.model, self.vae, self.options
+    b, d = text.shape[0], model.cfg.codebook_dim
+    guided = any(c != 1.0 for c in cfg)
+    if guided:
+      null = model.null_text(mask) if null_text is None else null_text
+      cond = model.condition(jnp.concatenate([text, null]),
+                             jnp.concatenate([mask, mask]))
+    else:
+      cond = model.condition(text, mask)
+    table = schedules.rope_table(ratio, grids, model.cfg.head_dim)
+    x = model.start_tokens(cond)
+    cache, start = None, 0
+    size = grids[-1]
+    summed = jnp.zeros((b, *size, d), jnp.float32)
+    bits_out = []
+    for si, (h, w) in enumerate(grids):
+      rope = (jnp.asarray(table[0, start:start + h * w]),
+              jnp.asarray(table[1, start:start + h * w]))
+      logits, cache, _ = step(model, cond, x, cache, rope, si, cfg[si],
+                              tau[si], opts.cfg_insertion_layer, b)
+      masked = filter_bits(logits, opts.top_k, opts.top_p)
+      bits = draw_bits(masked, bit_noise(key, si, ids, h * w, d))
+      bits_out.append(bits)
+      codes = bsq.bits_to_codes(bits.reshape(b, h, w, d))
+      summed = summed + interp.bilinear_resize(codes, size)
+      if si + 1 < len(grids):
+        nxt = bsq.flatten(interp.bilinear_resize(summed, grids[si + 1]))
+        x = model.embed_scale(nxt)
+        if guided:
+          x = jnp.concatenate([x, x])
+      start += h * w
+    images = (vae.decode(summed) + 1) / 2
+    return Sample(bits_out, summed, images)
