@@ -43,7 +43,7 @@ _LONG_FIRST = {
     "golden_samplers": 150, "test_train_eval_split": 44,
     "test_sampler_drivers": 15, "test_plan": 8,
     "test_default_model": 39, "test_train_stop": 35,
-    "test_optim_golden": 25, "test_download": 23, "test_api": 23,
+    "test_optim_golden": 14, "test_download": 23, "test_api": 23,
     "test_examples": 22, "test_vqvae_golden": 21, "test_convert_cli": 18,
     "test_eval_cli": 17, "test_bad_input_disk": 16,
     "test_digits_fast": 16, "test_code_cli": 15, "test_var_golden": 15,
@@ -53,6 +53,8 @@ _LONG_FIRST = {
     "test_import_side_effects": 10, "test_bad_input_data": 9,
     "test_bad_input_model_dir": 9, "test_eval_metrics": 8, "test_interp": 7,
     "test_cli_help": 7, "test_bench_sample": 7, "test_golden_set": 6,
+    "test_infinity_sampler": 12, "test_infinity_bsq": 10,
+    "test_infinity_golden": 8, "test_infinity_t5": 7,
     "test_gcs_io": 6, "test_bad_input_paths": 5,
 }
 

@@ -156,6 +156,7 @@ def _one_step_uncached(golden_dir, golden, **opts):
   return jax.tree.map(np.asarray, st["params"]), jax.device_get(m)
 
 
+@pytest.mark.slow  # A second compiled train step.
 def test_grad_accumulation_equals_full_batch(golden_dir, golden):
   full_p, full_m = _one_step(golden_dir, golden)
   acc_p, acc_m = _one_step(golden_dir, golden, grad_accum=2)
