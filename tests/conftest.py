@@ -41,7 +41,7 @@ SHARED_GOLDEN = _ROOT.parent / "shared" / "golden"
 # with --durations; only the order matters, a file not listed comes last).
 _LONG_FIRST = {
     "golden_samplers": 150, "test_train_eval_split": 44,
-    "test_sampler_drivers": 15, "test_plan": 8,
+    "test_plan": 8,
     "test_default_model": 39, "test_train_stop": 35,
     "test_optim_golden": 14, "test_download": 23, "test_api": 23,
     "test_examples": 22, "test_vqvae_golden": 21, "test_convert_cli": 18,

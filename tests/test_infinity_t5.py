@@ -81,6 +81,7 @@ def test_checkpoint_problems_are_one_error(t5_dir, tmp_path):
   assert "unknown keys: encoder.extra.weight" in msg and "decoder" not in msg
 
 
+@pytest.mark.slow  # A second encoder.
 def test_sharded_checkpoint_with_an_index(t5_dir, tmp_path, encoder, text):
   from safetensors.numpy import load_file, save_file
   sd = load_file(str(t5_dir / "model.safetensors"))

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 
 import numpy as np
+import pytest
 from golden_models import SMALL_VAE, random_model, small_var_config
 from test_sampler_golden import guided_logits
 
@@ -28,6 +29,7 @@ def _models():
   return vae, random_model(VAR, cfg, 1), random_model(VAR, cfg, 2)
 
 
+@pytest.mark.slow  # Two compiled collaborative samplers.
 def test_both_drivers_draw_the_same_tokens():
   # Stochastic sampling with everything that shapes the loop: a per-scale
   # schedule (static per scale in the Python loop, traced in the scan), a

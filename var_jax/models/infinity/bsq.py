@@ -70,10 +70,12 @@ def bits_to_codes(bits_BhwC: jax.Array) -> jax.Array:
 
 
 class Encoding(NamedTuple):
-  """The tokenizer's view of images: per scale (coarse to fine) the area-
-  shrunk residual it quantized (B, h, w, d), the codes and the bits; and
-  the sum of the enlarged codes (B, H, W, d), what the decoder reads."""
+  """The tokenizer's view of images: the encoder's features (B, H, W, d);
+  per scale (coarse to fine) the area-shrunk residual it quantized
+  (B, h, w, d), the codes and the bits; and the sum of the enlarged codes
+  (B, H, W, d), what the decoder reads."""
 
+  features: jax.Array
   residuals: list
   codes: list
   bits: list
@@ -117,7 +119,7 @@ class BSQVAE(nnx.Module):
       rs.append(r)
       cs.append(code)
       bs.append(bits)
-    return Encoding(rs, cs, bs, summed)
+    return Encoding(f, rs, cs, bs, summed)
 
   def decode(self, summed_BHWC: jax.Array) -> jax.Array:
     """Summed codes -> images in [-1, 1]."""
