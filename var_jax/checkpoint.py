@@ -41,7 +41,8 @@ _REFINER = api.BUNDLED["digits_refiner"]
 _NAMED = 4
 
 
-def _save_tree(path: epath.Path, model) -> None:
+def save_tree(path: epath.Path, model) -> None:
+  """One model's state (a module or its pure dict) as an Orbax tree."""
   tree = model if isinstance(model, dict) else nnx.state(model).to_pure_dict()
   with orbax_writes(path):
     with ocp.StandardCheckpointer() as ckptr:
@@ -66,9 +67,9 @@ def save_model(out_dir, cfg: ModelConfig, vae=None, var=None,
   with atomic_dir(out_dir, overwrite) as tmp:
     write_text(tmp / "config.json", cfg.to_json())
     if vae is not None:
-      _save_tree(tmp / "vae", vae)
+      save_tree(tmp / "vae", vae)
     if var is not None:
-      _save_tree(tmp / "var", var)
+      save_tree(tmp / "var", var)
   return as_path(out_dir)
 
 
@@ -118,7 +119,13 @@ def check_tree(path, stored: dict, wanted: dict, what: str) -> None:
         "models; convert or train it again")
 
 
-def _restore(path: epath.Path, ctor, cfg, what: str):
+def restore_module(path: epath.Path, ctor, cfg, what: str):
+  """`ctor(cfg)` with the Orbax tree at `path`, checked against it first.
+
+  Raises:
+    CheckpointError: the tree does not match the model `cfg` describes, or
+      cannot be read (one line).
+  """
   try:
     graphdef, state = abstract_split(ctor, cfg)
   except (ValueError, TypeError, ZeroDivisionError) as e:
@@ -260,10 +267,10 @@ def load_model(ckpt_dir=None, need_var: bool = True):
   if need_var and (cfg.var is None or not (d / "var").exists()):
     raise CheckpointError(f"{d} holds a tokenizer only; this command needs a "
                           "VAR transformer too (convert with --var)")
-  vae = _restore(vae_dir / "vae", VQVAE, cfg.vae, "VQVAE")
+  vae = restore_module(vae_dir / "vae", VQVAE, cfg.vae, "VQVAE")
   var = None
   if cfg.var is not None and (d / "var").exists():
-    var = _restore(d / "var", VAR, cfg.var, "VAR")
+    var = restore_module(d / "var", VAR, cfg.var, "VAR")
   return cfg, vae, var
 
 
@@ -281,7 +288,7 @@ def load_var(ckpt_dir):
   cfg = load_config(d)
   if cfg.var is None or not (d / "var").exists():
     raise CheckpointError(f"{d} holds no VAR transformer")
-  return _restore(d / "var", VAR, cfg.var, "VAR")
+  return restore_module(d / "var", VAR, cfg.var, "VAR")
 
 
 def bench_models(ckpt_dir, preset: str, random_var: bool = True):

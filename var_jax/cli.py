@@ -31,6 +31,7 @@ _COMMAND_MODULES = (
     "var_jax.training.commands",
     "var_jax.eval.commands",
     "var_jax.planning.commands",
+    "var_jax.sampling.infinity.commands",
 )
 
 

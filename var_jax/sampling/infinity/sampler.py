@@ -155,20 +155,23 @@ class InfinitySampler:
                                                      "ratio"))
 
   def __call__(self, text_BTc, mask_BT, *, seed: int = 0, grids=None,
-               ratio: float = 1.0, null_text_BTc=None, sample_ids=None):
-    """`grids`: a schedule (default 256px 1:1); `null_text_BTc`: the
-    negative prompt's states (same mask) instead of the learned null
-    text; `sample_ids`: each row's index in the whole job (default
-    0..B-1), which its keys are folded with."""
+               ratio: float = 1.0, null_text_BTc=None, null_mask_BT=None,
+               sample_ids=None):
+    """`grids`: a schedule (default 256px 1:1); `null_text_BTc` and
+    `null_mask_BT`: a negative prompt's states (as long as the prompts')
+    instead of the learned null text; `sample_ids`: each row's index in the
+    whole job (default 0..B-1), which its keys are folded with."""
     grids = tuple(grids or schedules.schedule(ratio, 256))
     cfg, tau = self.options.per_scale(len(grids), self.model.cfg.depth)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
       raise UserError(f"seed must be an integer >= 0, got {seed!r}")
     b = np.shape(text_BTc)[0]
     ids = np.arange(b) if sample_ids is None else np.asarray(sample_ids)
+    null = None if null_text_BTc is None else (
+        jnp.asarray(null_text_BTc, jnp.float32),
+        jnp.asarray(mask_BT if null_mask_BT is None else null_mask_BT))
     return self._jit(jnp.asarray(text_BTc, jnp.float32), jnp.asarray(mask_BT),
-                     None if null_text_BTc is None else jnp.asarray(
-                         null_text_BTc, jnp.float32),
+                     null,
                      jax.random.key(seed), jnp.asarray(ids, jnp.int32),
                      cfg=cfg, tau=tau, grids=grids, ratio=ratio)
 
@@ -177,9 +180,10 @@ class InfinitySampler:
     b, d = text.shape[0], model.cfg.codebook_dim
     guided = any(c != 1.0 for c in cfg)
     if guided:
-      null = model.null_text(mask) if null_text is None else null_text
+      null, null_mask = ((model.null_text(mask), mask) if null_text is None
+                         else null_text)
       cond = model.condition(jnp.concatenate([text, null]),
-                             jnp.concatenate([mask, mask]))
+                             jnp.concatenate([mask, null_mask]))
     else:
       cond = model.condition(text, mask)
     table = schedules.rope_table(ratio, grids, model.cfg.head_dim)

@@ -1,0 +1,149 @@
+"""CLI: `convert-infinity` (official files -> a model directory) and `t2i`
+(prompts -> images)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+ASPECTS = "1:1, 4:5, 5:4, 3:4, 4:3, 2:3, 3:2, 4:7, 7:4, 1:2, 2:1, 2:5, 5:2, " \
+    "1:3, 3:1"
+
+
+def register(sub) -> None:
+  p = sub.add_parser(
+      "convert-infinity",
+      help="official Infinity files -> a var-jax Infinity model directory",
+      description="Reads the transformer (infinity_2b_reg.pth), its "
+                  "tokenizer (infinity_vae_d32reg.pth) and a Hugging Face "
+                  "T5 directory (google/flan-t5-xl: config.json, "
+                  "safetensors, tokenizer.json) without torch, checks that "
+                  "they belong together, and writes one model directory.")
+  p.add_argument("--infinity", required=True, help="the transformer .pth")
+  p.add_argument("--tokenizer", required=True, help="the BSQ tokenizer .pth")
+  p.add_argument("--text-encoder", required=True, metavar="DIR",
+                 help="the T5 directory (config.json, model.safetensors or "
+                      "shards with model.safetensors.index.json, "
+                      "tokenizer.json)")
+  p.add_argument("--out", required=True, help="output model directory")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing output directory")
+  p.set_defaults(func=cmd_convert)
+
+  p = sub.add_parser(
+      "t2i", help="text to image with an Infinity model directory",
+      description="Draws one image per prompt (Infinity's scale loop, "
+                  "classifier-free guidance on the logits by default).")
+  p.add_argument("--ckpt", required=True, metavar="DIR",
+                 help="an Infinity model directory (convert-infinity)")
+  p.add_argument("--prompt", action="append", default=[],
+                 help="a prompt (repeat for several)")
+  p.add_argument("--prompts-file", help="a text file, one prompt per line")
+  p.add_argument("--negative-prompt", help="guide away from this text "
+                 "instead of the learned empty prompt")
+  p.add_argument("--resolution", type=int, choices=(256, 512, 1024),
+                 default=1024, help="the schedule's size (the square "
+                 "equivalent; the aspect ratio shapes it)")
+  p.add_argument("--aspect", default="1:1",
+                 help=f"height:width, one of {ASPECTS}")
+  p.add_argument("--cfg", type=float, default=3.0, help="guidance scale")
+  p.add_argument("--tau", type=float, default=0.5,
+                 help="temperature (logits are divided by it)")
+  p.add_argument("--top-k", type=int, default=900)
+  p.add_argument("--top-p", type=float, default=0.97)
+  p.add_argument("--cfg-insertion-layer", type=int, default=0,
+                 help="0: guide the logits; -n: the hidden states after "
+                      "block depth - n")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", required=True,
+                 help="an image file (.png, .jpg, .webp) for one prompt, a "
+                      "directory for several (000000.png, ...)")
+  p.set_defaults(func=cmd_t2i)
+
+
+def _user_error(msg):
+  from var_jax.errors import UserError
+  return UserError(msg)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+  from var_jax.convert.infinity import directory
+  from var_jax.io import as_path
+  for flag in ("infinity", "tokenizer"):
+    path = getattr(args, flag)
+    if not as_path(path).is_file():
+      raise _user_error(f"--{flag} {path}: no such file")
+  if not as_path(args.text_encoder).is_dir():
+    raise _user_error(f"--text-encoder {args.text_encoder}: no such "
+                      "directory")
+  directory.convert(args.infinity, args.tokenizer, args.text_encoder,
+                    args.out, overwrite=args.overwrite)
+  return 0
+
+
+def aspect_ratio(text: str) -> float:
+  """'H:W' -> the listed height / width ratio it names.
+
+  Raises:
+    UserError: not H:W, or a ratio the schedules do not have.
+  """
+  from var_jax.models.infinity import schedules
+  try:
+    h, w = (float(x) for x in text.split(":"))
+    ratio = h / w
+  except (ValueError, ZeroDivisionError):
+    raise _user_error(f"--aspect {text!r}: expected height:width, e.g. "
+                      "1:1 or 16:9") from None
+  near = schedules.nearest_ratio(ratio)
+  if abs(near - ratio) > 0.01 * ratio:
+    raise _user_error(f"--aspect {text}: no schedule for height/width "
+                      f"{ratio:.3f}; the aspect ratios are {ASPECTS}")
+  return near
+
+
+def _prompts(args) -> list[str]:
+  from var_jax.io import as_path
+  prompts = list(args.prompt)
+  if args.prompts_file:
+    path = as_path(args.prompts_file)
+    if not path.is_file():
+      raise _user_error(f"--prompts-file {path}: no such file")
+    prompts += [ln.strip() for ln in path.read_text().splitlines()
+                if ln.strip()]
+  if not prompts:
+    raise _user_error("give --prompt (one or more) or --prompts-file")
+  return prompts
+
+
+def _outputs(out: str, n: int) -> list[str]:
+  from var_jax.sampling import images
+  if n == 1 and os.path.splitext(out)[1]:
+    images.image_format(out)  # Raises on an unknown extension.
+    return [out]
+  folder = images.check_output_dir(out, "--out")
+  if folder.is_dir() and any(folder.iterdir()):
+    raise _user_error(f"--out {out} is a folder that is not empty; give a "
+                      "new or empty one for several prompts")
+  return [os.path.join(out, f"{i:06d}.png") for i in range(n)]
+
+
+def cmd_t2i(args: argparse.Namespace) -> int:
+  from var_jax.sampling.infinity.sampler import InfinityOptions
+  prompts = _prompts(args)
+  ratio = aspect_ratio(args.aspect)
+  outs = _outputs(args.out, len(prompts))
+  opts = InfinityOptions(cfg=args.cfg, tau=args.tau, top_k=args.top_k,
+                         top_p=args.top_p,
+                         cfg_insertion_layer=args.cfg_insertion_layer)
+  opts.per_scale(1, max(1, -args.cfg_insertion_layer))  # Values, now.
+  if args.seed < 0:
+    raise _user_error(f"--seed must be >= 0, got {args.seed}")
+  from var_jax.sampling.infinity import jobs
+  images = jobs.text_to_image(args.ckpt, prompts, opts, seed=args.seed,
+                              resolution=args.resolution, ratio=ratio,
+                              negative=args.negative_prompt)
+  from var_jax.sampling.images import save_image, to_uint8
+  for path, img in zip(outs, to_uint8(images)):
+    save_image(path, img)
+    print(f"wrote {path}")
+  return 0
