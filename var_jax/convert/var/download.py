@@ -10,14 +10,11 @@ function that returns them.
 from __future__ import annotations
 
 import contextlib
-import errno
-import logging
 import pathlib
-import sys
 from typing import Callable
 
-from var_jax.errors import DownloadError, WriteError
-from var_jax.io import describe_os_error
+from var_jax.convert.hub import hub_file, import_hub, run_fetch
+from var_jax.errors import DownloadError
 
 REPO = "FoundationVision/var"
 VAE_FILE = "vae_ch160v4096z32.pth"
@@ -27,8 +24,6 @@ MODELS = ("d16", "d20", "d24", "d30", "d36")
 CODE_REPO = "Zigeng/VAR_CoDe"
 CODE_STEPS = (6, 7, 8, 9)
 CODE_MODELS = ("d30", "d16")
-_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
-                errno.EPERM)
 
 
 def checkpoint_files(model: str) -> tuple[str, str]:
@@ -51,122 +46,6 @@ def code_files(steps: int) -> tuple[str, str]:
   return f"drafter_{steps}.pth", f"refiner_{steps}.pth"
 
 
-def _loaded_types(spec) -> tuple[type, ...]:
-  """Classes `module:Name` from modules already imported, others skipped.
-
-  Only modules already in sys.modules can have raised their exceptions, so
-  nothing is imported here (requests/httpx may well be absent).
-  """
-  out = []
-  for item in spec:
-    mod, name = item.split(":")
-    cls = getattr(sys.modules.get(mod), name, None)
-    if isinstance(cls, type):
-      out.append(cls)
-  return tuple(out)
-
-
-def _network_types() -> tuple[type, ...]:
-  """Exceptions that mean huggingface.co could not be reached."""
-  return (ConnectionError, TimeoutError) + _loaded_types((
-      "huggingface_hub.errors:LocalEntryNotFoundError",
-      "httpx:TransportError", "httpx2:TransportError",  # Hub >= 1.0.
-      "requests:ConnectionError", "requests:Timeout",  # Hub < 1.0.
-      "urllib3.exceptions:HTTPError", "socket:gaierror"))
-
-
-def fetch_error_types() -> tuple[type, ...]:
-  """What a failed fetch may raise (hub, HTTP client or file system)."""
-  return (OSError,) + _network_types() + _loaded_types((
-      "huggingface_hub.errors:HfHubHTTPError", "huggingface_hub.errors:"
-      "XetDownloadError", "httpx:HTTPError", "httpx2:HTTPError",
-      "requests:RequestException"))
-
-
-def _chain(e: BaseException):
-  """e and its causes, outermost first (bounded: chains can be cyclic)."""
-  for _ in range(8):
-    if e is None:
-      return
-    yield e
-    e = e.__cause__ or e.__context__
-
-
-def _one_line(e: BaseException) -> str:
-  text = str(e).strip()
-  first = text.splitlines()[0] if text else ""
-  return f"{type(e).__name__}: {first}" if first else type(e).__name__
-
-
-def describe_fetch_error(e: BaseException, what: str) -> str:
-  """One line saying why fetching `what` failed and what to do about it."""
-  chain = list(_chain(e))
-  offline = _loaded_types(("huggingface_hub.errors:OfflineModeIsEnabled",))
-  if offline and any(isinstance(x, offline) for x in chain):
-    return (f"HF_HUB_OFFLINE is set and {what} is not in the local "
-            "huggingface_hub cache; unset HF_HUB_OFFLINE to download it from "
-            "huggingface.co (or pass --cache-dir where it is cached)")
-  net = _network_types()
-  if any(isinstance(x, net) for x in chain):
-    # The innermost error names the real cause (DNS, refused, timeout).
-    return (f"cannot reach huggingface.co to fetch {what} "
-            f"({_one_line(chain[-1])}) and it is not in the local cache; "
-            "check the network or proxy, or fetch the .pth files elsewhere "
-            "and use `var-jax convert`")
-  return f"fetching {what} failed: {_one_line(e)}"
-
-
-@contextlib.contextmanager
-def _quiet_hub_retries():
-  """Drops the hub's per-retry warnings (two lines each, five retries).
-
-  Without a network they bury the one-line error that follows; its message
-  keeps the innermost cause (DNS, refused, proxy) instead.
-  """
-  logger = logging.getLogger("huggingface_hub.utils._http")
-  drop = lambda record: record.levelno >= logging.ERROR
-  logger.addFilter(drop)
-  try:
-    yield
-  finally:
-    logger.removeFilter(drop)
-
-
-def _import_hub():
-  try:
-    import huggingface_hub
-  except ImportError:
-    raise DownloadError("downloading needs the huggingface_hub package: "
-                        "pip install huggingface_hub") from None
-  return huggingface_hub
-
-
-def _hub_file(repo: str, name: str, cache_dir, pth_dir) -> pathlib.Path:
-  """One file of a hub repository, downloaded or found in the cache.
-
-  Raises:
-    WriteError: the local disk is full or read-only (names the directory).
-    DownloadError: the hub cannot be reached or refuses (one line).
-  """
-  huggingface_hub = _import_hub()
-  kwargs = {"cache_dir": cache_dir}
-  if pth_dir is not None:
-    kwargs["local_dir"] = str(pth_dir)
-  try:
-    with _quiet_hub_retries():
-      return pathlib.Path(huggingface_hub.hf_hub_download(repo, name,
-                                                          **kwargs))
-  except fetch_error_types() as e:
-    disk = _disk_error(e)
-    if disk is not None:
-      # A full or read-only disk is the user's to fix, not the network's.
-      where = pth_dir or cache_dir or huggingface_hub.constants.HF_HUB_CACHE
-      raise WriteError(describe_os_error(disk, where) +
-                       f" (fetching {repo}/{name}; a rerun resumes the "
-                       "partial download)") from None
-    raise DownloadError(describe_fetch_error(e, f"{repo}/{name}")) from None
-
-
 def fetch_files(model: str, cache_dir=None,
                 pth_dir=None) -> tuple[pathlib.Path, pathlib.Path]:
   """Downloads (or finds in the hub cache) the model's two .pth files.
@@ -179,10 +58,10 @@ def fetch_files(model: str, cache_dir=None,
   Returns:
     (VQVAE path, VAR path).
   """
-  _import_hub()
+  import_hub()
   vae_name, var_name = checkpoint_files(model)
-  return (_hub_file(REPO, vae_name, cache_dir, pth_dir),
-          _hub_file(REPO, var_name, cache_dir, pth_dir))
+  return (hub_file(REPO, vae_name, cache_dir, pth_dir),
+          hub_file(REPO, var_name, cache_dir, pth_dir))
 
 
 def fetch_pair_files(drafter: str, refiner: str, steps: int | None,
@@ -195,23 +74,15 @@ def fetch_pair_files(drafter: str, refiner: str, steps: int | None,
       and refiner names are then not used).
     cache_dir, pth_dir: as `fetch_files`.
   """
-  _import_hub()
-  vae = _hub_file(REPO, VAE_FILE, cache_dir, pth_dir)
+  import_hub()
+  vae = hub_file(REPO, VAE_FILE, cache_dir, pth_dir)
   if steps is not None:
     d_name, r_name = code_files(steps)
-    return (vae, _hub_file(CODE_REPO, d_name, cache_dir, pth_dir),
-            _hub_file(CODE_REPO, r_name, cache_dir, pth_dir))
-  return (vae, _hub_file(REPO, checkpoint_files(drafter)[1], cache_dir,
+    return (vae, hub_file(CODE_REPO, d_name, cache_dir, pth_dir),
+            hub_file(CODE_REPO, r_name, cache_dir, pth_dir))
+  return (vae, hub_file(REPO, checkpoint_files(drafter)[1], cache_dir,
                          pth_dir),
-          _hub_file(REPO, checkpoint_files(refiner)[1], cache_dir, pth_dir))
-
-
-def _disk_error(e: BaseException) -> OSError | None:
-  """The local-disk OSError (full, quota, read-only, denied) behind `e`."""
-  for x in _chain(e):
-    if isinstance(x, OSError) and x.errno in _DISK_ERRNOS:
-      return x
-  return None
+          hub_file(REPO, checkpoint_files(refiner)[1], cache_dir, pth_dir))
 
 
 def download(model: str, out, *, cache_dir=None, pth_dir=None,
@@ -245,7 +116,7 @@ def download(model: str, out, *, cache_dir=None, pth_dir=None,
     raise DownloadError(str(e)) from None
   _check_outputs([out], out, pth_dir, overwrite)
   log(f"fetching {model} from huggingface.co/{REPO}")
-  vae_path, var_path = _run_fetch(fetch or fetch_files, f"{REPO} ({model})",
+  vae_path, var_path = run_fetch(fetch or fetch_files, f"{REPO} ({model})",
                                   model, cache_dir, pth_dir)
   return convert_files(vae_path, var_path, out, preset=preset,
                        overwrite=overwrite, log=log)
@@ -272,16 +143,6 @@ def _check_outputs(dirs, out, pth_dir, overwrite: bool) -> None:
     if pth == top or top in pth.parents:
       raise DownloadError("--pth-dir must differ from --out and lie "
                           "outside it")
-
-
-def _run_fetch(fetch: Callable, what: str, *args):
-  try:
-    return fetch(*args)
-  except WriteError:
-    raise
-  except fetch_error_types() as e:
-    # fetch_files already explains its errors; this covers other fetchers.
-    raise DownloadError(describe_fetch_error(e, what)) from None
 
 
 def download_pair(out, *, steps: int | None = None, drafter: str = "d30",
@@ -346,7 +207,7 @@ def download_pair(out, *, steps: int | None = None, drafter: str = "d30",
   what = (f"{CODE_REPO} (N={steps})" if steps is not None
           else f"{REPO} ({drafter} + {refiner})")
   log(f"fetching {what} from huggingface.co")
-  paths = _run_fetch(fetch or fetch_pair_files, what, drafter, refiner,
+  paths = run_fetch(fetch or fetch_pair_files, what, drafter, refiner,
                      steps, cache_dir, pth_dir)
   log(f"reading {paths[0]}")
   vae_sd = convert.read_official(paths[0], "vae")
