@@ -115,3 +115,54 @@ def test_prompts_become_images(model_dir, tmp_path, capsys):
   assert rc == 0
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "one.png")),
                                 many[0])
+
+
+@pytest.fixture
+def fake_hub(golden_dir, t5_dir, tmp_path, monkeypatch):
+  """hf_hub_download serving official-layout files: the tiny transformer
+  and tokenizer under the released names, flan-t5-xl as two shards."""
+  import huggingface_hub
+  from safetensors.numpy import load_file, save_file
+  t5 = tmp_path / "hub" / "flan-t5-xl"
+  t5.mkdir(parents=True)
+  sd = load_file(str(t5_dir / "model.safetensors"))
+  names = sorted(sd)
+  shards = {"model-00001-of-00002.safetensors": names[::2],
+            "model-00002-of-00002.safetensors": names[1::2]}
+  for f, keys in shards.items():
+    save_file({k: sd[k] for k in keys}, str(t5 / f))
+  (t5 / "model.safetensors.index.json").write_text(json.dumps(
+      {"weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+  for name in ("config.json", "tokenizer.json"):
+    shutil.copy(t5_dir / name, t5 / name)
+  g = golden_dir / "infinity"
+  files = {("FoundationVision/Infinity", "infinity_2b_reg.pth"):
+           g / "infinity_tiny.pth",
+           ("FoundationVision/Infinity", "infinity_vae_d32reg.pth"):
+           g / "vae_tiny.pth"}
+  calls = []
+
+  def hf_hub_download(repo_id, filename, **kwargs):
+    calls.append((repo_id, filename))
+    if repo_id == "google/flan-t5-xl":
+      return str(t5 / filename)
+    return str(files[(repo_id, filename)])
+
+  monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+  return calls
+
+
+def test_download_fetches_and_converts(fake_hub, tmp_path, capsys):
+  out = tmp_path / "inf2b"
+  assert cli.main(["download", "--infinity", "2b", "--out", str(out)]) == 0
+  assert "wrote Infinity 2b" in capsys.readouterr().out
+  assert sorted(f for _, f in fake_hub) == sorted([
+      "config.json", "infinity_2b_reg.pth", "infinity_vae_d32reg.pth",
+      "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+      "model.safetensors.index.json", "tokenizer.json"])
+  assert json.loads((out / "config.json").read_text())["family"] == "infinity"
+  # An existing directory is refused before anything is fetched.
+  fake_hub.clear()
+  rc = cli.main(["download", "--infinity", "2b", "--out", str(out)])
+  err = capsys.readouterr().err.strip()
+  assert rc != 0 and "already exists" in err and fake_hub == []

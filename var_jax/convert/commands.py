@@ -42,6 +42,10 @@ def register(sub) -> None:
   g = p.add_mutually_exclusive_group(required=True)
   g.add_argument("--model", choices=("d16", "d20", "d24", "d30", "d36"),
                  help="a released model (with --refiner: the drafter)")
+  g.add_argument("--infinity", choices=("2b",),
+                 help="Infinity's released text-to-image model (with the "
+                      "flan-t5-xl text encoder) as one model directory for "
+                      "`var-jax t2i`")
   g.add_argument("--code", type=int, metavar="N",
                  help="CoDe's fine-tuned pair for N draft steps (6, 7, 8 or "
                       "9): drafter_N.pth (d30) and refiner_N.pth (d16) from "
@@ -110,6 +114,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_download(args: argparse.Namespace) -> int:
   from var_jax.convert.var.download import download, download_pair
+  if args.infinity:
+    if args.refiner or args.preset:
+      raise _user_error("--infinity takes no --refiner or --preset")
+    from var_jax.convert.infinity import download as inf_download
+    inf_download.download(args.infinity, args.out, cache_dir=args.cache_dir,
+                          pth_dir=args.pth_dir, overwrite=args.overwrite)
+    print(f"wrote Infinity {args.infinity} to {args.out}; draw with var-jax "
+          f"t2i --ckpt {args.out} --prompt ...")
+    return 0
   if args.code is not None and args.refiner:
     raise _user_error("--refiner goes with --model (the training-free pair); "
                       "CoDe's --code pairs are a d30 drafter and a d16 "
