@@ -71,11 +71,11 @@ signum = getattr(signal, "SIG" + sys.argv[1])
 signal.signal(signal.SIGINT, signal.default_int_handler)
 signal.signal(signal.SIGTERM, signal.SIG_DFL)
 from var_jax import checkpoint, cli
-save = checkpoint._save_tree
+save = checkpoint.save_tree
 def save_then_signal(path, tree):
   save(path, tree)
   os.kill(os.getpid(), signum)
-checkpoint._save_tree = save_then_signal
+checkpoint.save_tree = save_then_signal
 sys.exit(cli.main(sys.argv[2:]))
 """
 

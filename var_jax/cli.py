@@ -186,11 +186,21 @@ def _leave_out_absent_tpu() -> None:
   """With the TPU compiler installed (the `tpu` extra, for `var-jax plan`)
   but no TPU attached, JAX would start a TPU runtime in every command, which
   fails and logs it on stderr: name the platforms there are instead
-  (`JAX_PLATFORMS`, for this process). A set `JAX_PLATFORMS` is kept."""
-  if os.environ.get("JAX_PLATFORMS", "").strip():
-    return
+  (`JAX_PLATFORMS`, for this process). A set `JAX_PLATFORMS` is kept; one
+  that asks for a TPU where there is none gets libtpu's lookups of the
+  machine switched off, so its failure is our one line only."""
   from var_jax.hardware import tpu_attached  # pylint: disable=import-outside-toplevel
+  asked = os.environ.get("JAX_PLATFORMS", "").strip()
   if importlib.util.find_spec("libtpu") is None or tpu_attached():
+    return
+  if asked:
+    if "tpu" in asked.split(","):
+      # A TPU asked for where there is none: let libtpu fail without its
+      # lookups of the machine's accelerator and workers (each logs lines
+      # on stderr); the backend check then reports it in one line.
+      from var_jax.planning.topology import COMPILE_ONLY_ENV  # pylint: disable=import-outside-toplevel
+      for k, v in COMPILE_ONLY_ENV.items():
+        os.environ.setdefault(k, v)
     return
   gpu = any(importlib.util.find_spec(m) is not None
             for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))

@@ -49,12 +49,16 @@ def register(sub) -> None:
   p.add_argument("--cfg", type=float, default=3.0, help="guidance scale")
   p.add_argument("--tau", type=float, default=0.5,
                  help="temperature (logits are divided by it)")
-  p.add_argument("--top-k", type=int, default=900)
-  p.add_argument("--top-p", type=float, default=0.97)
+  p.add_argument("--top-k", type=int, default=900,
+                 help="keep each bit's k likelier classes (2 or more: all)")
+  p.add_argument("--top-p", type=float, default=0.97,
+                 help="drop a bit's less likely class when its probability "
+                      "is at most 1 - top_p")
   p.add_argument("--cfg-insertion-layer", type=int, default=0,
                  help="0: guide the logits; -n: the hidden states after "
                       "block depth - n")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0,
+                 help="random seed (>= 0); prompt i's draw uses its own keys")
   p.add_argument("--out", required=True,
                  help="an image file (.png, .jpg, .webp) for one prompt, a "
                       "directory for several (000000.png, ...)")
