@@ -62,6 +62,28 @@ def test_bad_topology_names_are_one_line(name, needle):
   assert needle in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("text,need,have", [
+    ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory "
+     "in memory space hbm. Used 95.78G of 95.73G hbm. Exceeded hbm capacity "
+     "by 49.75M.", 95.78, 95.73),
+    ("RESOURCE_EXHAUSTED: CompileTimeHbmOom: HLO temporaries (506.28G) "
+     "exceeds available HBM (95.73G)", 506.28, 95.73)])
+def test_both_compiler_out_of_memory_wordings_are_read(text, need, have):
+  from var_jax.planning import programs
+  oom = programs._oom(RuntimeError(text))  # pylint: disable=protected-access
+  assert (oom.needed, oom.available) == (need * 2 ** 30, have * 2 ** 30)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--global-batch", "8000000000000"], "more than a program can index"),
+    (["--sample", "--batch", "80000000000"], "more than a program can index"),
+])
+def test_absurd_batches_are_one_line(capsys, argv, needle):
+  code, _, err = _plan(capsys, "--topology", "v5e-8", "--preset", "tiny",
+                       *argv)
+  assert code == 2 and needle in err and "\n" not in err
+
+
 def test_missing_libtpu_is_one_line(monkeypatch, capsys):
   real = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None

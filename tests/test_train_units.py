@@ -212,14 +212,24 @@ def tiny_vae_dir(random_digits_vae_dir):
   return random_digits_vae_dir
 
 
-def test_bad_config_file_is_one_line(capsys, tmp_path):
+@pytest.mark.parametrize("body,says", [
+    ("def get_config():\n  return 3\n",
+     "{bad}: get_config() returned int, not TrainConfig"),
+    ("import sys\nsys.exit(3)\n", "cannot load config {bad}: SystemExit: 3"),
+    ("def get_config():\n  raise SystemExit(4)\n",
+     "{bad}: get_config() failed: SystemExit: 4"),
+    (None, "{bad} is a directory, not a config file")])
+def test_bad_config_file_is_one_line(capsys, tmp_path, body, says):
   bad = tmp_path / "cfg.py"
-  bad.write_text("def get_config():\n  return 3\n")
+  if body is None:
+    bad.mkdir()
+  else:
+    bad.write_text(body)
   rc, err = _cli_error(capsys, ["train", "--config", str(bad), "--workdir",
                                 str(tmp_path / "w")])
   assert rc == 2 and len(err) == 1, err
-  assert err[0] == (f"var-jax train: error: config {bad}: get_config() "
-                    "returned int, not TrainConfig"), err[0]
+  assert err[0].startswith("var-jax train: error: ") and err[0].endswith(
+      says.format(bad=bad)), err[0]
   assert not (tmp_path / "w").exists()
 
 

@@ -139,7 +139,5 @@ def _run(args) -> int:
   for line in plan.table(rec):
     print(line)
   print(json.dumps(rec, sort_keys=True))
-  if not rec["fits"]:
-    raise DoesNotFit(rec["advice"])
   return 0
 

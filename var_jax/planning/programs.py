@@ -59,8 +59,12 @@ class Compiled:
             - self.alias_bytes)
 
 
+# The compiler's two wordings: "... (506.28G) exceeds available HBM
+# (95.73G)" and "Used 95.78G of 95.73G hbm".
 _OOM = re.compile(r"\(([0-9.]+)([KMGT]?)\)\s*exceeds available HBM\s*"
                   r"\(([0-9.]+)([KMGT]?)\)", re.I)
+_OOM_USED = re.compile(r"Used\s+([0-9.]+)([KMGT]?)\s+of\s+([0-9.]+)([KMGT]?)"
+                       r"\s+hbm", re.I)
 _UNIT = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
 
 
@@ -69,7 +73,7 @@ def _oom(err: Exception) -> OutOfMemory | None:
   text = str(err)
   if "RESOURCE_EXHAUSTED" not in text and "HbmOom" not in text:
     return None
-  m = _OOM.search(text)
+  m = _OOM.search(text) or _OOM_USED.search(text)
   first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
   if not m:
     return OutOfMemory(None, None, first[:300])

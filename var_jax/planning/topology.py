@@ -19,13 +19,14 @@ from var_jax.hardware import TPU_PEAK_BF16
 GiB = 2 ** 30
 
 # Environment for libtpu on a host without TPUs, where it only compiles: the
-# accelerator and worker lookups it would log failures of, and its lock
-# that allows one process per host.
+# accelerator and worker lookups it would log failures of, its lock that
+# allows one process per host, and its log files.
 COMPILE_ONLY_ENV = {
     "TPU_SKIP_MDS_QUERY": "1",
     "TPU_ACCELERATOR_TYPE": "v5litepod-1",
     "TPU_WORKER_HOSTNAMES": "localhost",
     "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+    "TPU_LOG_DIR": "disabled",  # Else every process leaves logs in /tmp.
 }
 
 

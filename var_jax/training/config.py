@@ -298,7 +298,14 @@ class VAETrainConfig(RunConfig):
 def _exec_file(ref: str) -> types.ModuleType:
   """Runs a config file (local or `gs://...`) as a fresh module."""
   path = as_path(ref)
-  if not path.is_file():
+  try:
+    is_file, is_dir = path.is_file(), path.is_dir()
+  except OSError as e:  # e.g. gs:// without a network.
+    raise UserError(f"cannot read config {ref}: {type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}") from None
+  if is_dir:
+    raise UserError(f"config {ref} is a directory, not a config file")
+  if not is_file:
     raise UserError(f"config file not found: {ref}")
   name = f"_var_jax_config_{path.stem}"
   mod = types.ModuleType(name)
@@ -306,7 +313,7 @@ def _exec_file(ref: str) -> types.ModuleType:
   sys.modules[name] = mod  # Dataclasses in the file look their module up.
   try:
     exec(compile(path.read_text(), str(path), "exec"), mod.__dict__)  # noqa: S102
-  except Exception as e:  # The user's file: report its error in one line.
+  except (Exception, SystemExit) as e:  # The user's file: one line.
     raise UserError(f"cannot load config {ref}: {type(e).__name__}: {e}"
                     ) from None
   finally:
@@ -347,7 +354,7 @@ def load_config(ref: str, cls: type = TrainConfig):
     cfg = mod.get_config()
   except UserError:
     raise
-  except Exception as e:  # The user's code: any error, reported as theirs.
+  except (Exception, SystemExit) as e:  # The user's code: reported as theirs.
     msg = str(e).splitlines()[0] if str(e) else ""
     raise UserError(f"config {ref}: get_config() failed: "
                     f"{type(e).__name__}{': ' + msg if msg else ''}") from None
