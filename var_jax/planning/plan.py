@@ -121,12 +121,16 @@ FIT_LADDER = (("none", 1), ("dots", 1), ("block", 1), ("block", 2),
 
 
 def _compile_fitting(setups, m, slice_, DoesNotFit):
-  """Compiles the first setup that fits; the last one's error otherwise."""
+  """(setup, compiled, [what] of the setups that did not fit) of the first
+  setup that fits; the last one's error when none does."""
+  tried = []
   for i, (setup, what) in enumerate(setups):
     try:
-      return setup, programs.train_step(setup, m)
+      return setup, programs.train_step(setup, m), tried
     except programs.OutOfMemory as oom:
       if i + 1 < len(setups):
+        tried.append(f"remat {setup.opts.remat}, grad_accum "
+                     f"{setup.opts.grad_accum}")
         continue
       opts = setup.opts
       per_chip = setup.global_batch // opts.grad_accum // m.devices.size
@@ -234,7 +238,7 @@ def plan_training(slice_: topology.Slice, preset: str, *,
                    f", {cfg.dtype})"))
   if not setups:
     mesh_lib.check_batch(m, cfg.global_batch, cfg.grad_accum)  # Raises.
-  setup, run = _compile_fitting(setups, m, slice_, DoesNotFit)
+  setup, run, tried = _compile_fitting(setups, m, slice_, DoesNotFit)
   var = model.var
   unsplit, _ = sharding.unsplit_weights(abstract_split(VAR, var)[1], m)
   vae_def, vae_abs = abstract_split(VQVAE, model.vae)
@@ -284,7 +288,7 @@ def plan_training(slice_: topology.Slice, preset: str, *,
       seconds=seconds, why=why, preset=model.name,
       global_batch=cfg.global_batch, grad_accum=opts.grad_accum,
       remat=opts.remat, dtype=cfg.dtype, attention=impl,
-      unsplit_weight_bytes=unsplit)
+      unsplit_weight_bytes=unsplit, fit_tried=tried)
 
 
 def plan_sampling(slice_: topology.Slice, preset: str, *, batch: int,
@@ -376,6 +380,10 @@ def table(rec: dict) -> list[str]:
       ("compiled", f"in {rec['compile_seconds']:.1f} s with jax "
                    f"{rec['jax']}, libtpu {rec['libtpu']}"),
   ]
+  if rec.get("fit_tried"):
+    rows.insert(1, ("--fit", "did not fit with " + "; ".join(rec["fit_tried"])
+                    + f"; fits with remat {rec['remat']}, grad_accum "
+                    f"{rec['grad_accum']}"))
   if rec.get("unsplit_weight_bytes"):
     n = rec["unsplit_weight_bytes"]
     amount = _gib(n) if n >= 2 ** 27 else f"{n / 2 ** 20:.1f} MiB"
