@@ -170,8 +170,9 @@ def test_bundled_models_are_named():
 def test_catalog_lists_presets_configs_and_models(tmp_path):
   groups = dict(api.catalog(models_dir=tmp_path))
   assert list(groups) == [
-      "presets (--preset; a training config's model)",
-      "training configs (train / train-vae --config NAME)",
+      "model presets (convert / bench --preset; a training config's model)",
+      "training configs (train / train-vae --config NAME; plan --preset "
+      "NAME)",
       "bundled models (--ckpt NAME; shipped, no download)",
       f"released models (--ckpt NAME, var_jax.load(NAME); downloaded once "
       f"into {tmp_path})"]

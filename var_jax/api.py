@@ -258,9 +258,11 @@ def catalog(*, models_dir=None) -> list[tuple[str, list[tuple[str, str]]]]:
   from var_jax import checkpoint
   from var_jax.models.var.config import get_preset
   presets = importlib.import_module("var_jax.configs.models").PRESETS
-  groups = [("presets (--preset; a training config's model)",
+  groups = [("model presets (convert / bench --preset; a training "
+             "config's model)",
              [(name, _describe(cfg)) for name, cfg in presets.items()]),
-            ("training configs (train / train-vae --config NAME)",
+            ("training configs (train / train-vae --config NAME; plan "
+             "--preset NAME)",
              _training_configs())]
   bundled = []
   for name, path in BUNDLED.items():
