@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from var_jax.convert.rules import (Rule, conv, flat_to_pure,
-                                   official_to_flat, strip_prefixes)
+from var_jax.convert.rules import (Rule, conv_rules, flat_to_pure,
+                                   norm_rules, official_to_flat, resnet_rules,
+                                   strip_prefixes)
 from var_jax.errors import ConvertError
 from var_jax.models.abstract import abstract_split
 from var_jax.models.infinity.bsq import BSQConfig, BSQVAE
@@ -22,25 +23,15 @@ _MASKS = ("quantizer.lfq.mask", "quantize.lfq.mask")
 
 
 def _conv_rules(off, ours, cin, cout, k):
-  return [Rule(f"{off}.conv.weight", ours + ("kernel",), (cout, cin, k, k),
-               conv),
-          Rule(f"{off}.conv.bias", ours + ("bias",), (cout,))]
+  return conv_rules(off, ours, cin, cout, k, ".conv")
 
 
 def _norm_rules(off, ours, c):
-  return [Rule(f"{off}.norm.weight", ours + ("scale",), (c,)),
-          Rule(f"{off}.norm.bias", ours + ("bias",), (c,))]
+  return norm_rules(off, ours, c, ".norm")
 
 
 def _resnet_rules(off, ours, cin, cout):
-  r = (_norm_rules(f"{off}.norm1", ours + ("norm1",), cin)
-       + _conv_rules(f"{off}.conv1", ours + ("conv1",), cin, cout, 3)
-       + _norm_rules(f"{off}.norm2", ours + ("norm2",), cout)
-       + _conv_rules(f"{off}.conv2", ours + ("conv2",), cout, cout, 3))
-  if cin != cout:
-    r += _conv_rules(f"{off}.nin_shortcut", ours + ("nin_shortcut",), cin,
-                     cout, 1)
-  return r
+  return resnet_rules(off, ours, cin, cout, ".conv", ".norm")
 
 
 def _mid_rules(off, ours, c):

@@ -8,8 +8,8 @@ official models carry but we compute (`lvl_1L`, the attention mask,
 
 from __future__ import annotations
 
-from var_jax.convert.rules import Rule
-from var_jax.convert.rules import conv as _conv
+from var_jax.convert.rules import (Rule, conv_rules, norm_rules,
+                                   resnet_rules)
 from var_jax.convert.rules import linear as _linear
 from var_jax.convert.rules import same as _same
 from var_jax.models.var.config import VARConfig, VQVAEConfig
@@ -24,80 +24,59 @@ def _gss(a):  # (1, 1, 6, C) -> (6, C)
   return a.reshape(a.shape[-2], a.shape[-1])
 
 
-def _conv_rules(off, ours, cin, cout, k):
-  return [Rule(f"{off}.weight", ours + ("kernel",), (cout, cin, k, k), _conv),
-          Rule(f"{off}.bias", ours + ("bias",), (cout,))]
-
-
-def _norm_rules(off, ours, c):
-  return [Rule(f"{off}.weight", ours + ("scale",), (c,)),
-          Rule(f"{off}.bias", ours + ("bias",), (c,))]
-
-
-def _resnet_rules(off, ours, cin, cout):
-  rules = (_norm_rules(f"{off}.norm1", ours + ("norm1",), cin)
-           + _conv_rules(f"{off}.conv1", ours + ("conv1",), cin, cout, 3)
-           + _norm_rules(f"{off}.norm2", ours + ("norm2",), cout)
-           + _conv_rules(f"{off}.conv2", ours + ("conv2",), cout, cout, 3))
-  if cin != cout:
-    rules += _conv_rules(f"{off}.nin_shortcut", ours + ("nin_shortcut",),
-                         cin, cout, 1)
-  return rules
-
-
 def _attn_rules(off, ours, c):
-  return (_norm_rules(f"{off}.norm", ours + ("norm",), c)
-          + _conv_rules(f"{off}.qkv", ours + ("qkv",), c, 3 * c, 1)
-          + _conv_rules(f"{off}.proj_out", ours + ("proj_out",), c, c, 1))
+  return (norm_rules(f"{off}.norm", ours + ("norm",), c)
+          + conv_rules(f"{off}.qkv", ours + ("qkv",), c, 3 * c, 1)
+          + conv_rules(f"{off}.proj_out", ours + ("proj_out",), c, c, 1))
 
 
 def _mid_rules(off, ours, c):
-  return (_resnet_rules(f"{off}.block_1", ours + ("block_1",), c, c)
+  return (resnet_rules(f"{off}.block_1", ours + ("block_1",), c, c)
           + _attn_rules(f"{off}.attn_1", ours + ("attn_1",), c)
-          + _resnet_rules(f"{off}.block_2", ours + ("block_2",), c, c))
+          + resnet_rules(f"{off}.block_2", ours + ("block_2",), c, c))
 
 
 def vqvae_rules(cfg: VQVAEConfig) -> list[Rule]:
   """Every tensor of the official VQVAE state dict, in order."""
   ch, mult, n, z = cfg.ch, cfg.ch_mult, len(cfg.ch_mult), cfg.z_channels
-  r = _conv_rules("encoder.conv_in", ("encoder", "conv_in"), cfg.in_channels,
+  r = conv_rules("encoder.conv_in", ("encoder", "conv_in"), cfg.in_channels,
                   ch, 3)
   block_in = ch
   for i in range(n):
     out = ch * mult[i]
     for j in range(cfg.num_res_blocks):
-      r += _resnet_rules(f"encoder.down.{i}.block.{j}",
+      r += resnet_rules(f"encoder.down.{i}.block.{j}",
                          ("encoder", "down", i, "block", j), block_in, out)
       block_in = out
       if i == n - 1:
         r += _attn_rules(f"encoder.down.{i}.attn.{j}",
                          ("encoder", "down", i, "attn", j), block_in)
     if i != n - 1:
-      r += _conv_rules(f"encoder.down.{i}.downsample.conv",
+      r += conv_rules(f"encoder.down.{i}.downsample.conv",
                        ("encoder", "down", i, "resample", "conv"),
                        block_in, block_in, 3)
   r += _mid_rules("encoder.mid", ("encoder", "mid"), block_in)
-  r += _norm_rules("encoder.norm_out", ("encoder", "norm_out"), block_in)
-  r += _conv_rules("encoder.conv_out", ("encoder", "conv_out"), block_in, z, 3)
+  r += norm_rules("encoder.norm_out", ("encoder", "norm_out"), block_in)
+  r += conv_rules("encoder.conv_out", ("encoder", "conv_out"), block_in, z, 3)
 
   block_in = ch * mult[-1]
-  r += _conv_rules("decoder.conv_in", ("decoder", "conv_in"), z, block_in, 3)
+  r += conv_rules("decoder.conv_in", ("decoder", "conv_in"), z, block_in, 3)
   r += _mid_rules("decoder.mid", ("decoder", "mid"), block_in)
   for i in reversed(range(n)):
     out = ch * mult[i]
     for j in range(cfg.num_res_blocks + 1):
-      r += _resnet_rules(f"decoder.up.{i}.block.{j}",
+      r += resnet_rules(f"decoder.up.{i}.block.{j}",
                          ("decoder", "up", i, "block", j), block_in, out)
       block_in = out
       if i == n - 1:
         r += _attn_rules(f"decoder.up.{i}.attn.{j}",
                          ("decoder", "up", i, "attn", j), block_in)
     if i != 0:
-      r += _conv_rules(f"decoder.up.{i}.upsample.conv",
+      r += conv_rules(f"decoder.up.{i}.upsample.conv",
                        ("decoder", "up", i, "resample", "conv"),
                        block_in, block_in, 3)
-  r += _norm_rules("decoder.norm_out", ("decoder", "norm_out"), block_in)
-  r += _conv_rules("decoder.conv_out", ("decoder", "conv_out"), block_in,
+  r += norm_rules("decoder.norm_out", ("decoder", "norm_out"), block_in)
+  r += conv_rules("decoder.conv_out", ("decoder", "conv_out"), block_in,
                    cfg.in_channels, 3)
 
   k = len(cfg.v_patch_nums)
@@ -115,10 +94,10 @@ def vqvae_rules(cfg: VQVAEConfig) -> list[Rule]:
         off = "quantize.quant_resi.qresi"
       else:
         off = f"quantize.quant_resi.qresi_ls.{i}"
-      r += _conv_rules(off, ("quantize", "quant_resi", i), z, z, 3)
+      r += conv_rules(off, ("quantize", "quant_resi", i), z, z, 3)
   ks = cfg.quant_conv_ks
-  r += _conv_rules("quant_conv", ("quant_conv",), z, z, ks)
-  r += _conv_rules("post_quant_conv", ("post_quant_conv",), z, z, ks)
+  r += conv_rules("quant_conv", ("quant_conv",), z, z, ks)
+  r += conv_rules("post_quant_conv", ("post_quant_conv",), z, z, ks)
   return r
 
 
