@@ -83,7 +83,8 @@ def test_list_prints_one_line_per_entry_grouped(capsys, monkeypatch,
   lines = capsys.readouterr().out.rstrip("\n").split("\n")
   headings = [x for x in lines if x and not x.startswith(" ")]
   assert [h.split(" (")[0] for h in headings] == [
-      "presets", "training configs", "bundled models", "released models"]
+      "model presets", "training configs", "bundled models",
+      "released models"]
   entries = {x.split()[0]: x for x in lines if x.startswith("  ")}
   assert "digits" in entries and "digits_refiner" in entries
   assert "train_d16" in entries and "tiny" in entries

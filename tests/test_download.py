@@ -329,7 +329,8 @@ def test_cli_pair_through_fake_hub(fake_hub, tmp_path, capsys, argv, files,
     (("--code", "5"), "CoDe publishes pairs for --code 6, 7, 8, 9, not 5"),
     (("--code", "6", "--refiner", "d20"), "--refiner goes with --model"),
     (("--code", "6", "--model", "d30"), "not allowed with argument"),
-    (("--refiner", "d16"), "one of the arguments --model --code is required"),
+    (("--refiner", "d16"), "one of the arguments --model --infinity --code is "
+     "required"),
     (("--code", "8", "--pth-dir", "OUT/drafter/pth"),
      "--pth-dir must differ from --out and lie outside it"),
 ])

@@ -156,4 +156,4 @@ def test_a_signal_while_the_process_exits_is_ignored(name):
                      capture_output=True, text=True, timeout=120, check=False)
   assert p.returncode == 0, p.stderr
   assert p.stderr == "", p.stderr
-  assert p.stdout.startswith("presets"), p.stdout
+  assert p.stdout.startswith("model presets"), p.stdout
