@@ -57,22 +57,6 @@ def norm_rules(off: str, ours: tuple, c: int, wrap: str = "") -> list[Rule]:
           Rule(f"{off}{wrap}.bias", ours + ("bias",), (c,))]
 
 
-def resnet_rules(off: str, ours: tuple, cin: int, cout: int,
-                 conv_wrap: str = "", norm_wrap: str = "") -> list[Rule]:
-  """A VQGAN residual block (`models/vqgan.py:ResnetBlock`); the wraps are
-  the official modules' extra level (Infinity's `.conv`, `.norm`)."""
-  r = (norm_rules(f"{off}.norm1", ours + ("norm1",), cin, norm_wrap)
-       + conv_rules(f"{off}.conv1", ours + ("conv1",), cin, cout, 3,
-                    conv_wrap)
-       + norm_rules(f"{off}.norm2", ours + ("norm2",), cout, norm_wrap)
-       + conv_rules(f"{off}.conv2", ours + ("conv2",), cout, cout, 3,
-                    conv_wrap))
-  if cin != cout:
-    r += conv_rules(f"{off}.nin_shortcut", ours + ("nin_shortcut",), cin,
-                    cout, 1, conv_wrap)
-  return r
-
-
 _WRAPPERS = ("module.", "_orig_mod.")
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from var_jax.convert.rules import (Rule, conv_rules, flat_to_pure,
-                                   norm_rules, official_to_flat, resnet_rules,
+from var_jax.convert.rules import (Rule, flat_to_pure, official_to_flat,
                                    strip_prefixes)
+from var_jax.convert.vqgan import stack_rules
 from var_jax.errors import ConvertError
 from var_jax.models.abstract import abstract_split
 from var_jax.models.infinity.bsq import BSQConfig, BSQVAE
@@ -22,58 +22,12 @@ from var_jax.models.infinity.bsq import BSQConfig, BSQVAE
 _MASKS = ("quantizer.lfq.mask", "quantize.lfq.mask")
 
 
-def _conv_rules(off, ours, cin, cout, k):
-  return conv_rules(off, ours, cin, cout, k, ".conv")
-
-
-def _norm_rules(off, ours, c):
-  return norm_rules(off, ours, c, ".norm")
-
-
-def _resnet_rules(off, ours, cin, cout):
-  return resnet_rules(off, ours, cin, cout, ".conv", ".norm")
-
-
-def _mid_rules(off, ours, c):
-  return (_resnet_rules(f"{off}.block_1", ours + ("block_1",), c, c)
-          + _resnet_rules(f"{off}.block_2", ours + ("block_2",), c, c))
-
-
 def bsq_rules(cfg: BSQConfig) -> list[Rule]:
   """Every tensor of the official tokenizer state dict, in order."""
-  ch, mult, n, d = cfg.ch, cfg.ch_mult, len(cfg.ch_mult), cfg.codebook_dim
-  r = _conv_rules("encoder.conv_in", ("encoder", "conv_in"), 3, ch, 3)
-  block_in = ch
-  for i in range(n):
-    for j in range(cfg.num_res_blocks):
-      r += _resnet_rules(f"encoder.down.{i}.block.{j}",
-                         ("encoder", "down", i, "block", j), block_in,
-                         ch * mult[i])
-      block_in = ch * mult[i]
-    if i != n - 1:
-      r += _conv_rules(f"encoder.down.{i}.downsample.conv",
-                       ("encoder", "down", i, "resample", "conv"), block_in,
-                       block_in, 3)
-  r += _mid_rules("encoder.mid", ("encoder", "mid"), block_in)
-  r += _norm_rules("encoder.norm_out", ("encoder", "norm_out"), block_in)
-  r += _conv_rules("encoder.conv_out", ("encoder", "conv_out"), block_in, d, 3)
-  block_in = ch * mult[-1]
-  r += _conv_rules("decoder.conv_in", ("decoder", "conv_in"), d, block_in, 3)
-  r += _mid_rules("decoder.mid", ("decoder", "mid"), block_in)
-  for i in reversed(range(n)):
-    for j in range(cfg.num_res_blocks + 1):
-      r += _resnet_rules(f"decoder.up.{i}.block.{j}",
-                         ("decoder", "up", i, "block", j), block_in,
-                         ch * mult[i])
-      block_in = ch * mult[i]
-    if i != 0:
-      r += _conv_rules(f"decoder.up.{i}.upsample.conv",
-                       ("decoder", "up", i, "resample", "conv"), block_in,
-                       block_in, 3)
-  r += _norm_rules("decoder.norm_out", ("decoder", "norm_out"), block_in)
-  r += _conv_rules("decoder.conv_out", ("decoder", "conv_out"), block_in, 3, 3)
-  r += [Rule(m, (), (d,)) for m in _MASKS]
-  return r
+  return stack_rules(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, 3,
+                     cfg.codebook_dim, attention=False, conv_wrap=".conv",
+                     norm_wrap=".norm") + [
+                         Rule(m, (), (cfg.codebook_dim,)) for m in _MASKS]
 
 
 def state_dict_of(obj, path) -> dict:

@@ -8,8 +8,8 @@ official models carry but we compute (`lvl_1L`, the attention mask,
 
 from __future__ import annotations
 
-from var_jax.convert.rules import (Rule, conv_rules, norm_rules,
-                                   resnet_rules)
+from var_jax.convert.rules import Rule, conv_rules
+from var_jax.convert.vqgan import stack_rules
 from var_jax.convert.rules import linear as _linear
 from var_jax.convert.rules import same as _same
 from var_jax.models.var.config import VARConfig, VQVAEConfig
@@ -24,61 +24,11 @@ def _gss(a):  # (1, 1, 6, C) -> (6, C)
   return a.reshape(a.shape[-2], a.shape[-1])
 
 
-def _attn_rules(off, ours, c):
-  return (norm_rules(f"{off}.norm", ours + ("norm",), c)
-          + conv_rules(f"{off}.qkv", ours + ("qkv",), c, 3 * c, 1)
-          + conv_rules(f"{off}.proj_out", ours + ("proj_out",), c, c, 1))
-
-
-def _mid_rules(off, ours, c):
-  return (resnet_rules(f"{off}.block_1", ours + ("block_1",), c, c)
-          + _attn_rules(f"{off}.attn_1", ours + ("attn_1",), c)
-          + resnet_rules(f"{off}.block_2", ours + ("block_2",), c, c))
-
-
 def vqvae_rules(cfg: VQVAEConfig) -> list[Rule]:
   """Every tensor of the official VQVAE state dict, in order."""
-  ch, mult, n, z = cfg.ch, cfg.ch_mult, len(cfg.ch_mult), cfg.z_channels
-  r = conv_rules("encoder.conv_in", ("encoder", "conv_in"), cfg.in_channels,
-                  ch, 3)
-  block_in = ch
-  for i in range(n):
-    out = ch * mult[i]
-    for j in range(cfg.num_res_blocks):
-      r += resnet_rules(f"encoder.down.{i}.block.{j}",
-                         ("encoder", "down", i, "block", j), block_in, out)
-      block_in = out
-      if i == n - 1:
-        r += _attn_rules(f"encoder.down.{i}.attn.{j}",
-                         ("encoder", "down", i, "attn", j), block_in)
-    if i != n - 1:
-      r += conv_rules(f"encoder.down.{i}.downsample.conv",
-                       ("encoder", "down", i, "resample", "conv"),
-                       block_in, block_in, 3)
-  r += _mid_rules("encoder.mid", ("encoder", "mid"), block_in)
-  r += norm_rules("encoder.norm_out", ("encoder", "norm_out"), block_in)
-  r += conv_rules("encoder.conv_out", ("encoder", "conv_out"), block_in, z, 3)
-
-  block_in = ch * mult[-1]
-  r += conv_rules("decoder.conv_in", ("decoder", "conv_in"), z, block_in, 3)
-  r += _mid_rules("decoder.mid", ("decoder", "mid"), block_in)
-  for i in reversed(range(n)):
-    out = ch * mult[i]
-    for j in range(cfg.num_res_blocks + 1):
-      r += resnet_rules(f"decoder.up.{i}.block.{j}",
-                         ("decoder", "up", i, "block", j), block_in, out)
-      block_in = out
-      if i == n - 1:
-        r += _attn_rules(f"decoder.up.{i}.attn.{j}",
-                         ("decoder", "up", i, "attn", j), block_in)
-    if i != 0:
-      r += conv_rules(f"decoder.up.{i}.upsample.conv",
-                       ("decoder", "up", i, "resample", "conv"),
-                       block_in, block_in, 3)
-  r += norm_rules("decoder.norm_out", ("decoder", "norm_out"), block_in)
-  r += conv_rules("decoder.conv_out", ("decoder", "conv_out"), block_in,
-                   cfg.in_channels, 3)
-
+  z = cfg.z_channels
+  r = stack_rules(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.in_channels,
+                  z, attention=True)
   k = len(cfg.v_patch_nums)
   r.append(Rule("quantize.ema_vocab_hit_SV", ("quantize", "ema_vocab_hit_SV"),
                 (k, cfg.vocab_size)))
