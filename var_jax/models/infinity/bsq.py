@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from var_jax.models import interp
+from var_jax.models.layers import l2_normalize
 from var_jax.models.vqgan import Decoder, Encoder
 
 
@@ -47,16 +48,12 @@ BSQ_D14_PATCHIFY = BSQConfig(codebook_dim=14, ch_mult=(1, 2, 4, 4),
                              spatial_patchify=True)
 
 
-def _l2norm(x, eps=1e-12):
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
-
-
 def quantize(r_BhwC: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(codes, bits) of one scale's residual: bit = normalised value > 0,
   code = +-1/sqrt(d) (written z + (code - z), as the reference's
   straight-through form rounds it)."""
   d = r_BhwC.shape[-1]
-  z = _l2norm(r_BhwC.astype(jnp.float32))
+  z = l2_normalize(r_BhwC.astype(jnp.float32))
   pos = z > 0
   code = jnp.where(pos, 1.0, -1.0) * jnp.float32(1 / math.sqrt(d))
   return z + (code - z), pos.astype(jnp.int32)
@@ -66,7 +63,7 @@ def bits_to_codes(bits_BhwC: jax.Array) -> jax.Array:
   """Codes of 0/1 bits, as the reference rebuilds them (2 s b - s, then
   normalised; s = 1/sqrt(d))."""
   s = jnp.float32(1 / math.sqrt(bits_BhwC.shape[-1]))
-  return _l2norm(bits_BhwC.astype(jnp.float32) * s * 2 - s)
+  return l2_normalize(bits_BhwC.astype(jnp.float32) * s * 2 - s)
 
 
 class Encoding(NamedTuple):

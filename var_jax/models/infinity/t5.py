@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from var_jax.models.layers import param, rms_norm
+
 FSDP = "fsdp"
 
 
@@ -64,17 +66,6 @@ def relative_buckets(q_len: int, k_len: int, num_buckets: int,
   return bucket + jnp.where(n < exact, n, far)
 
 
-def rms_norm(x, weight, eps):
-  """T5's layer norm: scale by the root mean square (float32), no mean."""
-  x = x.astype(jnp.float32)
-  var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
-  return x * jax.lax.rsqrt(var + eps) * weight
-
-
-def _param(value, sharding):
-  return nnx.Param(value, out_sharding=sharding, eager_sharding=False)
-
-
 class T5Encoder(nnx.Module):
   """Token ids -> contextual embeddings (the encoder's last hidden state)."""
 
@@ -84,22 +75,22 @@ class T5Encoder(nnx.Module):
     n, d, f, i = cfg.num_layers, cfg.d_model, cfg.d_ff, cfg.inner_dim
 
     def w(shape, fan_in, sharding):
-      return _param(jax.random.normal(rngs.params(), shape, jnp.float32)
+      return param(jax.random.normal(rngs.params(), shape, jnp.float32)
                     / math.sqrt(fan_in), sharding)
 
     self.embed = w((cfg.vocab_size, d), d, (None, FSDP))
     self.rel_bias = w((cfg.relative_attention_num_buckets, cfg.num_heads), 1,
                       (None, None))
-    self.ln1 = _param(jnp.ones((n, d)), (None, None))
+    self.ln1 = param(jnp.ones((n, d)), (None, None))
     self.q = w((n, d, i), d, (None, FSDP, None))
     self.k = w((n, d, i), d, (None, FSDP, None))
     self.v = w((n, d, i), d, (None, FSDP, None))
     self.o = w((n, i, d), i, (None, FSDP, None))
-    self.ln2 = _param(jnp.ones((n, d)), (None, None))
+    self.ln2 = param(jnp.ones((n, d)), (None, None))
     self.wi0 = w((n, d, f), d, (None, FSDP, None))
     self.wi1 = w((n, d, f), d, (None, FSDP, None))
     self.wo = w((n, f, d), f, (None, FSDP, None))
-    self.final_ln = _param(jnp.ones((d,)), (None,))
+    self.final_ln = param(jnp.ones((d,)), (None,))
 
   def position_bias(self, q_len: int, k_len: int) -> jax.Array:
     """(heads, q_len, k_len) float32."""

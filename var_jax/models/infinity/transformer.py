@@ -28,27 +28,11 @@ from flax import nnx
 
 from var_jax.models.infinity import schedules
 from var_jax.models.infinity.config import InfinityConfig
-from var_jax.models.infinity.t5 import rms_norm
+from var_jax.models.layers import (l2_normalize, layer_norm, param,
+                                    rms_norm)
 
 FSDP = "fsdp"
 _MAX_LOG_SCALE = math.log(100.0)
-
-
-def _param(value, sharding):
-  return nnx.Param(value, out_sharding=sharding, eager_sharding=False)
-
-
-def layer_norm(x, eps, weight=None, bias=None):
-  """LayerNorm in float32, affine only when given."""
-  x = x.astype(jnp.float32)
-  mu = jnp.mean(x, -1, keepdims=True)
-  y = (x - mu) * jax.lax.rsqrt(jnp.mean(jnp.square(x - mu), -1,
-                                        keepdims=True) + eps)
-  return y if weight is None else y * weight + bias
-
-
-def _l2norm(x, eps=1e-12):
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def _bf16(x):
@@ -101,14 +85,14 @@ class Infinity(nnx.Module):
     f, h, hp = cfg.mlp_dim, cfg.num_heads, cfg.pool_heads
 
     def w(shape, fan_in, sharding):
-      return _param(jax.random.normal(rngs.params(), shape, jnp.float32)
+      return param(jax.random.normal(rngs.params(), shape, jnp.float32)
                     / math.sqrt(fan_in), sharding)
 
     def zeros(shape, sharding):
-      return _param(jnp.zeros(shape, jnp.float32), sharding)
+      return param(jnp.zeros(shape, jnp.float32), sharding)
 
     self.cfg_uncond = w((cfg.text_maxlen, t), t, (None, None))
-    self.text_norm = _param(jnp.ones((t,)), (None,))
+    self.text_norm = param(jnp.ones((t,)), (None,))
     self.pool_q = w((hp, c // hp), c // hp, (None, None))
     self.pool_kv = w((t, 2 * c), t, (FSDP, None))
     self.pool_v_bias = zeros((c,), (None,))
@@ -129,10 +113,10 @@ class Infinity(nnx.Module):
     self.qkv = w((n, c, 3 * c), c, (None, FSDP, None))
     self.q_bias = zeros((n, c), (None, None))
     self.v_bias = zeros((n, c), (None, None))
-    self.scale_mul = _param(jnp.full((n, h), math.log(4.0)), (None, None))
+    self.scale_mul = param(jnp.full((n, h), math.log(4.0)), (None, None))
     self.proj = w((n, c, c), c, (None, FSDP, None))
     self.proj_b = zeros((n, c), (None, None))
-    self.ca_norm_w = _param(jnp.ones((n, c)), (None, None))
+    self.ca_norm_w = param(jnp.ones((n, c)), (None, None))
     self.ca_norm_b = zeros((n, c), (None, None))
     self.ca_q = w((n, c, c), c, (None, FSDP, None))
     self.ca_q_b = zeros((n, c), (None, None))
@@ -206,8 +190,8 @@ class Infinity(nnx.Module):
         [p["q_bias"], jnp.zeros_like(p["q_bias"]), p["v_bias"]])
     q, k, v = jnp.split(qkv.reshape(b, l, 3, h, hc), 3, 2)
     temp = jnp.exp(jnp.minimum(p["scale_mul"], _MAX_LOG_SCALE))
-    q = rotate(_l2norm(q[:, :, 0]) * temp[:, None], rope_cos_Lk, rope_sin_Lk)
-    k = rotate(_l2norm(k[:, :, 0]), rope_cos_Lk, rope_sin_Lk)
+    q = rotate(l2_normalize(q[:, :, 0]) * temp[:, None], rope_cos_Lk, rope_sin_Lk)
+    k = rotate(l2_normalize(k[:, :, 0]), rope_cos_Lk, rope_sin_Lk)
     v = v[:, :, 0]
     new_kv = (k, v)
     if cache_kv is not None:

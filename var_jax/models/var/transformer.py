@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from var_jax.models.layers import l2_normalize, layer_norm, param
 from var_jax.models.var.config import REMAT_CHOICES, VARConfig
 from var_jax.models import attention, scales
 
@@ -29,26 +30,6 @@ FSDP = "fsdp"
 
 def _normal(key, shape, std):
   return std * jax.random.normal(key, shape, jnp.float32)
-
-
-def _param(value, sharding):
-  # The sharding names are metadata: the trainer places the state through
-  # jit(out_shardings=...), so nothing is sharded eagerly at construction
-  # (and Flax's global flax_always_shard_variable is left as it is).
-  return nnx.Param(value, out_sharding=sharding, eager_sharding=False)
-
-
-def layer_norm(x, eps):
-  """LayerNorm without affine parameters, computed in float32."""
-  x = x.astype(jnp.float32)
-  mu = jnp.mean(x, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True)
-  return (x - mu) * jax.lax.rsqrt(var + eps)
-
-
-def _l2norm(x, eps=1e-12):
-  n = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
-  return x / jnp.maximum(n, eps)
 
 
 def _mm(x, w, dtype):
@@ -61,8 +42,8 @@ class Linear(nnx.Module):
   """y = x W + b with W stored (in, out); shards the input axis over fsdp."""
 
   def __init__(self, din, dout, *, key, std, sharding=(FSDP, None)):
-    self.kernel = _param(_normal(key, (din, dout), std), sharding)
-    self.bias = _param(jnp.zeros((dout,), jnp.float32), (None,))
+    self.kernel = param(_normal(key, (din, dout), std), sharding)
+    self.bias = param(jnp.zeros((dout,), jnp.float32), (None,))
 
   def __call__(self, x, dtype=jnp.float32):
     return _mm(x, self.kernel[...], dtype) + self.bias[...]
@@ -71,7 +52,7 @@ class Linear(nnx.Module):
 class Embed(nnx.Module):
 
   def __init__(self, n, d, *, key, std):
-    self.embedding = _param(_normal(key, (n, d), std), (None, FSDP))
+    self.embedding = param(_normal(key, (n, d), std), (None, FSDP))
 
   def __call__(self, idx):
     return jnp.take(self.embedding[...], idx, axis=0)
@@ -99,27 +80,27 @@ class Blocks(nnx.Module):
     std = math.sqrt(1 / c / 3)
     ks = jax.random.split(key, 6)
     out_div = math.sqrt(2 * d)
-    self.mat_qkv = _param(_normal(ks[0], (d, c, 3 * c), std), (None, FSDP, None))
-    self.q_bias = _param(jnp.zeros((d, c)), (None, None))
-    self.v_bias = _param(jnp.zeros((d, c)), (None, None))
-    self.scale_mul = _param(jnp.full((d, h), math.log(4.0)), (None, None))
-    self.proj_w = _param(_normal(ks[1], (d, c, c), std / out_div),
+    self.mat_qkv = param(_normal(ks[0], (d, c, 3 * c), std), (None, FSDP, None))
+    self.q_bias = param(jnp.zeros((d, c)), (None, None))
+    self.v_bias = param(jnp.zeros((d, c)), (None, None))
+    self.scale_mul = param(jnp.full((d, h), math.log(4.0)), (None, None))
+    self.proj_w = param(_normal(ks[1], (d, c, c), std / out_div),
                          (None, None, FSDP))
-    self.proj_b = _param(jnp.zeros((d, c)), (None, None))
-    self.fc1_w = _param(_normal(ks[2], (d, c, f), std), (None, FSDP, None))
-    self.fc1_b = _param(jnp.zeros((d, f)), (None, None))
-    self.fc2_w = _param(_normal(ks[3], (d, f, c), std / out_div),
+    self.proj_b = param(jnp.zeros((d, c)), (None, None))
+    self.fc1_w = param(_normal(ks[2], (d, c, f), std), (None, FSDP, None))
+    self.fc1_b = param(jnp.zeros((d, f)), (None, None))
+    self.fc2_w = param(_normal(ks[3], (d, f, c), std / out_div),
                         (None, None, FSDP))
-    self.fc2_b = _param(jnp.zeros((d, c)), (None, None))
+    self.fc2_b = param(jnp.zeros((d, c)), (None, None))
     # AdaLN gains: gamma (first 2C outputs) start near 0, scale/shift at 0.5x.
     gain = jnp.concatenate([jnp.full((2 * c,), 1e-5), jnp.full((4 * c,), 0.5)])
     if cfg.shared_aln:
       gss = jax.random.normal(ks[4], (d, 6, c)) / math.sqrt(c)
-      self.ada_gss = _param(gss * gain.reshape(6, c), (None, None, FSDP))
+      self.ada_gss = param(gss * gain.reshape(6, c), (None, None, FSDP))
     else:
-      self.ada_w = _param(_normal(ks[4], (d, c, 6 * c), std) * gain,
+      self.ada_w = param(_normal(ks[4], (d, c, 6 * c), std) * gain,
                           (None, FSDP, None))
-      self.ada_b = _param(jnp.zeros((d, 6 * c)), (None, None))
+      self.ada_b = param(jnp.zeros((d, 6 * c)), (None, None))
 
   def stacked(self) -> dict[str, jax.Array]:
     """The per-layer parameter arrays, each with leading axis `depth`."""
@@ -178,8 +159,8 @@ def _qkv(cfg, p, x_BLC, dtype):
   q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, L, H, c)
   if cfg.attn_l2_norm:
     mul = jnp.exp(jnp.minimum(p["scale_mul"], math.log(100.0)))
-    q = _l2norm(q) * mul[None, None, :, None]
-    k = _l2norm(k)
+    q = l2_normalize(q) * mul[None, None, :, None]
+    k = l2_normalize(k)
   return q, k, v
 
 
@@ -268,9 +249,9 @@ class VAR(nnx.Module):
     self.word_embed = Linear(cfg.cvae, c, key=ks[0], std=std,
                              sharding=(None, FSDP))
     self.class_emb = Embed(cfg.num_classes + 1, c, key=ks[1], std=std)
-    self.pos_start = _param(_normal(ks[2], (1, cfg.first_l, c), std),
+    self.pos_start = param(_normal(ks[2], (1, cfg.first_l, c), std),
                             (None, None, FSDP))
-    self.pos_1LC = _param(_normal(ks[3], (1, cfg.seq_len, c), std),
+    self.pos_1LC = param(_normal(ks[3], (1, cfg.seq_len, c), std),
                           (None, None, FSDP))
     self.lvl_embed = Embed(len(cfg.patch_nums), c, key=ks[4], std=std)
     self.shared_ada_lin = (Linear(c, 6 * c, key=ks[5], std=std)
