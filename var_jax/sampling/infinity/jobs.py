@@ -27,7 +27,6 @@ def text_to_image(ckpt, prompts: list[str], opts: InfinityOptions, *,
                                 models.text_encoder.cfg.max_length)
   ids, mask = tok.encode(prompts)
   grids = schedules.schedule(ratio, resolution)
-  opts.per_scale(len(grids), models.transformer.cfg.depth)  # Raises.
   null = null_mask = None
   if negative is not None:
     nid, nmask = tok.encode([negative] * len(prompts))
