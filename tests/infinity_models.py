@@ -50,3 +50,11 @@ def tokenizer(golden_dir):
 def arrays(golden_dir):
   with np.load(golden_dir / "infinity" / "golden_infinity.npz") as z:
     return {k: z[k] for k in z.files}
+
+
+def padded_text(g, rows=slice(None)):
+  """The golden prompts' T5 states as the padded batch the models take:
+  (states (B, T, C), mask (B, T) int32, 1 on each prompt's tokens)."""
+  hidden = g["text/t5_hidden"][rows]
+  mask = np.arange(hidden.shape[1]) < g["text/lens"][rows, None]
+  return hidden, mask.astype(np.int32)

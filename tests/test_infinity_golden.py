@@ -32,14 +32,6 @@ def model(golden_dir):
   return infinity_models.transformer(golden_dir)
 
 
-def _text(g):
-  """The packed T5 states as the padded (B, T, C) batch we take."""
-  lens = g["text/lens"]
-  hidden = g["text/t5_hidden"]
-  mask = (np.arange(hidden.shape[1]) < lens[:, None]).astype(np.int32)
-  return hidden, mask
-
-
 def test_config_is_read_off_the_tensors(model):
   assert model.cfg == InfinityConfig(depth=2, embed_dim=128, num_heads=2,
                                      text_channels=256, codebook_dim=16)
@@ -52,7 +44,7 @@ def test_schedule_and_rope_table(g):
 
 
 def test_text_condition_matches_official(model, g):
-  hidden, mask = _text(g)
+  hidden, mask = infinity_models.padded_text(g)
   cond = model.condition(hidden, mask)
   assert_close_rel(cond.cond_BC, g["tf/cond_BD"], name="cond_BD")
   packed = np.concatenate([np.asarray(cond.ca_kv_BTC[i, :n])
@@ -81,7 +73,7 @@ def test_each_block_from_the_official_input_matches(model, g):
   # values and output to bfloat16, so an f32 sum that lands within an ulp
   # of a bfloat16 midpoint rounds the other way (the next test), and over
   # several blocks such flips add up.
-  hidden, mask = _text(g)
+  hidden, mask = infinity_models.padded_text(g)
   cond = model.condition(hidden, mask)
   cos, sin, bias = model.teacher_forcing_layout(GRIDS)
   ins = [g["tf/block_in"]] + list(g["tf/block_out"][:-1])
@@ -101,7 +93,7 @@ def test_cross_attention_differs_only_by_bfloat16_rounding_ties(model, g):
   # step from the official value, and our float32 value before the
   # rounding lies within 1e-5 of the array's max magnitude (float32 noise)
   # of the midpoint between the two.
-  hidden, mask = _text(g)
+  hidden, mask = infinity_models.padded_text(g)
   cond = model.condition(hidden, mask)
   p = _block(model, 0)
   gamma1 = (p["ada_gss"] + cond.gss_B6C)[:, :1]
@@ -134,7 +126,7 @@ def test_cross_attention_differs_only_by_bfloat16_rounding_ties(model, g):
 
 
 def test_teacher_forced_bits_and_loss_match_official(model, g):
-  hidden, mask = _text(g)
+  hidden, mask = infinity_models.padded_text(g)
   logits = jax.jit(lambda h, m, x: model(h, m, x, GRIDS))(
       hidden, mask, g["tf/x_BLC_wo_prefix"])
   _assert_bits_agree(logits, g["tf/logits"], "logits")
@@ -149,7 +141,7 @@ def test_teacher_forced_bits_and_loss_match_official(model, g):
 
 
 def test_null_text_bits_match_official(model, g):
-  hidden, mask = _text(g)
+  hidden, mask = infinity_models.padded_text(g)
   logits = model(model.null_text(jnp.asarray(mask)), mask,
                  g["tf/x_BLC_wo_prefix"], GRIDS)
   _assert_bits_agree(logits, g["tf/logits_uncond"], "logits_uncond")

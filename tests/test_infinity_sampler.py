@@ -35,12 +35,6 @@ def vae(golden_dir):
   return infinity_models.tokenizer(golden_dir)
 
 
-def _prompts(g, rows):
-  hidden = g["text/t5_hidden"][rows]
-  mask = (np.arange(hidden.shape[1]) < g["text/lens"][rows, None])
-  return hidden, mask.astype(np.int32)
-
-
 @pytest.mark.slow  # Op by op: about half a minute a run on 2 cores.
 @pytest.mark.parametrize("run", sorted(RUNS))
 def test_each_scale_replays_the_official_run(model, vae, g, run):
@@ -50,7 +44,7 @@ def test_each_scale_replays_the_official_run(model, vae, g, run):
   # blocks' float32 noise by |cfg| + |1 - cfg|), the filtering, the draw
   # from our own guided logits, the next input and the image.
   spec, r = RUNS[run], lambda k: g[f"{run}/{k}"]
-  hidden, mask = _prompts(g, spec["rows"])
+  hidden, mask = infinity_models.padded_text(g, spec["rows"])
   b, d = hidden.shape[0], model.cfg.codebook_dim
   cond = model.condition(jnp.concatenate([hidden, model.null_text(mask)]),
                          jnp.concatenate([mask, mask]))
@@ -103,7 +97,7 @@ def test_each_scale_replays_the_official_run(model, vae, g, run):
 
 
 def test_greedy_run_end_to_end(model, vae, g):
-  hidden, mask = _prompts(g, [0, 1])
+  hidden, mask = infinity_models.padded_text(g, [0, 1])
   opts = smp.InfinityOptions(
       cfg=tuple(g["greedy/cfg_list"].tolist()),
       tau=tuple(g["greedy/tau_list"].tolist()), top_k=1, top_p=0.0,
@@ -121,7 +115,7 @@ def test_a_split_batch_draws_the_same_images(model, vae, g):
   # come from its own keys, so two prompts drawn together or one at a time
   # (with their indices in the job) give the same images; another seed
   # gives others.
-  hidden, mask = _prompts(g, [0, 1])
+  hidden, mask = infinity_models.padded_text(g, [0, 1])
   sampler = smp.InfinitySampler(model, vae, smp.InfinityOptions(
       cfg=4.0, tau=0.5, top_k=900, top_p=0.97))
   both = sampler(hidden, mask, seed=7)
