@@ -117,35 +117,70 @@ def test_prompts_become_images(model_dir, tmp_path, capsys):
                                 many[0])
 
 
+def _shard(sd: dict, folder, prefix: str = "model") -> None:
+  """Writes `sd` as two safetensors shards and their index, as the Hub
+  holds large checkpoints."""
+  from safetensors.numpy import save_file
+  names = sorted(sd)
+  shards = {f"{prefix}-00001-of-00002.safetensors": names[::2],
+            f"{prefix}-00002-of-00002.safetensors": names[1::2]}
+  for f, keys in shards.items():
+    save_file({k: np.ascontiguousarray(sd[k]) for k in keys},
+              str(folder / f))
+  (folder / "model.safetensors.index.json").write_text(json.dumps(
+      {"weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+
+
+def _not_found():
+  """The error hf_hub_download raises for a file the repository lacks."""
+  import importlib
+  from huggingface_hub import errors
+  cls = getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError)
+  for name in ("httpx2", "httpx"):
+    try:
+      http = importlib.import_module(name)
+    except ImportError:
+      continue
+    return cls("404 Client Error. Entry Not Found", response=http.Response(
+        404, request=http.Request("GET", "https://huggingface.co/x")))
+  import requests
+  response = requests.Response()
+  response.status_code = 404
+  return cls("404 Client Error. Entry Not Found", response=response)
+
+
 @pytest.fixture
 def fake_hub(golden_dir, t5_dir, tmp_path, monkeypatch):
   """hf_hub_download serving official-layout files: the tiny transformer
-  and tokenizer under the released names, flan-t5-xl as two shards."""
+  under the 2B name and as the 8B folder of shards, the tiny tokenizer
+  under both tokenizer names, flan-t5-xl as two shards; anything else is
+  the hub's not-found error."""
   import huggingface_hub
-  from safetensors.numpy import load_file, save_file
+  from safetensors.numpy import load_file
+  from var_jax.convert.weights import read_state_dict
   t5 = tmp_path / "hub" / "flan-t5-xl"
   t5.mkdir(parents=True)
-  sd = load_file(str(t5_dir / "model.safetensors"))
-  names = sorted(sd)
-  shards = {"model-00001-of-00002.safetensors": names[::2],
-            "model-00002-of-00002.safetensors": names[1::2]}
-  for f, keys in shards.items():
-    save_file({k: sd[k] for k in keys}, str(t5 / f))
-  (t5 / "model.safetensors.index.json").write_text(json.dumps(
-      {"weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+  _shard(load_file(str(t5_dir / "model.safetensors")), t5)
   for name in ("config.json", "tokenizer.json"):
     shutil.copy(t5_dir / name, t5 / name)
   g = golden_dir / "infinity"
-  files = {("FoundationVision/Infinity", "infinity_2b_reg.pth"):
-           g / "infinity_tiny.pth",
-           ("FoundationVision/Infinity", "infinity_vae_d32reg.pth"):
-           g / "vae_tiny.pth"}
+  big = tmp_path / "hub" / "infinity_8b_weights"
+  big.mkdir()
+  _shard(read_state_dict(g / "infinity_tiny.pth"), big)
+  repo = "FoundationVision/Infinity"
+  files = {(repo, "infinity_2b_reg.pth"): g / "infinity_tiny.pth",
+           (repo, "infinity_vae_d32reg.pth"): g / "vae_tiny.pth",
+           (repo, "infinity_vae_d56_f8_14_patchify.pth"): g / "vae_tiny.pth"}
+  files.update({(repo, f"infinity_8b_weights/{f.name}"): f
+                for f in big.iterdir()})
   calls = []
 
   def hf_hub_download(repo_id, filename, **kwargs):
     calls.append((repo_id, filename))
-    if repo_id == "google/flan-t5-xl":
+    if repo_id == "google/flan-t5-xl" and (t5 / filename).is_file():
       return str(t5 / filename)
+    if (repo_id, filename) not in files:
+      raise _not_found()
     return str(files[(repo_id, filename)])
 
   monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
@@ -166,3 +201,56 @@ def test_download_fetches_and_converts(fake_hub, tmp_path, capsys):
   rc = cli.main(["download", "--infinity", "2b", "--out", str(out)])
   err = capsys.readouterr().err.strip()
   assert rc != 0 and "already exists" in err and fake_hub == []
+
+
+def test_download_8b_fetches_the_sharded_folder(fake_hub, tmp_path, capsys):
+  out = tmp_path / "inf8b"
+  assert cli.main(["download", "--infinity", "8b", "--out", str(out)]) == 0
+  assert "wrote Infinity 8b" in capsys.readouterr().out
+  got = [f for r, f in fake_hub if r == "FoundationVision/Infinity"]
+  assert sorted(got) == [
+      "infinity_8b_weights/model-00001-of-00002.safetensors",
+      "infinity_8b_weights/model-00002-of-00002.safetensors",
+      "infinity_8b_weights/model.safetensors.index.json",
+      "infinity_vae_d56_f8_14_patchify.pth"]
+  cfg = json.loads((out / "config.json").read_text())
+  assert cfg["infinity"]["depth"] == 2
+
+
+def test_a_missing_index_falls_back_to_the_next_name(fake_hub, tmp_path):
+  from var_jax.convert.hub import first_hub_file
+  from var_jax.errors import DownloadError
+  got = first_hub_file("google/flan-t5-xl", ["pytorch_model.bin.index.json",
+                                             "model.safetensors.index.json"],
+                       None, None)
+  assert got.name == "model.safetensors.index.json"
+  with pytest.raises(DownloadError, match="has none of a.json, b.json"):
+    first_hub_file("google/flan-t5-xl", ["a.json", "b.json"], None, None)
+
+
+def test_a_sharded_transformer_folder_converts(golden_dir, t5_dir, tmp_path,
+                                               model_dir, capsys):
+  from var_jax.convert.infinity import infinity as inf_convert
+  from var_jax.convert.weights import read_state_dict
+  g = golden_dir / "infinity"
+  folder = tmp_path / "shards"
+  folder.mkdir()
+  sd = read_state_dict(g / "infinity_tiny.pth")
+  _shard(sd, folder)
+  back = inf_convert.read_transformer(folder)
+  assert sorted(back) == sorted(sd)
+  assert all(np.array_equal(back[k], sd[k]) for k in sd)
+  out = tmp_path / "model"
+  assert cli.main(["convert-infinity", "--infinity", str(folder),
+                   "--tokenizer", str(g / "vae_tiny.pth"), "--text-encoder",
+                   str(t5_dir), "--out", str(out)]) == 0
+  assert (out / "config.json").read_text() == (
+      model_dir / "config.json").read_text()
+  (folder / "model-00002-of-00002.safetensors").unlink()
+  capsys.readouterr()
+  assert cli.main(["convert-infinity", "--infinity", str(folder),
+                   "--tokenizer", str(g / "vae_tiny.pth"), "--text-encoder",
+                   str(t5_dir), "--out", str(tmp_path / "m2")]) != 0
+  err = capsys.readouterr().err.strip()
+  assert "names shards the directory lacks: model-00002-of-00002" in err
+  assert len(err.splitlines()) == 1 and not (tmp_path / "m2").exists()

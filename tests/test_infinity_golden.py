@@ -164,15 +164,3 @@ def test_checkpoint_problems_are_one_error(sd):
   with pytest.raises(ConvertError, match="must be zero are not: "
                      "block_chunks.1.module.0.sa.zero_k_bias"):
     inf_convert.infinity_params(cfg, good)
-
-
-def test_released_2b_table_matches_its_key_list(golden_dir):
-  import json
-  from var_jax.models.infinity.config import INFINITY_2B
-  manifest = json.loads((golden_dir / "infinity" /
-                         "manifest_infinity_2b.json").read_text())
-  prefixes = inf_convert.block_prefixes(manifest)
-  assert len(prefixes) == 32 and prefixes[4] == "block_chunks.1.module.0"
-  table = {r.official: tuple(r.official_shape)
-           for r in inf_convert.infinity_rules(INFINITY_2B, prefixes)}
-  assert table == {k: tuple(v) for k, v in manifest.items()}

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from mapping_check import check_mapping
+
 from var_jax.models.var.config import get_preset
 from var_jax.convert.var import load
 from var_jax.convert.var.official_names import var_rules, vqvae_rules
@@ -46,24 +48,8 @@ def _build(name):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_mapping_covers_manifest(manifest, name):
   _, rules, model = _build(name)
-  entries = manifest[name]
-  by_name = {r.official: r for r in rules}
-  assert set(by_name) == set(entries), (
-      sorted(set(by_name) ^ set(entries))[:10])
-  ours = {p: tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(model))}
-  covered = set()
-  for key, (shape, _dtype) in entries.items():
-    r = by_name[key]
-    assert tuple(r.official_shape) == tuple(shape), key
-    if r.derived:
-      continue
-    # The transform must carry the official shape onto ours (a layer slice
-    # for stacked block parameters).
-    moved = r.transform(np.zeros(shape, np.float32)).shape
-    want = ours[r.path][1:] if r.layer is not None else ours[r.path]
-    assert moved == want, (key, moved, want)
-    covered.add(r.path)
-  assert covered == set(ours), sorted(set(ours) - covered)
+  check_mapping(rules, {k: shape for k, (shape, _) in manifest[name].items()},
+                nnx.state(model))
 
 
 @pytest.mark.parametrize("name", list(MODELS))

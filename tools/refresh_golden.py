@@ -46,6 +46,7 @@ SUBSET_FILES = {"eval": ("adm_eval.npz", "adm_eval_wide.npz",
                              "manifest_vae_2b.json", "manifest_vae_8b.json",
                              "manifest_flan_t5_xl_encoder.json",
                              "manifest_infinity_2b.json",
+                             "manifest_infinity_8b.json",
                              "t5_tiny/config.json",
                              "t5_tiny/model.safetensors")}
 

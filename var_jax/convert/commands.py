@@ -42,8 +42,8 @@ def register(sub) -> None:
   g = p.add_mutually_exclusive_group(required=True)
   g.add_argument("--model", choices=("d16", "d20", "d24", "d30", "d36"),
                  help="a released model (with --refiner: the drafter)")
-  g.add_argument("--infinity", choices=("2b",),
-                 help="Infinity's released text-to-image model (with the "
+  g.add_argument("--infinity", choices=("2b", "8b"),
+                 help="Infinity's released text-to-image models (with the "
                       "flan-t5-xl text encoder) as one model directory for "
                       "`var-jax t2i`")
   g.add_argument("--code", type=int, metavar="N",

@@ -111,8 +111,39 @@ def import_hub():
   return huggingface_hub
 
 
-def hub_file(repo: str, name: str, cache_dir, pth_dir) -> pathlib.Path:
-  """One file of a hub repository, downloaded or found in the cache.
+def _remote_missing(e: BaseException) -> bool:
+  """True when the hub answered that the file does not exist (not when it
+  could not be asked: an offline cache miss is a network problem)."""
+  remote = _loaded_types(("huggingface_hub.errors:RemoteEntryNotFoundError",))
+  if remote:
+    return isinstance(e, remote)
+  entry = _loaded_types(("huggingface_hub.errors:EntryNotFoundError",
+                         "huggingface_hub.utils:EntryNotFoundError"))
+  local = _loaded_types(("huggingface_hub.errors:LocalEntryNotFoundError",
+                         "huggingface_hub.utils:LocalEntryNotFoundError"))
+  return isinstance(e, entry) and not (local and isinstance(e, local))
+
+
+def first_hub_file(repo: str, names, cache_dir, pth_dir) -> pathlib.Path:
+  """The first of `names` that the repository holds (e.g. a safetensors
+  index, else a PyTorch one).
+
+  Raises:
+    DownloadError: it holds none of them, or the hub cannot be reached.
+    WriteError: as `hub_file`.
+  """
+  for name in names:
+    found = hub_file(repo, name, cache_dir, pth_dir, missing_ok=True)
+    if found is not None:
+      return found
+  raise DownloadError(f"huggingface.co/{repo} has none of "
+                      + ", ".join(names))
+
+
+def hub_file(repo: str, name: str, cache_dir, pth_dir, *,
+             missing_ok: bool = False) -> pathlib.Path | None:
+  """One file of a hub repository, downloaded or found in the cache; None
+  when `missing_ok` and the hub says the repository has no such file.
 
   Raises:
     WriteError: the local disk is full or read-only (names the directory).
@@ -126,7 +157,10 @@ def hub_file(repo: str, name: str, cache_dir, pth_dir) -> pathlib.Path:
     with _quiet_hub_retries():
       return pathlib.Path(huggingface_hub.hf_hub_download(repo, name,
                                                           **kwargs))
-  except fetch_error_types() as e:
+  except fetch_error_types() + _loaded_types((
+      "huggingface_hub.errors:EntryNotFoundError",)) as e:
+    if missing_ok and _remote_missing(e):
+      return None
     disk = _disk_error(e)
     if disk is not None:
       # A full or read-only disk is the user's to fix, not the network's.

@@ -16,9 +16,12 @@ import struct
 import numpy as np
 
 from var_jax.convert.pth import flatten_tensors, read_pth
-from var_jax.errors import PthError
+from var_jax.errors import ConvertError, PthError
 
 SUFFIX = ".safetensors"
+# A Hugging Face checkpoint directory holds one of these (index first).
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 INSTALL_HINT = ("pip install safetensors (from a checkout: pip install "
                 "'.[safetensors]')")
 
@@ -87,3 +90,58 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
   """A flat {name: array} view of every tensor in a `.pth` or
   `.safetensors` file."""
   return flatten_tensors(read_weights(path))
+
+
+def checkpoint_dir_files(root, skip_prefixes: tuple[str, ...] = ()) -> list:
+  """The weight files of a Hugging Face checkpoint directory: the shards its
+  index (`model.safetensors.index.json` or `pytorch_model.bin.index.json`)
+  names for tensors not starting with `skip_prefixes`, else its single
+  `model.safetensors` or `pytorch_model.bin`.
+
+  Raises:
+    ConvertError: no weights, an index without a weight_map, or shards the
+      index names that the directory lacks (all of them named).
+  """
+  import json  # pylint: disable=import-outside-toplevel
+  from var_jax.io import as_path  # pylint: disable=import-outside-toplevel
+  root = as_path(root)
+  for index in INDEX_FILES:
+    if (root / index).is_file():
+      try:
+        weight_map = json.loads((root / index).read_text())["weight_map"]
+        names = sorted({str(f) for k, f in weight_map.items()
+                        if not k.startswith(skip_prefixes)})
+      except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise ConvertError(f"{root / index}: not a checkpoint index (no "
+                           "weight_map)") from None
+      missing = [f for f in names if not (root / f).is_file()]
+      if missing:
+        raise ConvertError(f"{root}: {index} names shards the directory "
+                           "lacks: " + ", ".join(missing))
+      return [root / f for f in names]
+  for single in SINGLE_FILES:
+    if (root / single).is_file():
+      return [root / single]
+  raise ConvertError(f"{root}: no weights ({', '.join(SINGLE_FILES)}, or "
+                     f"shards listed by {' or '.join(INDEX_FILES)})")
+
+
+def read_checkpoint_dir(root, skip_prefixes: tuple[str, ...] = ()
+                        ) -> dict[str, np.ndarray]:
+  """Every tensor of a Hugging Face checkpoint directory (see
+  `checkpoint_dir_files`) by name, except those under `skip_prefixes`.
+
+  Raises:
+    ConvertError: as `checkpoint_dir_files`, or a name in two shards.
+    PthError: an unreadable shard (named).
+  """
+  sd: dict[str, np.ndarray] = {}
+  for f in checkpoint_dir_files(root, skip_prefixes):
+    part = {k: v for k, v in read_state_dict(f).items()
+            if not k.startswith(skip_prefixes)}
+    twice = sorted(set(part) & set(sd))
+    if twice:
+      raise ConvertError(f"{f}: tensors also found in another shard: "
+                         + ", ".join(twice[:5]))
+    sd.update(part)
+  return sd

@@ -22,7 +22,7 @@ from var_jax import checkpoint
 from var_jax.convert.infinity import bsq as bsq_convert
 from var_jax.convert.infinity import infinity as inf_convert
 from var_jax.convert.infinity import t5 as t5_convert
-from var_jax.convert.weights import read_state_dict, read_weights
+from var_jax.convert.weights import read_weights
 from var_jax.data.text import TOKENIZER_FILE
 from var_jax.errors import CheckpointError, ConvertError
 from var_jax.io import as_path, atomic_dir, write_text
@@ -67,7 +67,8 @@ def convert(infinity_path, tokenizer_path, text_encoder_dir, out_dir, *,
   """Official files -> a model directory (see the module docstring).
 
   Args:
-    infinity_path: the transformer's `.pth` (e.g. infinity_2b_reg.pth).
+    infinity_path: the transformer's `.pth` (e.g. infinity_2b_reg.pth) or
+      sharded checkpoint directory (infinity_8b_weights/).
     tokenizer_path: the tokenizer's `.pth` (e.g. infinity_vae_d32reg.pth).
     text_encoder_dir: a Hub T5 directory (config.json, safetensors,
       tokenizer.json), e.g. google/flan-t5-xl's.
@@ -76,7 +77,7 @@ def convert(infinity_path, tokenizer_path, text_encoder_dir, out_dir, *,
     ConvertError, PthError, DataError: unreadable or mismatched inputs, all
       checked before anything is written.
   """
-  sd = read_state_dict(infinity_path)
+  sd = inf_convert.read_transformer(infinity_path)
   inf_cfg = inf_convert.infer_config(sd)
   inf_params = inf_convert.infinity_params(inf_cfg, sd)
   log(f"read {infinity_path}: {inf_cfg.depth} blocks of width "

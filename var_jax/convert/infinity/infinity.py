@@ -1,6 +1,10 @@
 """An official Infinity checkpoint (`infinity_2b_reg.pth`, ...) -> our
 `Infinity` module's parameters, through an explicit name table.
 
+The released 2B model is one `.pth` file; the 8B model is a Hugging Face
+checkpoint directory (`infinity_8b_weights/`: shards listed by an index),
+read by `read_transformer` either way.
+
 Blocks are stored as `block_chunks.{i}.module.{j}.*`: block number
 i * (blocks per chunk) + j. The attention modules' `zero_k_bias` buffers
 (keys have no bias) are derived: checked to be zero, never loaded.
@@ -14,12 +18,27 @@ import numpy as np
 
 from var_jax.convert.rules import (Rule, flat_to_pure, linear,
                                    official_to_flat, same, strip_prefixes)
+from var_jax.convert.weights import read_checkpoint_dir, read_state_dict
 from var_jax.errors import ConvertError
+from var_jax.io import as_path
 from var_jax.models.abstract import abstract_split
 from var_jax.models.infinity.config import InfinityConfig
 from var_jax.models.infinity.transformer import Infinity
 
 _BLOCK = re.compile(r"block_chunks\.(\d+)\.module\.(\d+)\.")
+
+
+def read_transformer(path) -> dict[str, np.ndarray]:
+  """The tensors of a transformer checkpoint: a `.pth` / `.safetensors`
+  file, or a directory of shards with their index (the 8B release).
+
+  Raises:
+    ConvertError, PthError: unreadable or incomplete (named).
+  """
+  path = as_path(path)
+  if path.is_dir():
+    return read_checkpoint_dir(path)
+  return read_state_dict(path)
 
 
 def block_prefixes(sd: dict) -> list[str]:

@@ -17,17 +17,15 @@ import numpy as np
 from flax import nnx
 
 from var_jax.convert.rules import Rule, linear, official_to_flat, flat_to_pure
-from var_jax.convert.weights import read_safetensors
+from var_jax.convert.weights import read_checkpoint_dir
 from var_jax.errors import ConvertError
 from var_jax.io import as_path
 from var_jax.models.abstract import abstract_split
 from var_jax.models.infinity.t5 import T5Config, T5Encoder
 
 CONFIG = "config.json"
-SINGLE = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 # Keys of a full encoder-decoder checkpoint that the encoder does not use.
-_UNUSED_PREFIXES = ("decoder.", "lm_head.")
+UNUSED_PREFIXES = ("decoder.", "lm_head.")
 # The encoder's own copy of the shared embedding (tied; checked, not loaded).
 _TIED = "encoder.embed_tokens.weight"
 
@@ -107,27 +105,7 @@ def read_encoder_dir(path) -> tuple[T5Config, dict[str, np.ndarray]]:
     cfg = config_from_json(json.loads(cfg_file.read_text()), str(cfg_file))
   except json.JSONDecodeError as e:
     raise ConvertError(f"{cfg_file}: not JSON ({e})") from None
-  if (root / INDEX).is_file():
-    try:
-      weight_map = json.loads((root / INDEX).read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-      raise ConvertError(f"{root / INDEX}: not a safetensors index (no "
-                         "weight_map)") from None
-    files = sorted({f for k, f in weight_map.items()
-                    if not k.startswith(_UNUSED_PREFIXES)})
-  elif (root / SINGLE).is_file():
-    files = [SINGLE]
-  else:
-    raise ConvertError(f"{root}: no {SINGLE} or {INDEX}")
-  missing = [f for f in files if not (root / f).is_file()]
-  if missing:
-    raise ConvertError(f"{root}: {INDEX} names shards the directory lacks: "
-                       + ", ".join(missing))
-  sd = {}
-  for f in files:
-    sd.update({k: v for k, v in read_safetensors(root / f).items()
-               if not k.startswith(_UNUSED_PREFIXES)})
-  return cfg, sd
+  return cfg, read_checkpoint_dir(root, UNUSED_PREFIXES)
 
 
 def encoder_params(cfg: T5Config, sd: dict) -> dict:

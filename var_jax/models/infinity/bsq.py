@@ -79,6 +79,22 @@ class Encoding(NamedTuple):
   summed_BHWC: jax.Array
 
 
+def patchify(x_BHWC: jax.Array) -> jax.Array:
+  """(B, 2h, 2w, d) -> (B, h, w, 4d): each 2x2 group of positions becomes
+  one token, channel c of offset (i, j) at 4c + 2i + j (PyTorch's
+  pixel_unshuffle(2) order)."""
+  b, hh, ww, d = x_BHWC.shape
+  x = x_BHWC.reshape(b, hh // 2, 2, ww // 2, 2, d)
+  return x.transpose(0, 1, 3, 5, 2, 4).reshape(b, hh // 2, ww // 2, 4 * d)
+
+
+def unpatchify(x_BhwC: jax.Array) -> jax.Array:
+  """The inverse of `patchify`: (B, h, w, 4d) -> (B, 2h, 2w, d)."""
+  b, h, w, dd = x_BhwC.shape
+  x = x_BhwC.reshape(b, h, w, dd // 4, 2, 2)
+  return x.transpose(0, 1, 4, 2, 5, 3).reshape(b, 2 * h, 2 * w, dd // 4)
+
+
 def flatten(x_BhwC: jax.Array) -> jax.Array:
   """(B, h, w, C) -> (B, h * w, C), row-major, as the sequence lays out."""
   b, h, w, c = x_BhwC.shape

@@ -14,12 +14,17 @@ def register(sub) -> None:
   p = sub.add_parser(
       "convert-infinity",
       help="official Infinity files -> a var-jax Infinity model directory",
-      description="Reads the transformer (infinity_2b_reg.pth), its "
-                  "tokenizer (infinity_vae_d32reg.pth) and a Hugging Face "
+      description="Reads the transformer (infinity_2b_reg.pth, or the 8B "
+                  "model's infinity_8b_weights/ folder of shards), its "
+                  "tokenizer (infinity_vae_d32reg.pth, "
+                  "infinity_vae_d56_f8_14_patchify.pth) and a Hugging Face "
                   "T5 directory (google/flan-t5-xl: config.json, "
                   "safetensors, tokenizer.json) without torch, checks that "
                   "they belong together, and writes one model directory.")
-  p.add_argument("--infinity", required=True, help="the transformer .pth")
+  p.add_argument("--infinity", required=True,
+                 help="the transformer .pth, or a folder of shards with "
+                      "their index (model.safetensors.index.json or "
+                      "pytorch_model.bin.index.json)")
   p.add_argument("--tokenizer", required=True, help="the BSQ tokenizer .pth")
   p.add_argument("--text-encoder", required=True, metavar="DIR",
                  help="the T5 directory (config.json, model.safetensors or "
@@ -73,10 +78,11 @@ def _user_error(msg):
 def cmd_convert(args: argparse.Namespace) -> int:
   from var_jax.convert.infinity import directory
   from var_jax.io import as_path
-  for flag in ("infinity", "tokenizer"):
-    path = getattr(args, flag)
-    if not as_path(path).is_file():
-      raise _user_error(f"--{flag} {path}: no such file")
+  if not as_path(args.infinity).exists():
+    raise _user_error(f"--infinity {args.infinity}: no such file or "
+                      "directory")
+  if not as_path(args.tokenizer).is_file():
+    raise _user_error(f"--tokenizer {args.tokenizer}: no such file")
   if not as_path(args.text_encoder).is_dir():
     raise _user_error(f"--text-encoder {args.text_encoder}: no such "
                       "directory")

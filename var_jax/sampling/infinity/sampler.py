@@ -133,8 +133,8 @@ def step(model: Infinity, cond: Condition, x_bsLC, cache, rope, si: int,
 
 
 class Sample(NamedTuple):
-  bits: list  # Per scale (B, h * w, d) int32.
-  summed_BHWC: jax.Array
+  bits: list  # Per scale (B, h * w, d) int32, as the transformer drew them.
+  summed_BHWC: jax.Array  # The decoder's input (the tokenizer's grid).
   images_BHWC: jax.Array  # In [0, 1].
 
 
@@ -144,12 +144,10 @@ class InfinitySampler:
 
   def __init__(self, model: Infinity, vae: bsq.BSQVAE,
                options: InfinityOptions = InfinityOptions()):
-    if vae.cfg.spatial_patchify:
-      raise UserError("tokenizers that patchify space (the 8B model's) are "
-                      "not supported by this sampler")
-    if vae.cfg.codebook_dim != model.cfg.codebook_dim:
-      raise UserError(f"the tokenizer has {vae.cfg.codebook_dim} bits per "
-                      f"token, the transformer {model.cfg.codebook_dim}")
+    bits = vae.cfg.codebook_dim * (4 if vae.cfg.spatial_patchify else 1)
+    if bits != model.cfg.codebook_dim:
+      raise UserError(f"the tokenizer gives {bits} bits per token, the "
+                      f"transformer {model.cfg.codebook_dim}")
     self.model, self.vae, self.options = model, vae, options
     self._jit = jax.jit(self._run, static_argnames=("cfg", "tau", "grids",
                                                      "ratio"))
@@ -178,6 +176,12 @@ class InfinitySampler:
   def _run(self, text, mask, null_text, key, ids, cfg, tau, *, grids, ratio):
     model, vae, opts = self.model, self.vae, self.options
     b, d = text.shape[0], model.cfg.codebook_dim
+    # A patchifying tokenizer works on grids twice as fine, with a quarter
+    # of the channels: each token is a 2x2 group of its positions.
+    patch = vae.cfg.spatial_patchify
+    to_vae = bsq.unpatchify if patch else (lambda x: x)
+    from_vae = bsq.patchify if patch else (lambda x: x)
+    vae_grids = [(2 * h, 2 * w) if patch else (h, w) for h, w in grids]
     guided = any(c != 1.0 for c in cfg)
     if guided:
       null, null_mask = ((model.null_text(mask), mask) if null_text is None
@@ -189,8 +193,8 @@ class InfinitySampler:
     table = schedules.rope_table(ratio, grids, model.cfg.head_dim)
     x = model.start_tokens(cond)
     cache, start = None, 0
-    size = grids[-1]
-    summed = jnp.zeros((b, *size, d), jnp.float32)
+    size = vae_grids[-1]
+    summed = jnp.zeros((b, *size, vae.cfg.codebook_dim), jnp.float32)
     bits_out = []
     for si, (h, w) in enumerate(grids):
       rope = (jnp.asarray(table[0, start:start + h * w]),
@@ -200,11 +204,11 @@ class InfinitySampler:
       masked = filter_bits(logits, opts.top_k, opts.top_p)
       bits = draw_bits(masked, bit_noise(key, si, ids, h * w, d))
       bits_out.append(bits)
-      codes = bsq.bits_to_codes(bits.reshape(b, h, w, d))
+      codes = bsq.bits_to_codes(to_vae(bits.reshape(b, h, w, d)))
       summed = summed + interp.bilinear_resize(codes, size)
       if si + 1 < len(grids):
-        nxt = bsq.flatten(interp.bilinear_resize(summed, grids[si + 1]))
-        x = model.embed_scale(nxt)
+        nxt = interp.bilinear_resize(summed, vae_grids[si + 1])
+        x = model.embed_scale(bsq.flatten(from_vae(nxt)))
         if guided:
           x = jnp.concatenate([x, x])
       start += h * w
