@@ -55,9 +55,10 @@ def _differing(old: dict, new: dict) -> list[str]:
 _MODEL_KEYS = ("model", "drafter_model")
 
 
-def _check_meta(parts, meta: dict) -> None:
-  """Refuses to resume a parts directory written with other settings or
-  other models, or one without its meta.json.
+def check_meta(parts, meta: dict) -> None:
+  """Refuses to resume a parts directory (or any resumable output folder)
+  written with other settings or other models, or one without its
+  meta.json.
 
   Raises:
     UserError: naming the differing settings.
@@ -106,7 +107,7 @@ def check_resumable(out, meta: dict, *, overwrite: bool = False) -> None:
   if pid is not None:
     raise locks.OutputInUseError(_in_use(out, pid))
   if not overwrite and parts.exists():
-    _check_meta(parts, json.loads(json.dumps(meta, default=_plain)))
+    check_meta(parts, json.loads(json.dumps(meta, default=plain_json)))
 
 
 def _in_use(out, pid: int) -> str:
@@ -160,7 +161,7 @@ def finished(out, meta: dict, *, overwrite: bool = False) -> int | None:
     exists = out.exists()
   if overwrite or not exists:
     return None
-  meta = _result_meta(json.loads(json.dumps(meta, default=_plain)))
+  meta = _result_meta(json.loads(json.dumps(meta, default=plain_json)))
   try:
     old, n = _stored(out)
   except (OSError, ValueError, zipfile.BadZipFile):
@@ -178,7 +179,7 @@ def finished(out, meta: dict, *, overwrite: bool = False) -> int | None:
   return n
 
 
-def _write_meta(parts, meta: dict) -> None:
+def write_meta(parts, meta: dict) -> None:
   if not (parts / "meta.json").exists():
     parts.mkdir(parents=True, exist_ok=True)
     io.write_text(parts / "meta.json", json.dumps(meta, sort_keys=True))
@@ -197,15 +198,16 @@ def check_devices(batch: int) -> int:
   return n
 
 
-def _shard(sampler):
-  """Replicates the weights over local devices; returns the batch sharding."""
+def replicate_weights(sampler):
+  """Replicates a sampler's weights over the local devices (its
+  `device_put`); returns the sharding that splits a batch over them."""
   mesh = Mesh(np.asarray(jax.local_devices()), ("data",))
   sampler.device_put(NamedSharding(mesh, P()))
   return NamedSharding(mesh, P("data"))
 
 
-def _plain(value):
-  """NumPy values as the Python ones JSON stores."""
+def plain_json(value):
+  """NumPy values as the Python ones JSON stores (`json.dumps`' default)."""
   if isinstance(value, (np.ndarray, np.generic)):
     return value.tolist()
   raise UserError(f"meta values must be JSON values, got {value!r}")
@@ -219,7 +221,7 @@ def job_meta(meta: dict, classes, per_class: int) -> dict:
     UserError: a value JSON cannot store.
   """
   meta = dict(meta, total=len(classes) * per_class)
-  return json.loads(json.dumps(meta, default=_plain))
+  return json.loads(json.dumps(meta, default=plain_json))
 
 
 def sample_many(sampler, classes, per_class: int, batch: int,
@@ -287,12 +289,12 @@ def _run(sampler, labels, batch, key, out, parts, meta, overwrite) -> int:
         p.rmtree()
       else:
         p.unlink()
-  _check_meta(parts, meta)
-  _write_meta(parts, meta)
+  check_meta(parts, meta)
+  write_meta(parts, meta)
   n_chunks = -(-total // batch)
   done = {int(p.stem.split("_")[1]) for p in parts.glob("chunk_*.npz")}
   todo = [c for c in range(n_chunks) if c not in done]
-  sharding = _shard(sampler) if todo else None
+  sharding = replicate_weights(sampler) if todo else None
   bar = progress_bar(total, initial=min(len(done) * batch, total), unit="img")
   for c in todo:
     start = c * batch

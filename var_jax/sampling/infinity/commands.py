@@ -66,7 +66,14 @@ def register(sub) -> None:
                  help="random seed (>= 0); prompt i's draw uses its own keys")
   p.add_argument("--out", required=True,
                  help="an image file (.png, .jpg, .webp) for one prompt, a "
-                      "directory for several (000000.png, ...)")
+                      "folder for several (000000.png, ... by line; "
+                      "resumable: the same command again draws only the "
+                      "missing images)")
+  p.add_argument("--batch", type=int, default=None,
+                 help="prompts per call with several prompts, split over "
+                      "the local devices (default: their count)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace the images of an earlier job in --out")
   p.set_defaults(func=cmd_t2i)
 
 
@@ -125,35 +132,53 @@ def _prompts(args) -> list[str]:
   return prompts
 
 
-def _outputs(out: str, n: int) -> list[str]:
+def _single_file(out: str, n: int) -> bool:
+  """True when --out names one image file (one prompt, an extension)."""
   from var_jax.sampling import images
   if n == 1 and os.path.splitext(out)[1]:
     images.image_format(out)  # Raises on an unknown extension.
-    return [out]
-  folder = images.check_output_dir(out, "--out")
-  if folder.is_dir() and any(folder.iterdir()):
-    raise _user_error(f"--out {out} is a folder that is not empty; give a "
-                      "new or empty one for several prompts")
-  return [os.path.join(out, f"{i:06d}.png") for i in range(n)]
+    return True
+  images.check_output_dir(out, "--out")
+  return False
 
 
 def cmd_t2i(args: argparse.Namespace) -> int:
   from var_jax.sampling.infinity.sampler import InfinityOptions
   prompts = _prompts(args)
   ratio = aspect_ratio(args.aspect)
-  outs = _outputs(args.out, len(prompts))
+  single = _single_file(args.out, len(prompts))
   opts = InfinityOptions(cfg=args.cfg, tau=args.tau, top_k=args.top_k,
                          top_p=args.top_p,
                          cfg_insertion_layer=args.cfg_insertion_layer)
   opts.per_scale(1, max(1, -args.cfg_insertion_layer))  # Values, now.
   if args.seed < 0:
     raise _user_error(f"--seed must be >= 0, got {args.seed}")
+  import jax
+  from var_jax import checkpoint
+  from var_jax.sampling import many
   from var_jax.sampling.infinity import jobs
-  images = jobs.text_to_image(args.ckpt, prompts, opts, seed=args.seed,
-                              resolution=args.resolution, ratio=ratio,
-                              negative=args.negative_prompt)
-  from var_jax.sampling.images import save_image, to_uint8
-  for path, img in zip(outs, to_uint8(images)):
-    save_image(path, img)
-    print(f"wrote {path}")
+  from var_jax.sampling.images import save_image
+  if single:
+    image = jobs.text_to_image(args.ckpt, prompts, opts, seed=args.seed,
+                               resolution=args.resolution, ratio=ratio,
+                               negative=args.negative_prompt)[0]
+    save_image(args.out, image)
+    print(f"wrote {args.out}")
+    return 0
+  batch = len(jax.local_devices()) if args.batch is None else args.batch
+  many.check_devices(batch)
+  meta = {"ckpt": str(args.ckpt), "model": checkpoint.fingerprint(args.ckpt),
+          "seed": args.seed, "resolution": args.resolution,
+          "aspect": args.aspect, "cfg": args.cfg, "tau": args.tau,
+          "top_k": args.top_k, "top_p": args.top_p,
+          "cfg_insertion_layer": args.cfg_insertion_layer,
+          "negative_prompt": args.negative_prompt}
+  jobs.check_folder(args.out, dict(meta, prompts=jobs.prompts_digest(prompts),
+                                   total=len(prompts)),
+                    overwrite=args.overwrite)
+  drawer = jobs.Drawer(args.ckpt, opts)
+  jobs.t2i_folder(drawer, prompts, seed=args.seed,
+                  resolution=args.resolution, ratio=ratio,
+                  negative=args.negative_prompt, batch=batch, out=args.out,
+                  meta=meta, overwrite=args.overwrite)
   return 0

@@ -21,6 +21,7 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from var_jax.errors import UserError
 from var_jax.models import interp
@@ -140,7 +141,12 @@ class Sample(NamedTuple):
 
 class InfinitySampler:
   """Draws images for prompts (T5 states) with an Infinity model and its
-  tokenizer; one jitted program per (batch, text length, schedule)."""
+  tokenizer; one jitted program per (batch, text length, schedule).
+
+  The weights are arguments of that program, not constants folded into
+  it, so a 2B or 8B model compiles as fast as a tiny one and
+  `device_put` can replicate them over a mesh.
+  """
 
   def __init__(self, model: Infinity, vae: bsq.BSQVAE,
                options: InfinityOptions = InfinityOptions()):
@@ -148,9 +154,14 @@ class InfinitySampler:
     if bits != model.cfg.codebook_dim:
       raise UserError(f"the tokenizer gives {bits} bits per token, the "
                       f"transformer {model.cfg.codebook_dim}")
-    self.model, self.vae, self.options = model, vae, options
+    self.cfg, self.vae_cfg, self.options = model.cfg, vae.cfg, options
+    self._graph, self.state = nnx.split((model, vae))
     self._jit = jax.jit(self._run, static_argnames=("cfg", "tau", "grids",
                                                      "ratio"))
+
+  def device_put(self, sharding) -> None:
+    """Moves every weight to `sharding` (e.g. replicated over a mesh)."""
+    self.state = jax.device_put(self.state, sharding)
 
   def __call__(self, text_BTc, mask_BT, *, seed: int = 0, grids=None,
                ratio: float = 1.0, null_text_BTc=None, null_mask_BT=None,
@@ -158,23 +169,26 @@ class InfinitySampler:
     """`grids`: a schedule (default 256px 1:1); `null_text_BTc` and
     `null_mask_BT`: a negative prompt's states (as long as the prompts')
     instead of the learned null text; `sample_ids`: each row's index in the
-    whole job (default 0..B-1), which its keys are folded with."""
+    whole job (default 0..B-1), which its keys are folded with. Arrays may
+    already be placed (e.g. sharded over a batch axis)."""
     grids = tuple(grids or schedules.schedule(ratio, 256))
-    cfg, tau = self.options.per_scale(len(grids), self.model.cfg.depth)
+    cfg, tau = self.options.per_scale(len(grids), self.cfg.depth)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
       raise UserError(f"seed must be an integer >= 0, got {seed!r}")
     b = np.shape(text_BTc)[0]
-    ids = np.arange(b) if sample_ids is None else np.asarray(sample_ids)
+    ids = np.arange(b, dtype=np.int32) if sample_ids is None else sample_ids
     null = None if null_text_BTc is None else (
         jnp.asarray(null_text_BTc, jnp.float32),
         jnp.asarray(mask_BT if null_mask_BT is None else null_mask_BT))
-    return self._jit(jnp.asarray(text_BTc, jnp.float32), jnp.asarray(mask_BT),
-                     null,
-                     jax.random.key(seed), jnp.asarray(ids, jnp.int32),
-                     cfg=cfg, tau=tau, grids=grids, ratio=ratio)
+    return self._jit(self.state, jnp.asarray(text_BTc, jnp.float32),
+                     jnp.asarray(mask_BT), null, jax.random.key(seed),
+                     jnp.asarray(ids, jnp.int32), cfg=cfg, tau=tau,
+                     grids=grids, ratio=ratio)
 
-  def _run(self, text, mask, null_text, key, ids, cfg, tau, *, grids, ratio):
-    model, vae, opts = self.model, self.vae, self.options
+  def _run(self, state, text, mask, null_text, key, ids, cfg, tau, *, grids,
+           ratio):
+    model, vae = nnx.merge(self._graph, state)
+    opts = self.options
     b, d = text.shape[0], model.cfg.codebook_dim
     # A patchifying tokenizer works on grids twice as fine, with a quarter
     # of the channels: each token is a 2x2 group of its positions.
