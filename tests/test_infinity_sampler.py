@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from conftest import assert_close_rel
 import infinity_models
 
@@ -109,6 +110,33 @@ def test_greedy_run_end_to_end(model, vae, g):
   assert np.abs(np.asarray(out.images_BHWC) - (ref + 1) / 2).max() <= 1e-3
 
 
+@pytest.mark.slow  # A second compiled sampler.
+def test_bfloat16_draws_the_official_greedy_bits(model, vae, g):
+  # bfloat16 block matrices and cache (float32 sums): the first scale's
+  # logits stay within 1% of float32's, and the greedy run draws the
+  # official bits (all of them here; at most one in a thousand may sit on
+  # a margin below bfloat16's rounding).
+  hidden, mask = infinity_models.padded_text(g, [0, 1])
+  opts = smp.InfinityOptions(
+      cfg=tuple(g["greedy/cfg_list"].tolist()),
+      tau=tuple(g["greedy/tau_list"].tolist()), top_k=1, top_p=0.0,
+      cfg_insertion_layer=-1, dtype="bfloat16")
+  sampler = smp.InfinitySampler(model, vae, opts)
+  bf16_model, _ = nnx.merge(sampler._graph, sampler.state)
+  assert bf16_model.block_params()["fc1"].dtype == jnp.bfloat16
+  first = []
+  for m in (model, bf16_model):
+    cond = m.condition(hidden, mask)
+    table = schedules.rope_table(1.0, GRIDS, m.cfg.head_dim)
+    out = smp.step(m, cond, m.start_tokens(cond), None,
+                   (table[0, :1], table[1, :1]), 0, 1.0, 1.0, 0, 2)
+    first.append(np.asarray(out.logits_BlV))
+  assert out.cache[0].dtype == jnp.bfloat16
+  assert_close_rel(first[1], first[0], rel=1e-2, name="bf16 logits")
+  bits = np.concatenate(sampler(hidden, mask, seed=3).bits, 1)
+  assert (bits == g["greedy/bits"]).mean() >= 0.999
+
+
 @pytest.mark.slow  # Two compiled samplers.
 def test_a_split_batch_draws_the_same_images(model, vae, g):
   # Stochastic draws (the official `samp` settings): each sample's bits
@@ -131,7 +159,8 @@ def test_a_split_batch_draws_the_same_images(model, vae, g):
     (dict(cfg=(1.0, 2.0)), "cfg must be a number or 7 numbers"),
     (dict(tau=0.0), "tau must be > 0"),
     (dict(top_p=1.5), "top_p must be in [0, 1]"),
-    (dict(cfg_insertion_layer=-3), "cfg_insertion_layer must be 0")])
+    (dict(cfg_insertion_layer=-3), "cfg_insertion_layer must be 0"),
+    (dict(dtype="float16"), "dtype must be one of float32, bfloat16")])
 def test_bad_options_are_named(model, vae, change, needle):
   with pytest.raises(UserError, match=needle.replace("[", r"\[")):
     smp.InfinitySampler(model, vae, smp.InfinityOptions(**change))(

@@ -39,6 +39,12 @@ def _bf16(x):
   return x.astype(jnp.bfloat16).astype(jnp.float32)
 
 
+def _mm(x, w):
+  """x @ w in the weight's dtype (bfloat16 weights: bfloat16 inputs), summed
+  in float32; a float32 result."""
+  return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
 def rotate(x_BLHc, cos_Lk, sin_Lk):
   """2-D rotary embedding on adjacent channel pairs (2p, 2p + 1), pair p
   turned by angle column p."""
@@ -51,9 +57,12 @@ def rotate(x_BLHc, cos_Lk, sin_Lk):
 
 
 def masked_attention(q_BQHc, k_BKHc, v_BKHc, bias_BHQK, scale):
-  s = jnp.einsum("bqhc,bkhc->bhqk", q_BQHc, k_BKHc,
+  """Softmax attention in the keys' dtype, summed and normalised in
+  float32."""
+  s = jnp.einsum("bqhc,bkhc->bhqk", q_BQHc.astype(k_BKHc.dtype), k_BKHc,
                  preferred_element_type=jnp.float32) * scale + bias_BHQK
-  return jnp.einsum("bhqk,bkhc->bqhc", jax.nn.softmax(s, -1), v_BKHc,
+  p = jax.nn.softmax(s, -1).astype(v_BKHc.dtype)
+  return jnp.einsum("bhqk,bkhc->bqhc", p, v_BKHc,
                     preferred_element_type=jnp.float32)
 
 
@@ -186,24 +195,26 @@ class Infinity(nnx.Module):
     h, hc, eps = cfg.num_heads, cfg.head_dim, cfg.norm_eps
     g1, g2, s1, s2, sh1, sh2 = jnp.split(p["ada_gss"] + cond.gss_B6C, 6, 1)
     y = layer_norm(x_BLC, eps) * (1 + s1) + sh1
-    qkv = y @ p["qkv"] + jnp.concatenate(
+    qkv = _mm(y, p["qkv"]) + jnp.concatenate(
         [p["q_bias"], jnp.zeros_like(p["q_bias"]), p["v_bias"]])
     q, k, v = jnp.split(qkv.reshape(b, l, 3, h, hc), 3, 2)
     temp = jnp.exp(jnp.minimum(p["scale_mul"], _MAX_LOG_SCALE))
     q = rotate(l2_normalize(q[:, :, 0]) * temp[:, None], rope_cos_Lk, rope_sin_Lk)
     k = rotate(l2_normalize(k[:, :, 0]), rope_cos_Lk, rope_sin_Lk)
     v = v[:, :, 0]
+    # The cache holds keys and values in the weights' dtype.
+    k, v = k.astype(p["qkv"].dtype), v.astype(p["qkv"].dtype)
     new_kv = (k, v)
     if cache_kv is not None:
       k = jnp.concatenate([cache_kv[0], k], 1)
       v = jnp.concatenate([cache_kv[1], v], 1)
     a = masked_attention(q, k, v, bias_BHLK, 1.0).reshape(b, l, c)
-    x_BLC = x_BLC + (a @ p["proj"] + p["proj_b"]) * g1
+    x_BLC = x_BLC + (_mm(a, p["proj"]) + p["proj_b"]) * g1
     o = self.cross_attention(p, x_BLC, cond)
-    x_BLC = x_BLC + o @ p["ca_proj"] + p["ca_proj_b"]
+    x_BLC = x_BLC + _mm(o, p["ca_proj"]) + p["ca_proj_b"]
     y = layer_norm(x_BLC, eps) * (1 + s2) + sh2
-    y = jax.nn.gelu(y @ p["fc1"] + p["fc1_b"], approximate=True)
-    return x_BLC + (y @ p["fc2"] + p["fc2_b"]) * g2, new_kv
+    y = jax.nn.gelu(_mm(y, p["fc1"]) + p["fc1_b"], approximate=True)
+    return x_BLC + (_mm(y, p["fc2"]) + p["fc2_b"]) * g2, new_kv
 
   def cross_attention(self, p: dict, x_BLC, cond: Condition, *,
                       round_output: bool = True) -> jax.Array:
@@ -215,8 +226,8 @@ class Infinity(nnx.Module):
     b, l, c = x_BLC.shape
     h, hc = cfg.num_heads, cfg.head_dim
     y = layer_norm(x_BLC, cfg.norm_eps, p["ca_norm_w"], p["ca_norm_b"])
-    q = _bf16((y @ p["ca_q"] + p["ca_q_b"]).reshape(b, l, h, hc))
-    kv = cond.ca_kv_BTC @ p["ca_kv"] + jnp.concatenate(
+    q = _bf16((_mm(y, p["ca_q"]) + p["ca_q_b"]).reshape(b, l, h, hc))
+    kv = _mm(cond.ca_kv_BTC, p["ca_kv"]) + jnp.concatenate(
         [jnp.zeros_like(p["ca_v_bias"]), p["ca_v_bias"]])
     kv = _bf16(kv.reshape(b, -1, 2, h, hc))
     bias = jnp.where(cond.text_mask_BT, 0.0, -jnp.inf)[:, None, None, :]

@@ -31,6 +31,11 @@ from var_jax.sampling import filtering
 from var_jax.sampling.keys import token_keys
 
 
+DTYPES = ("float32", "bfloat16")
+# The block matrices a bfloat16 sampler stores in bfloat16.
+_MATRICES = ("qkv", "proj", "ca_q", "ca_kv", "ca_proj", "fc1", "fc2")
+
+
 def _per_scale(name, value, n: int) -> tuple[float, ...]:
   vals = tuple(value) if isinstance(value, Sequence) else (value,) * n
   if len(vals) != n or not all(isinstance(v, (int, float)) and
@@ -51,6 +56,9 @@ class InfinityOptions:
   # 0: guidance on the logits; n < 0: on the hidden states after block
   # depth + n.
   cfg_insertion_layer: int = 0
+  # The blocks' matrices and the KV cache: float32 or bfloat16 (summed in
+  # float32 either way; the text, the head and the tokenizer stay float32).
+  dtype: str = "float32"
 
   def per_scale(self, n: int, depth: int):
     """(cfg, tau) tuples of `n` scales, checked.
@@ -102,35 +110,51 @@ def mix(a, cfg: float, batch: int):
 
 class Step(NamedTuple):
   logits_BlV: jax.Array  # Guided, divided by tau.
-  cache: list  # (k, v) per block, all scales so far.
-  blocks: list  # Each block's output (all rows), before any mixing.
+  cache: tuple  # (k, v), each (depth, rows, all scales so far, H, c).
+  blocks: jax.Array  # Each block's output (depth, rows, l, C), unmixed.
 
 
 def step(model: Infinity, cond: Condition, x_bsLC, cache, rope, si: int,
          cfg: float, tau: float, insertion: int, batch: int) -> Step:
   """One scale. `x_bsLC` holds the scale's input tokens for every row
-  (conditional rows, then the null rows when guided); `cache` one (k, v)
-  per block or None; `rope` the scale's (cos, sin)."""
+  (conditional rows, then the null rows when guided); `cache` the stacked
+  (k, v) of the earlier scales or None; `rope` the scale's (cos, sin).
+
+  The blocks run as a `lax.scan` (one compiled block, however deep the
+  model), split in two where guidance mixes the hidden states."""
   depth = model.cfg.depth
   guided = x_bsLC.shape[0] > batch and cfg != 1.0
   x = x_bsLC + model.lvl_embed[...][si]
   params = model.block_params()
-  new_cache, blocks = [], []
-  for i in range(depth):
-    p = jax.tree.map(lambda a, i=i: a[i], params)
-    x, kv = model.block(p, x, cond, rope[0], rope[1], 0.0,
-                        None if cache is None else cache[i])
-    blocks.append(x)
-    new_cache.append(kv if cache is None else tuple(
-        jnp.concatenate([c, n], 1) for c, n in zip(cache[i], kv)))
-    if guided and insertion < 0 and i == depth + insertion:
+  mix_after = depth + insertion if guided and insertion < 0 else None
+
+  def body(x_BLC, inputs):
+    p, kv_cache = inputs
+    x_BLC, kv = model.block(p, x_BLC, cond, rope[0], rope[1], 0.0, kv_cache)
+    return x_BLC, (x_BLC, kv)
+
+  cut = depth if mix_after is None else mix_after + 1
+  blocks, kvs = [], []
+  for lo, hi in ((0, cut), (cut, depth)):
+    if lo == hi:
+      continue
+    part = lambda a, lo=lo, hi=hi: a[lo:hi]
+    x, (out, kv) = jax.lax.scan(
+        body, x, (jax.tree.map(part, params),
+                  None if cache is None else jax.tree.map(part, cache)))
+    blocks.append(out)
+    kvs.append(kv)
+    if hi - 1 == mix_after:
       x = jnp.concatenate([mix(x, cfg, batch)] * 2)
+  kv = tuple(jnp.concatenate([k[i] for k in kvs]) for i in range(2))
+  new_cache = kv if cache is None else tuple(
+      jnp.concatenate([c, n], 2) for c, n in zip(cache, kv))
   if guided and insertion == 0:
     logits = mix(model.logits(x, cond) / tau, cfg, batch)
   else:
     head_cond = Condition(*(a[:batch] for a in cond))
     logits = model.logits(x[:batch], head_cond) / tau
-  return Step(logits, new_cache, blocks)
+  return Step(logits, new_cache, jnp.concatenate(blocks))
 
 
 class Sample(NamedTuple):
@@ -154,8 +178,16 @@ class InfinitySampler:
     if bits != model.cfg.codebook_dim:
       raise UserError(f"the tokenizer gives {bits} bits per token, the "
                       f"transformer {model.cfg.codebook_dim}")
+    if options.dtype not in DTYPES:
+      raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got "
+                      f"{options.dtype!r}")
     self.cfg, self.vae_cfg, self.options = model.cfg, vae.cfg, options
     self._graph, self.state = nnx.split((model, vae))
+    if options.dtype != "float32":
+      pure = nnx.to_pure_dict(self.state)
+      for name in _MATRICES:
+        pure[0][name] = jnp.asarray(pure[0][name], options.dtype)
+      nnx.replace_by_pure_dict(self.state, pure)
     self._jit = jax.jit(self._run, static_argnames=("cfg", "tau", "grids",
                                                      "ratio"))
 
