@@ -8,6 +8,7 @@ import numpy as np
 from flax import nnx
 
 from var_jax.convert.infinity import bsq as bsq_convert
+from var_jax.convert.infinity import directory
 from var_jax.convert.infinity import infinity as inf_convert
 from var_jax.convert.weights import read_state_dict, read_weights
 from var_jax.models.abstract import abstract_split
@@ -28,7 +29,11 @@ def transformer_sd(golden_dir):
 
 @functools.lru_cache(maxsize=None)
 def transformer(golden_dir):
-  sd = transformer_sd(golden_dir)
+  return transformer_from_sd(transformer_sd(golden_dir))
+
+
+def transformer_from_sd(sd):
+  """An Infinity transformer from an official state dict, converted."""
   cfg = inf_convert.infer_config(sd)
   return _merge(Infinity, cfg, inf_convert.infinity_params(cfg, sd))
 
@@ -41,8 +46,15 @@ def tokenizer_sd(golden_dir):
 
 @functools.lru_cache(maxsize=None)
 def tokenizer(golden_dir):
-  sd = tokenizer_sd(golden_dir)
+  return tokenizer_from_sd(tokenizer_sd(golden_dir))
+
+
+def tokenizer_from_sd(sd, transformer_cfg=None):
+  """A BSQ tokenizer from an official state dict, converted (as it serves
+  `transformer_cfg`, when given: patchifying or not)."""
   cfg = bsq_convert.infer_config(sd)
+  if transformer_cfg is not None:
+    cfg = directory.paired_tokenizer_config(cfg, transformer_cfg)
   return _merge(BSQVAE, cfg, bsq_convert.bsq_params(cfg, sd))
 
 

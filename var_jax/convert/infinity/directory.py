@@ -62,6 +62,15 @@ def check_parts(inf: InfinityConfig, vae: BSQConfig, text: T5Config) -> None:
     raise ConvertError("the files do not belong together: " + "; ".join(bad))
 
 
+def paired_tokenizer_config(vae: BSQConfig, inf: InfinityConfig) -> BSQConfig:
+  """The tokenizer's config as it serves `inf`: a tokenizer's weights do not
+  say whether it patchifies space (the 8B layout); a transformer that takes
+  four times its bits per token says it does."""
+  if vae.codebook_dim * 4 == inf.codebook_dim:
+    return dataclasses.replace(vae, spatial_patchify=True)
+  return vae
+
+
 def convert(infinity_path, tokenizer_path, text_encoder_dir, out_dir, *,
             overwrite: bool = False, log=print):
   """Official files -> a model directory (see the module docstring).
@@ -84,9 +93,7 @@ def convert(infinity_path, tokenizer_path, text_encoder_dir, out_dir, *,
       f"{inf_cfg.embed_dim}")
   vae_sd = bsq_convert.state_dict_of(read_weights(tokenizer_path),
                                      tokenizer_path)
-  vae_cfg = bsq_convert.infer_config(vae_sd)
-  if vae_cfg.codebook_dim * 4 == inf_cfg.codebook_dim:
-    vae_cfg = dataclasses.replace(vae_cfg, spatial_patchify=True)
+  vae_cfg = paired_tokenizer_config(bsq_convert.infer_config(vae_sd), inf_cfg)
   vae_params = bsq_convert.bsq_params(vae_cfg, vae_sd)
   log(f"read {tokenizer_path}: {vae_cfg.codebook_dim} bits per token")
   t5_cfg, t5_sd = t5_convert.read_encoder_dir(text_encoder_dir)
