@@ -87,6 +87,15 @@ def test_bad_requests_are_one_line_and_write_nothing(model_dir, tmp_path,
   assert needle in err and not out.exists()
 
 
+def test_an_unknown_dtype_is_one_line(model_dir, tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["t2i", "--ckpt", str(model_dir), "--prompt", "a cat",
+              "--dtype", "float16", "--out", str(tmp_path / "x.png")])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert e.value.code != 0 and "invalid choice: 'float16'" in err[-1]
+  assert not (tmp_path / "x.png").exists()
+
+
 def test_a_var_directory_is_not_an_infinity_one(tmp_path, capsys):
   d = tmp_path / "m"
   d.mkdir()
@@ -115,6 +124,15 @@ def test_prompts_become_images(model_dir, tmp_path, capsys):
   assert rc == 0
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "one.png")),
                                 many[0])
+  # bfloat16 blocks: an image of the same prompt, close to float32's.
+  rc = cli.main(["t2i", "--ckpt", str(model_dir), "--resolution", "256",
+                 "--prompt", "a red cat", "--negative-prompt", "sky",
+                 "--seed", "5", "--dtype", "bfloat16", "--out",
+                 str(tmp_path / "bf16.png")])
+  assert rc == 0, capsys.readouterr().err
+  bf16 = np.asarray(Image.open(tmp_path / "bf16.png")).astype(int)
+  assert bf16.shape == (256, 256, 3)
+  assert np.abs(bf16 - many[0]).mean() < 8
 
 
 def _shard(sd: dict, folder, prefix: str = "model") -> None:
@@ -306,6 +324,8 @@ def test_a_folder_job_resumes_and_splits_over_devices(model_dir, tmp_path,
   rc = cli.main(_t2i_folder(model_dir, prompts, out, "--tau", "0.7"))
   err = capsys.readouterr().err.strip()
   assert rc != 0 and "other settings (tau)" in err
+  rc = cli.main(_t2i_folder(model_dir, prompts, out, "--dtype", "bfloat16"))
+  assert rc != 0 and "other settings (dtype)" in capsys.readouterr().err
   prompts.write_text("a red cat\nthe dog on the mat\n")
   rc = cli.main(_t2i_folder(model_dir, prompts, out))
   assert rc != 0 and "other settings (prompts, total)" in (

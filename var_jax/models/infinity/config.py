@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+# What the sampler may store the blocks' matrices and its cache in.
+SAMPLING_DTYPES = ("float32", "bfloat16")
 
 @dataclasses.dataclass(frozen=True)
 class InfinityConfig:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from var_jax.models.infinity.config import SAMPLING_DTYPES
+
 ASPECTS = "1:1, 4:5, 5:4, 3:4, 4:3, 2:3, 3:2, 4:7, 7:4, 1:2, 2:1, 2:5, 5:2, " \
     "1:3, 3:1"
 
@@ -64,6 +66,10 @@ def register(sub) -> None:
                       "block depth - n")
   p.add_argument("--seed", type=int, default=0,
                  help="random seed (>= 0); prompt i's draw uses its own keys")
+  p.add_argument("--dtype", choices=SAMPLING_DTYPES, default="float32",
+                 help="the transformer blocks' weights and KV cache "
+                      "(matmuls accumulate in float32; text encoder, head "
+                      "and tokenizer stay float32; default float32)")
   p.add_argument("--out", required=True,
                  help="an image file (.png, .jpg, .webp) for one prompt, a "
                       "folder for several (000000.png, ... by line; "
@@ -149,7 +155,8 @@ def cmd_t2i(args: argparse.Namespace) -> int:
   single = _single_file(args.out, len(prompts))
   opts = InfinityOptions(cfg=args.cfg, tau=args.tau, top_k=args.top_k,
                          top_p=args.top_p,
-                         cfg_insertion_layer=args.cfg_insertion_layer)
+                         cfg_insertion_layer=args.cfg_insertion_layer,
+                         dtype=args.dtype)
   opts.per_scale(1, max(1, -args.cfg_insertion_layer))  # Values, now.
   if args.seed < 0:
     raise _user_error(f"--seed must be >= 0, got {args.seed}")
@@ -172,7 +179,7 @@ def cmd_t2i(args: argparse.Namespace) -> int:
           "aspect": args.aspect, "cfg": args.cfg, "tau": args.tau,
           "top_k": args.top_k, "top_p": args.top_p,
           "cfg_insertion_layer": args.cfg_insertion_layer,
-          "negative_prompt": args.negative_prompt}
+          "dtype": args.dtype, "negative_prompt": args.negative_prompt}
   jobs.check_folder(args.out, dict(meta, prompts=jobs.prompts_digest(prompts),
                                    total=len(prompts)),
                     overwrite=args.overwrite)

@@ -26,12 +26,12 @@ from flax import nnx
 from var_jax.errors import UserError
 from var_jax.models import interp
 from var_jax.models.infinity import bsq, schedules
+from var_jax.models.infinity.config import SAMPLING_DTYPES
 from var_jax.models.infinity.transformer import Condition, Infinity
 from var_jax.sampling import filtering
 from var_jax.sampling.keys import token_keys
 
 
-DTYPES = ("float32", "bfloat16")
 # The block matrices a bfloat16 sampler stores in bfloat16.
 _MATRICES = ("qkv", "proj", "ca_q", "ca_kv", "ca_proj", "fc1", "fc2")
 
@@ -178,9 +178,9 @@ class InfinitySampler:
     if bits != model.cfg.codebook_dim:
       raise UserError(f"the tokenizer gives {bits} bits per token, the "
                       f"transformer {model.cfg.codebook_dim}")
-    if options.dtype not in DTYPES:
-      raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got "
-                      f"{options.dtype!r}")
+    if options.dtype not in SAMPLING_DTYPES:
+      raise UserError(f"dtype must be one of "
+                      f"{', '.join(SAMPLING_DTYPES)}, got {options.dtype!r}")
     self.cfg, self.vae_cfg, self.options = model.cfg, vae.cfg, options
     self._graph, self.state = nnx.split((model, vae))
     if options.dtype != "float32":
