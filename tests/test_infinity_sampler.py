@@ -165,3 +165,19 @@ def test_bad_options_are_named(model, vae, change, needle):
   with pytest.raises(UserError, match=needle.replace("[", r"\[")):
     smp.InfinitySampler(model, vae, smp.InfinityOptions(**change))(
         np.zeros((1, 3, 256), np.float32), np.ones((1, 3), np.int32))
+
+
+@pytest.mark.parametrize("per_query", [False, True])
+def test_query_chunks_attend_like_one_call(monkeypatch, per_query):
+  # Large scales attend in chunks of queries; each query's softmax is its
+  # own, so the chunks give what one call gives (with a per-query mask too).
+  from var_jax.models.infinity import transformer
+  rng = np.random.RandomState(0)
+  q, k, v = (jnp.asarray(rng.randn(2, n, 2, 8), jnp.float32)
+             for n in (10, 13, 13))
+  bias = (jnp.where(rng.rand(2, 1, 10, 13) < 0.3, -jnp.inf, 0.0)
+          .at[..., 0].set(0.0) if per_query else 0.0)
+  whole = transformer.masked_attention(q, k, v, bias, 0.3)
+  monkeypatch.setattr(transformer, "QUERY_CHUNK", 4)
+  chunked = transformer.masked_attention(q, k, v, bias, 0.3)
+  np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)

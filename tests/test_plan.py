@@ -99,7 +99,11 @@ def test_missing_libtpu_is_one_line(monkeypatch, capsys):
     (["--sample", "--remat", "dots"], "--remat only applies to the train step"),
     (["--sample", "--global-batch", "16", "--mesh", "data=8,fsdp=1"],
      "--global-batch, --mesh only apply to the train step"),
-    (["--batch", "16"], "--batch only applies to the sampler (--sample)")])
+    (["--batch", "16"], "--batch only applies to the sampler (--sample)"),
+    (["--infinity", "2b"], "--infinity only applies to the sampler"),
+    (["--sample", "--infinity", "2b"], "--preset only applies to VAR"),
+    (["--sample", "--resolution", "512"],
+     "--resolution only applies to --infinity")])
 def test_flags_of_the_other_plan_are_refused(capsys, argv, needle):
   code, lines, err = _plan(capsys, "--topology", "v5e-8", "--preset", "tiny",
                            *argv)
@@ -304,3 +308,35 @@ def test_accumulation_saves_memory_on_a_sharded_mesh(capsys, tmp_path):
     assert rec["grad_accum"] == int(accum)
     peak[accum] = rec["peak_bytes"]
   assert peak["2"] < 0.7 * peak["1"], peak
+
+
+@pytest.mark.slow  # Compiles a tiny text encoder and Infinity sampler twice.
+def test_infinity_plan_holds_both_models_weights():
+  # The golden set's shapes with a patchifying tokenizer, 256 px: each
+  # program is compiled with the other's weights resident, so the record's
+  # arguments hold both; bfloat16 halves the block matrices; the unrolled
+  # blocks give the compiler's FLOP count, near the analytic one.
+  from var_jax.models.infinity.bsq import BSQConfig
+  from var_jax.models.infinity.config import InfinityConfig
+  from var_jax.models.infinity.t5 import T5Config
+  from var_jax.planning import plan
+  cfgs = (InfinityConfig(depth=2, embed_dim=128, num_heads=2,
+                         text_channels=256, codebook_dim=16, text_maxlen=64),
+          BSQConfig(codebook_dim=4, ch=32, ch_mult=(1, 1, 1, 1),
+                    num_res_blocks=1, spatial_patchify=True),
+          T5Config(vocab_size=256, d_model=256, d_kv=64, d_ff=512,
+                   num_layers=2, num_heads=4))
+  slice_ = topology.parse("v6e-8", 1)
+  recs = {dt: plan.plan_infinity_sampling(
+      slice_, cfgs, batch=8, dtype=dt, resolution=256, text_len=32)
+      for dt in ("float32", "bfloat16")}
+  f32, bf16 = recs["float32"], recs["bfloat16"]
+  assert f32["fits"] and f32["resolution"] == "256x256"
+  # The block matrices (2 blocks) and the T5 layers' (2 layers).
+  matrices = (2 * (8 * 128 ** 2 + 2 * 128 * 512)
+              + 2 * (4 * 256 ** 2 + 3 * 256 * 512))
+  assert f32["argument_bytes"] > 4 * matrices
+  assert bf16["argument_bytes"] <= f32["argument_bytes"] - 2 * matrices
+  ratio = f32["flops_per_step"] / f32["model_flops_per_step"]
+  assert 0.8 < ratio < 1.6, ratio
+  assert f32["compiler_seconds_is_estimate"]

@@ -38,10 +38,10 @@ def register(subparsers) -> None:
   p.add_argument("--slices", type=int, default=1,
                  help="slices joined over the data-center network (data "
                  "parallel across them)")
-  p.add_argument("--preset", "--config", dest="preset", default="d16",
+  p.add_argument("--preset", "--config", dest="preset",
                  help="a training config, as `train --config` takes it: "
                  "bundled name (d16..d36, tiny, digits) or a config file; "
-                 "its model and recipe are used")
+                 "its model and recipe are used (default d16)")
   p.add_argument("--global-batch", type=int,
                  help="examples per step (default: the config's)")
   p.add_argument("--grad-accum", type=int,
@@ -75,6 +75,16 @@ def register(subparsers) -> None:
                  "body being counted once)")
   p.add_argument("--layer-loop", choices=("unrolled", "scan"),
                  help="with --sample: the layer loop (default unrolled)")
+  p.add_argument("--infinity", choices=("2b", "8b"),
+                 help="with --sample: plan `var-jax t2i` with a released "
+                 "Infinity model (text encoder and sampler) instead of VAR")
+  p.add_argument("--resolution", type=int, choices=(256, 512, 1024),
+                 help="with --infinity: the schedule's size (default 1024)")
+  p.add_argument("--aspect", help="with --infinity: height:width (default "
+                 "1:1)")
+  p.add_argument("--text-length", type=int, choices=(32, 64, 128, 256, 512),
+                 help="with --infinity: the padded prompt length, as t2i "
+                 "pads a job's prompts (default 128)")
   # Compile-only programs cannot be stored in or loaded from the cache.
   p.set_defaults(func=_run, compile_cache=False)
 
@@ -99,7 +109,10 @@ _TRAIN_ONLY = (("global_batch", "--global-batch"),
                ("fit", "--fit"), ("no_flop_count", "--no-flop-count"),
                ("mesh", "--mesh"))
 _SAMPLE_ONLY = (("batch", "--batch"), ("scale_loop", "--scale-loop"),
-                ("layer_loop", "--layer-loop"))
+                ("layer_loop", "--layer-loop"), ("infinity", "--infinity"))
+_INFINITY_ONLY = (("resolution", "--resolution"), ("aspect", "--aspect"),
+                  ("text_length", "--text-length"))
+_VAR_ONLY = (("preset", "--preset"), ("scale_loop", "--scale-loop"))
 
 
 def _check_applicable(args) -> None:
@@ -112,6 +125,12 @@ def _check_applicable(args) -> None:
     to = ("the train step (without --sample)" if args.sample
           else "the sampler (--sample)")
     raise UserError(f"{', '.join(given)} only {verb} to {to}")
+  wrong = _VAR_ONLY if args.infinity else _INFINITY_ONLY
+  given = [flag for attr, flag in wrong if getattr(args, attr) is not None]
+  if given:
+    verb = "applies" if len(given) == 1 else "apply"
+    to = "VAR (without --infinity)" if args.infinity else "--infinity"
+    raise UserError(f"{', '.join(given)} only {verb} to {to}")
 
 
 def _run(args) -> int:
@@ -122,17 +141,28 @@ def _run(args) -> int:
   _quiet_libtpu()
   _check_applicable(args)
   from var_jax.planning import plan
-  if args.sample:
+  if args.sample and args.infinity:
     if args.batch is not None and args.batch < 1:
       raise UserError(f"--batch must be >= 1, got {args.batch}")
-    rec = plan.plan_sampling(slice_, args.preset, batch=args.batch or 64,
+    from var_jax.sampling.infinity.commands import aspect_ratio  # pylint: disable=import-outside-toplevel
+    rec = plan.plan_infinity_sampling(
+        slice_, args.infinity, batch=args.batch or slice_.chips,
+        dtype=args.dtype, resolution=args.resolution or 1024,
+        ratio=aspect_ratio(args.aspect or "1:1"),
+        text_len=args.text_length or 128,
+        unroll=(args.layer_loop or "unrolled") == "unrolled", mesh=args.mesh)
+  elif args.sample:
+    if args.batch is not None and args.batch < 1:
+      raise UserError(f"--batch must be >= 1, got {args.batch}")
+    rec = plan.plan_sampling(slice_, args.preset or "d16",
+                             batch=args.batch or 64,
                              dtype=args.dtype,
                              scale_loop=args.scale_loop or "python",
                              layer_loop=args.layer_loop or "unrolled",
                              mesh=args.mesh)
   else:
     rec = plan.plan_training(
-        slice_, args.preset, global_batch=args.global_batch,
+        slice_, args.preset or "d16", global_batch=args.global_batch,
         grad_accum=args.grad_accum, mesh=args.mesh, remat=args.remat,
         dtype=args.dtype, attention=args.attention,
         count_flops=not args.no_flop_count, fit=args.fit)

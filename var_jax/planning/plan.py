@@ -338,6 +338,67 @@ def plan_sampling(slice_: topology.Slice, preset: str, *, batch: int,
       scale_loop=scale_loop, layer_loop=layer_loop)
 
 
+def plan_infinity_sampling(slice_: topology.Slice, size: str | tuple, *,
+                           batch: int,
+                           dtype: str = "bfloat16", resolution: int = 1024,
+                           ratio: float = 1.0, text_len: int = 128,
+                           unroll: bool = True,
+                           mesh: str | None = None) -> dict:
+  """The record of `var-jax t2i` drawing `batch` images per call with a
+  released Infinity model on `slice_` (the batch split over every chip,
+  weights replicated). `size`: a released model ("2b", "8b") or the
+  (transformer, tokenizer, text encoder) configs. `unroll`: blocks written
+  out, so the compiler counts every one (else a scan, counted once: FLOPs
+  and estimate null)."""
+  from var_jax.models.infinity import schedules  # pylint: disable=import-outside-toplevel
+  from var_jax.planning.commands import DoesNotFit  # pylint: disable=import-outside-toplevel
+  m = _mesh(slice_, mesh or f"data={slice_.chips},fsdp=1")
+  if batch % m.devices.size:
+    raise UserError(f"--batch {batch} does not split over the "
+                    f"{m.devices.size} chips of {slice_.name}")
+  grids = schedules.schedule(ratio, resolution)
+  if isinstance(size, str):
+    name, cfgs = f"infinity-{size}", programs.released_infinity(size)
+  else:
+    name, cfgs = "infinity", size
+  try:
+    run = programs.infinity_sampler(cfgs, batch, m, dtype=dtype, grids=grids,
+                                    ratio=ratio, text_len=text_len,
+                                    unroll=unroll)
+  except programs.OutOfMemory as oom:
+    raise DoesNotFit(_oom_advice(
+        f"{name} sampling at batch {batch}", slice_, oom, _mesh_text(m))
+        + f"; try a smaller --batch (now {batch // m.devices.size} per "
+        "chip)") from None
+  model_flops = programs.infinity_model_flops(cfgs[0], batch, grids,
+                                             text_len) \
+      + batch * (programs.infinity_decoder_flops(cfgs[1], grids) or 0.0)
+  seconds, why = _estimate(run.optimal_seconds, model_flops,
+                           slice_.chip.peak_bf16 * slice_.chips)
+  if not unroll:
+    seconds, why = None, ("the blocks run as a scan and the cost model "
+                          "counts a loop body once; --layer-loop unrolled "
+                          "gives an estimate")
+  h, w = schedules.image_size(grids)
+  return _record(
+      "sample", slice_, m, run, examples=batch,
+      flops=run.flops if unroll else None,
+      flops_source="XLA cost analysis (text encoder and sampler)"
+      if unroll else None,
+      flops_null_reason=None if unroll else (
+          "the blocks run as a scan: the cost analysis counts a loop body "
+          "once"),
+      model_flops=model_flops,
+      model_flops_note="transformer and head over every scale's new tokens, "
+                       "guidance doubling the rows; the decoder per image "
+                       "(XLA's count on this host); not the text encoder",
+      seconds=seconds, why=why, preset=name, batch=batch, dtype=dtype,
+      resolution=f"{h}x{w}", text_length=text_len,
+      scale_loop="python", layer_loop="unrolled" if unroll else "scan",
+      memory_note="the larger of the two programs (text encoder, sampler), "
+                  "each compiled with the other's weights resident")
+
+
 def _gib(x) -> str:
   return "n/a" if x is None else f"{x / GiB:.2f} GiB"
 
@@ -353,6 +414,9 @@ def table(rec: dict) -> list[str]:
           f"{rec['attention']}" if rec["kind"] == "train" else
           f"sampler, batch {rec['batch']}, {rec['scale_loop']} scale loop, "
           f"{rec['layer_loop']} layer loop")
+  if rec.get("resolution"):
+    what += (f", {rec['resolution']} px, text {rec['text_length']} tokens "
+             "(with the text encoder)")
   ratio = (None if rec["flops_per_step"] is None
            else rec["flops_per_step"] / rec["model_flops_per_step"])
   rows = [

@@ -238,3 +238,85 @@ def sample_model_flops(model: ModelConfig, batch: int) -> float:
     per_layer = 2 * n * (3 * c * c + c * c + 2 * c * f) + 4 * n * seen * c
     total += v.depth * per_layer + 2 * n * c * v.vocab_size
   return float(2 * batch * total)
+
+
+# ------------------------------------------------------------ Infinity
+# The released models `--infinity` names: (transformer, tokenizer).
+INFINITY_MODELS = {"2b": ("INFINITY_2B", "BSQ_D32"),
+                   "8b": ("INFINITY_8B", "BSQ_D14_PATCHIFY")}
+
+
+def released_infinity(size: str) -> tuple:
+  """(transformer, tokenizer, text encoder) configs of a released model."""
+  from var_jax.models.infinity import bsq, config, t5  # pylint: disable=import-outside-toplevel
+  inf_name, vae_name = INFINITY_MODELS[size]
+  return (getattr(config, inf_name), getattr(bsq, vae_name), t5.FLAN_T5_XL)
+
+
+def infinity_sampler(cfgs: tuple, batch: int, mesh, *, dtype: str, grids,
+                     ratio: float, text_len: int, unroll: bool) -> Compiled:
+  """Compiles what `var-jax t2i` runs per batch, for `batch` prompts split
+  over every device of `mesh` (weights replicated): the text encoder, then
+  the sampler (scales and decoder). Both sets of weights stay on the chips,
+  so each program is compiled with the other's weights as an unused
+  argument; the record is the program with the larger peak, its FLOPs and
+  estimate the two programs' sum. `cfgs`: the (transformer, tokenizer,
+  text encoder) configs."""
+  from var_jax.models.infinity import bsq, t5  # pylint: disable=import-outside-toplevel
+  from var_jax.models.infinity.transformer import Infinity  # pylint: disable=import-outside-toplevel
+  from var_jax.sampling.infinity.jobs import text_program  # pylint: disable=import-outside-toplevel
+  from var_jax.sampling.infinity.sampler import (  # pylint: disable=import-outside-toplevel
+      InfinityOptions, InfinitySampler)
+  model, vae, text = (nnx.merge(*abstract_split(ctor, cfg)) for ctor, cfg in
+                      zip((Infinity, bsq.BSQVAE, t5.T5Encoder), cfgs))
+  rep = sharding.replicated(mesh)
+  rows = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(tuple(mesh.axis_names)))
+  s = InfinitySampler(model, vae, InfinityOptions(dtype=dtype),
+                      unroll_blocks=unroll)
+  encode, t5_state = text_program(text, dtype)
+  t5_abs, inf_abs = _abstract(t5_state, rep), _abstract(s.state, rep)
+  n = mesh.devices.size
+  a = _analyse(s.lower(batch, text_len, grids=grids, ratio=ratio,
+                       sharding=rep, batch_sharding=rows, resident=t5_abs),
+               n)
+  ids = jax.ShapeDtypeStruct((batch, text_len), jnp.int32, sharding=rows)
+  with_sampler = jax.jit(lambda _, *args: encode(*args), keep_unused=True)
+  t = _analyse(with_sampler.lower(inf_abs, t5_abs, ids, ids), n)
+  total = lambda f: None if f(a) is None or f(t) is None else f(a) + f(t)  # noqa: E731
+  return dataclasses.replace(
+      max((a, t), key=lambda c: c.peak_bytes),
+      flops=total(lambda c: c.flops),
+      optimal_seconds=total(lambda c: c.optimal_seconds),
+      compile_seconds=a.compile_seconds + t.compile_seconds)
+
+
+def infinity_model_flops(cfg, batch: int, grids, text_len: int,
+                         guided: bool = True) -> float:
+  """Analytic FLOPs of the transformer drawing `batch` images (twice the
+  rows with guidance): per scale and block, every matmul over the scale's
+  new tokens, self-attention against all tokens so far, cross-attention
+  over the text (its keys and values projected again at every scale, as
+  the model does), and the head. `cfg`: the transformer's config."""
+  c, f, t = cfg.embed_dim, cfg.mlp_dim, text_len
+  total, seen = 0.0, 0
+  for h, w in grids:
+    n = h * w
+    seen += n
+    per_block = (2 * n * (6 * c * c + 2 * c * f) + 2 * t * c * 2 * c
+                 + 4 * n * seen * c + 4 * n * t * c)
+    total += cfg.depth * per_block + 2 * n * c * cfg.logits_per_token
+  return float((2 if guided else 1) * batch * total)
+
+
+def infinity_decoder_flops(cfg, grids) -> float | None:
+  """FLOPs of decoding one image with the tokenizer of config `cfg` (XLA's
+  count on this host)."""
+  from var_jax.models.infinity import bsq  # pylint: disable=import-outside-toplevel
+  graphdef, state = abstract_split(bsq.BSQVAE, cfg)
+  h, w = grids[-1]
+  k = 2 if cfg.spatial_patchify else 1
+  f = jax.ShapeDtypeStruct((1, k * h, k * w, cfg.codebook_dim), jnp.float32)
+  return flops_lib.xla_flops(
+      lambda st, x: nnx.merge(graphdef, st).decode(x),
+      nnx.to_pure_dict(state), f)

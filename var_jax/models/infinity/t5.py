@@ -66,6 +66,11 @@ def relative_buckets(q_len: int, k_len: int, num_buckets: int,
   return bucket + jnp.where(n < exact, n, far)
 
 
+# The weights a half-precision encoder stores in bfloat16 (norms and the
+# relative position table stay float32).
+MATRICES = ("embed", "q", "k", "v", "o", "wi0", "wi1", "wo")
+
+
 class T5Encoder(nnx.Module):
   """Token ids -> contextual embeddings (the encoder's last hidden state)."""
 

@@ -30,7 +30,9 @@ from var_jax.models.infinity import schedules
 from var_jax.progress import progress_bar
 from var_jax.sampling import many
 from var_jax.sampling.images import save_image, to_uint8
-from var_jax.sampling.infinity.sampler import InfinityOptions, InfinitySampler
+from var_jax.models.infinity.t5 import MATRICES, T5Encoder
+from var_jax.sampling.infinity.sampler import (InfinityOptions,
+                                               InfinitySampler, cast)
 
 # Text lengths the encoder and the sampler are compiled for: a job pads its
 # prompts to the first that holds the longest one.
@@ -61,9 +63,8 @@ class Drawer:
         models.tokenizer_file, models.text_encoder.cfg.max_length)
     self.limit = models.text_encoder.cfg.max_length
     self.sampler = InfinitySampler(models.transformer, models.tokenizer, opts)
-    self._t5_graph, self._t5_state = nnx.split(models.text_encoder)
-    self._encode = jax.jit(
-        lambda state, ids, mask: nnx.merge(self._t5_graph, state)(ids, mask))
+    self._encode, self._t5_state = text_program(models.text_encoder,
+                                                opts.dtype)
     self.batch_sharding = None
 
   def shard(self) -> None:
@@ -110,6 +111,21 @@ class Drawer:
                        sample_ids=self._put(rows.astype(np.int32)),
                        null_text_BTc=null, null_mask_BT=null_mask)
     return to_uint8(np.asarray(out.images_BHWC))
+
+
+def text_program(encoder: T5Encoder, dtype: str):
+  """(jitted encode(state, ids_BT, mask_BT) -> states_BTC float32, state):
+  the text encoder as t2i runs it. With bfloat16, its matrices are stored
+  and multiplied in bfloat16 (float32 sums), as the official tool keeps
+  flan-t5 in half precision."""
+  graph, state = nnx.split(encoder)
+  if dtype != "float32":
+    pure = nnx.to_pure_dict(state)
+    for name in MATRICES:
+      pure[name] = cast(pure[name], dtype)
+    nnx.replace_by_pure_dict(state, pure)
+  return jax.jit(lambda st, ids, mask: nnx.merge(graph, st)(
+      ids, mask, dtype=jnp.dtype(dtype))), state
 
 
 def text_to_image(ckpt, prompts: list[str], opts: InfinityOptions, *,

@@ -108,6 +108,14 @@ def mix(a, cfg: float, batch: int):
   return cfg * a[:batch] + (1 - cfg) * a[batch:]
 
 
+def cast(x, dtype):
+  """`x` in `dtype`; an abstract value (`jax.ShapeDtypeStruct`) stays
+  abstract."""
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+  return jnp.asarray(x, dtype)
+
+
 class Step(NamedTuple):
   logits_BlV: jax.Array  # Guided, divided by tau.
   cache: tuple  # (k, v), each (depth, rows, all scales so far, H, c).
@@ -115,13 +123,16 @@ class Step(NamedTuple):
 
 
 def step(model: Infinity, cond: Condition, x_bsLC, cache, rope, si: int,
-         cfg: float, tau: float, insertion: int, batch: int) -> Step:
+         cfg: float, tau: float, insertion: int, batch: int,
+         unroll: bool = False) -> Step:
   """One scale. `x_bsLC` holds the scale's input tokens for every row
   (conditional rows, then the null rows when guided); `cache` the stacked
   (k, v) of the earlier scales or None; `rope` the scale's (cos, sin).
 
   The blocks run as a `lax.scan` (one compiled block, however deep the
-  model), split in two where guidance mixes the hidden states."""
+  model; `unroll`: every block written out, which the compiler's cost
+  analysis counts in full), split in two where guidance mixes the hidden
+  states."""
   depth = model.cfg.depth
   guided = x_bsLC.shape[0] > batch and cfg != 1.0
   x = x_bsLC + model.lvl_embed[...][si]
@@ -141,7 +152,8 @@ def step(model: Infinity, cond: Condition, x_bsLC, cache, rope, si: int,
     part = lambda a, lo=lo, hi=hi: a[lo:hi]
     x, (out, kv) = jax.lax.scan(
         body, x, (jax.tree.map(part, params),
-                  None if cache is None else jax.tree.map(part, cache)))
+                  None if cache is None else jax.tree.map(part, cache)),
+        unroll=unroll)
     blocks.append(out)
     kvs.append(kv)
     if hi - 1 == mix_after:
@@ -169,11 +181,13 @@ class InfinitySampler:
 
   The weights are arguments of that program, not constants folded into
   it, so a 2B or 8B model compiles as fast as a tiny one and
-  `device_put` can replicate them over a mesh.
+  `device_put` can replicate them over a mesh. `unroll_blocks` writes every
+  block out instead of scanning one (for the compiler's FLOP count).
   """
 
   def __init__(self, model: Infinity, vae: bsq.BSQVAE,
-               options: InfinityOptions = InfinityOptions()):
+               options: InfinityOptions = InfinityOptions(), *,
+               unroll_blocks: bool = False):
     bits = vae.cfg.codebook_dim * (4 if vae.cfg.spatial_patchify else 1)
     if bits != model.cfg.codebook_dim:
       raise UserError(f"the tokenizer gives {bits} bits per token, the "
@@ -182,14 +196,50 @@ class InfinitySampler:
       raise UserError(f"dtype must be one of "
                       f"{', '.join(SAMPLING_DTYPES)}, got {options.dtype!r}")
     self.cfg, self.vae_cfg, self.options = model.cfg, vae.cfg, options
+    self.unroll_blocks = unroll_blocks
     self._graph, self.state = nnx.split((model, vae))
     if options.dtype != "float32":
       pure = nnx.to_pure_dict(self.state)
       for name in _MATRICES:
-        pure[0][name] = jnp.asarray(pure[0][name], options.dtype)
+        pure[0][name] = cast(pure[0][name], options.dtype)
       nnx.replace_by_pure_dict(self.state, pure)
     self._jit = jax.jit(self._run, static_argnames=("cfg", "tau", "grids",
                                                      "ratio"))
+
+  def lower(self, batch: int, text_len: int, *, grids, ratio: float = 1.0,
+            sharding=None, batch_sharding=None, resident=None):
+    """AOT-lowers the program for `batch` prompts of `text_len` tokens and
+    the schedule `grids`. With `sharding` (of the weights) and
+    `batch_sharding` (of the prompts), every argument is abstract and
+    carries them: lowered for those devices (also compile-only ones)
+    without touching the weights. `resident`: arrays that stay on the
+    devices meanwhile (the text encoder's weights), passed as an unused
+    argument so that the compiler's memory figures hold them."""
+    grids = tuple(grids)
+    cfg, tau = self.options.per_scale(len(grids), self.cfg.depth)
+
+    def spec(shape, dtype, sh=None):
+      return jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+
+    def placed(tree):
+      return tree if sharding is None else jax.tree.map(
+          lambda x: spec(x.shape, x.dtype, sharding), tree)
+
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    program, extra = self._jit, ()
+    if resident is not None:
+      program = jax.jit(lambda _, *a, **k: self._run(*a, **k),
+                        static_argnames=("cfg", "tau", "grids", "ratio"),
+                        keep_unused=True)
+      extra = (resident,)
+    return program.lower(
+        *extra, placed(self.state),
+        spec((batch, text_len, self.cfg.text_channels), jnp.float32,
+             batch_sharding),
+        spec((batch, text_len), jnp.int32, batch_sharding), None,
+        spec(key.shape, key.dtype, sharding), spec((batch,), jnp.int32,
+                                                   batch_sharding),
+        cfg=cfg, tau=tau, grids=grids, ratio=ratio)
 
   def device_put(self, sharding) -> None:
     """Moves every weight to `sharding` (e.g. replicated over a mesh)."""
@@ -246,7 +296,8 @@ class InfinitySampler:
       rope = (jnp.asarray(table[0, start:start + h * w]),
               jnp.asarray(table[1, start:start + h * w]))
       logits, cache, _ = step(model, cond, x, cache, rope, si, cfg[si],
-                              tau[si], opts.cfg_insertion_layer, b)
+                              tau[si], opts.cfg_insertion_layer, b,
+                              self.unroll_blocks)
       masked = filter_bits(logits, opts.top_k, opts.top_p)
       bits = draw_bits(masked, bit_noise(key, si, ids, h * w, d))
       bits_out.append(bits)
