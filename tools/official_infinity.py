@@ -407,7 +407,8 @@ def _watch(model, vae, record: bool):
 
 def sample(model, vae, text, *, cfg=3.0, tau=0.5, top_k=900, top_p=0.97,
            cfg_insertion_layer: int = 0, seed: int = 0, pn: str = "0.06M",
-           h_div_w: float = 1.0, record: bool = False) -> dict:
+           h_div_w: float = 1.0, record: bool = False,
+           autocast_dtype=None) -> dict:
   """One official `autoregressive_infer_cfg` call (kv-cache, vae_type =
   the tokenizer's bits, `inference_mode=True`, ret_img).
 
@@ -423,7 +424,10 @@ def sample(model, vae, text, *, cfg=3.0, tau=0.5, top_k=900, top_p=0.97,
   them), `bits` (B, h*w, D) int, `next_inputs` (B, h*w, D) of scales
   1.. (the transformer's input before word_embed) and `tokenizer_bits`
   (B, h', w', d): the bits as the tokenizer takes them (after the
-  unpatchify, when the tokenizer patchifies space)."""
+  unpatchify, when the tokenizer patchifies space). `autocast_dtype`
+  (e.g. torch.bfloat16): the call under `torch.autocast("cpu", ...)`, as
+  tools/run_infinity.py runs it under CUDA autocast."""
+  import contextlib
   import torch
   sched = scale_schedule(pn, h_div_w)
   n = len(sched)
@@ -431,7 +435,9 @@ def sample(model, vae, text, *, cfg=3.0, tau=0.5, top_k=900, top_p=0.97,
   tau_list = list(tau) if isinstance(tau, (list, tuple)) else [tau] * n
   kv, lens, cu, maxlen = text
   bsz = len(lens)
-  with _watch(model, vae, record) as seen, torch.inference_mode():
+  amp = (contextlib.nullcontext() if autocast_dtype is None else
+         torch.autocast("cpu", dtype=autocast_dtype))
+  with _watch(model, vae, record) as seen, torch.inference_mode(), amp:
     t0 = time.perf_counter()
     _, _, img = model.autoregressive_infer_cfg(
         vae=vae, scale_schedule=sched, label_B_or_BLT=(kv, lens, cu, maxlen),
