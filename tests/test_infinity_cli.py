@@ -87,6 +87,64 @@ def test_bad_requests_are_one_line_and_write_nothing(model_dir, tmp_path,
   assert needle in err and not out.exists()
 
 
+@pytest.mark.parametrize("case,needle", [
+    ("two_prompts_one_image", "names an image file, but 2 prompts write a "
+     "folder"),
+    ("existing_image", "exists; pass --overwrite to replace it"),
+    ("image_name_is_a_folder", "is a folder; give an image file name"),
+    ("prompts_not_utf8", "not UTF-8 text (byte 0)"),
+    ("blank_prompts_file", "holds no prompts (blank lines are skipped)"),
+    ("empty_negative", "--negative-prompt is empty"),
+    ("nan_cfg", "cfg must be a finite number"),
+    ("nan_aspect", "expected height:width")])
+def test_bad_outputs_and_inputs_are_refused_before_loading(
+    tmp_path, capsys, case, needle):
+  # None of these reads the model: its directory does not even exist.
+  out, argv = tmp_path / "x.png", ["--prompt", "a cat"]
+  if case == "two_prompts_one_image":
+    argv += ["--prompt", "a dog"]
+  elif case == "existing_image":
+    out.write_bytes(b"mine")
+  elif case == "image_name_is_a_folder":
+    out.mkdir()
+  elif case in ("prompts_not_utf8", "blank_prompts_file"):
+    f = tmp_path / "p.txt"
+    f.write_bytes(b"\xff\xfe bad" if case == "prompts_not_utf8" else b"\n \n")
+    argv = ["--prompts-file", str(f)]
+    out = tmp_path / "folder"
+  elif case == "empty_negative":
+    argv += ["--negative-prompt", " "]
+  elif case == "nan_cfg":
+    argv += ["--cfg", "nan"]
+  elif case == "nan_aspect":
+    argv += ["--aspect", "nan:1"]
+  before = sorted(p.name for p in tmp_path.rglob("*"))
+  rc = cli.main(["t2i", "--ckpt", str(tmp_path / "absent"), "--out",
+                 str(out), *argv])
+  err = capsys.readouterr().err.strip()
+  assert rc != 0 and len(err.splitlines()) == 1 and needle in err, err
+  assert sorted(p.name for p in tmp_path.rglob("*")) == before
+  if case == "existing_image":
+    assert out.read_bytes() == b"mine"
+
+
+def test_convert_onto_a_file_is_refused_and_keeps_it(golden_dir, t5_dir,
+                                                    tmp_path, capsys):
+  g = golden_dir / "infinity"
+  out = tmp_path / "precious.png"
+  out.write_bytes(b"mine")
+  base = ["convert-infinity", "--infinity", str(g / "infinity_tiny.pth"),
+          "--tokenizer", str(g / "vae_tiny.pth"), "--text-encoder",
+          str(t5_dir), "--out", str(out)]
+  assert cli.main(base) != 0  # Before reading the checkpoints.
+  assert "already exists; pass --overwrite" in capsys.readouterr().err
+  assert cli.main(base + ["--overwrite"]) != 0
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "is a file, not a directory" in err
+  assert out.read_bytes() == b"mine"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.png"]
+
+
 def test_an_unknown_dtype_is_one_line(model_dir, tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
     cli.main(["t2i", "--ckpt", str(model_dir), "--prompt", "a cat",
@@ -346,3 +404,23 @@ def test_a_folder_job_resumes_and_splits_over_devices(model_dir, tmp_path,
     # Same bits; the decoder's convolutions may round a pixel differently
     # per batch shape.
     assert np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3, n
+
+
+def test_text_longer_than_the_null_text_is_one_line(t5_dir, tmp_path,
+                                                    capsys):
+  # The patchify reference transformer holds 64 rows of null text: a
+  # longer prompt cannot be guided, and is refused as too long.
+  import pathlib
+  ref = pathlib.Path(__file__).parent / "reference" / "infinity_patchify"
+  model = tmp_path / "model"
+  assert cli.main(["convert-infinity", "--infinity",
+                   str(ref / "infinity_tiny_patchify.pth"), "--tokenizer",
+                   str(ref / "vae_tiny_patchify.pth"), "--text-encoder",
+                   str(t5_dir), "--out", str(model)]) == 0
+  capsys.readouterr()
+  rc = cli.main(["t2i", "--ckpt", str(model), "--resolution", "256",
+                 "--prompt", "a cat " * 40, "--out", str(tmp_path / "x.png")])
+  err = capsys.readouterr().err.strip()
+  assert rc != 0 and len(err.splitlines()) == 1, err
+  assert "81 tokens" in err and "at most 64" in err, err
+  assert not (tmp_path / "x.png").exists()

@@ -156,7 +156,8 @@ def test_a_split_batch_draws_the_same_images(model, vae, g):
 
 
 @pytest.mark.parametrize("change,needle", [
-    (dict(cfg=(1.0, 2.0)), "cfg must be a number or 7 numbers"),
+    (dict(cfg=(1.0, 2.0)), "cfg must be a finite number or 7 of them"),
+    (dict(tau=float("nan")), "tau must be a finite number"),
     (dict(tau=0.0), "tau must be > 0"),
     (dict(top_p=1.5), "top_p must be in [0, 1]"),
     (dict(cfg_insertion_layer=-3), "cfg_insertion_layer must be 0"),

@@ -281,7 +281,11 @@ def save_png(path, image_HWC_u8: np.ndarray) -> epath.Path:
 
 def _rmtree_once(path: epath.Path) -> None:
   if is_local(path):
-    shutil.rmtree(os.fspath(path), ignore_errors=True)
+    if os.path.islink(path) or os.path.isfile(path):
+      with contextlib.suppress(OSError):
+        os.unlink(path)
+    else:
+      shutil.rmtree(os.fspath(path), ignore_errors=True)
   else:
     with contextlib.suppress(OSError):
       path.rmtree()
@@ -297,10 +301,12 @@ def _rmtree(path: epath.Path, settle: float = 1.0, limit: float = 30.0) -> None:
   start = last_seen = time.monotonic()
   while True:
     now = time.monotonic()
+    if now - start >= limit:
+      return
     if path.exists():
       _rmtree_once(path)
       last_seen = now
-    elif now - last_seen >= settle or now - start >= limit:
+    elif now - last_seen >= settle:
       return
     time.sleep(0.05)
 
@@ -325,6 +331,9 @@ def atomic_dir(out_dir, overwrite: bool = False):
   if out.exists() and not overwrite:
     raise CheckpointError(
         f"{out} already exists; pass --overwrite to replace it")
+  if out.exists() and not out.is_dir():
+    raise CheckpointError(f"{out} is a file, not a directory; give a "
+                          "directory path")
   tmp = None
   try:
     _make_parent(out)

@@ -38,7 +38,11 @@ def register(sub) -> None:
                   "writes a collaborative-decoding pair instead: "
                   "OUT/drafter and OUT/refiner, two model directories for "
                   "`var-jax sample --ckpt OUT/refiner --drafter-ckpt "
-                  "OUT/drafter --draft-steps N`.")
+                  "OUT/drafter --draft-steps N`. With --infinity 2b|8b, "
+                  "Infinity's transformer and tokenizer from "
+                  "huggingface.co/FoundationVision/Infinity and the "
+                  "flan-t5-xl text encoder from google/flan-t5-xl, as one "
+                  "model directory for `var-jax t2i`.")
   g = p.add_mutually_exclusive_group(required=True)
   g.add_argument("--model", choices=("d16", "d20", "d24", "d30", "d36"),
                  help="a released model (with --refiner: the drafter)")

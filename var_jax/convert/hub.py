@@ -81,8 +81,8 @@ def describe_fetch_error(e: BaseException, what: str) -> str:
     # The innermost error names the real cause (DNS, refused, timeout).
     return (f"cannot reach huggingface.co to fetch {what} "
             f"({_one_line(chain[-1])}) and it is not in the local cache; "
-            "check the network or proxy, or fetch the .pth files elsewhere "
-            "and use `var-jax convert`")
+            "check the network or proxy, or fetch the files elsewhere and "
+            "use `var-jax convert` (`convert-infinity` for Infinity)")
   return f"fetching {what} failed: {_one_line(e)}"
 
 

@@ -78,7 +78,7 @@ class TextTokenizer:
     long = [f"prompt {i} is {len(e.ids)} tokens" for i, e in
             enumerate(encodings) if len(e.ids) > self.max_length]
     if long:
-      raise UserError("; ".join(long) + f": the text encoder takes at most "
+      raise UserError("; ".join(long) + f": the model takes at most "
                       f"{self.max_length}")
     ids = np.full((len(prompts), self.max_length), self.pad_id, np.int32)
     mask = np.zeros((len(prompts), self.max_length), np.int32)

@@ -67,19 +67,22 @@ def register(sub) -> None:
   p.add_argument("--seed", type=int, default=0,
                  help="random seed (>= 0); prompt i's draw uses its own keys")
   p.add_argument("--dtype", choices=SAMPLING_DTYPES, default="float32",
-                 help="the transformer blocks' weights and KV cache "
-                      "(matmuls accumulate in float32; text encoder, head "
-                      "and tokenizer stay float32; default float32)")
+                 help="the matrices of the transformer blocks and of the "
+                      "text encoder, and the KV cache (matmuls sum in "
+                      "float32; the head, text pool and tokenizer stay "
+                      "float32; default float32)")
   p.add_argument("--out", required=True,
                  help="an image file (.png, .jpg, .webp) for one prompt, a "
-                      "folder for several (000000.png, ... by line; "
+                      "folder for several (000000.png, ... by non-blank "
+                      "line; "
                       "resumable: the same command again draws only the "
                       "missing images)")
   p.add_argument("--batch", type=int, default=None,
                  help="prompts per call with several prompts, split over "
                       "the local devices (default: their count)")
   p.add_argument("--overwrite", action="store_true",
-                 help="replace the images of an earlier job in --out")
+                 help="replace the --out image, or the images of an earlier "
+                      "job in the --out folder")
   p.set_defaults(func=cmd_t2i)
 
 
@@ -91,6 +94,9 @@ def _user_error(msg):
 def cmd_convert(args: argparse.Namespace) -> int:
   from var_jax.convert.infinity import directory
   from var_jax.io import as_path
+  if as_path(args.out).exists() and not args.overwrite:
+    raise _user_error(f"--out {args.out} already exists; pass --overwrite "
+                      "to replace it")
   if not as_path(args.infinity).exists():
     raise _user_error(f"--infinity {args.infinity}: no such file or "
                       "directory")
@@ -111,9 +117,12 @@ def aspect_ratio(text: str) -> float:
     UserError: not H:W, or a ratio the schedules do not have.
   """
   from var_jax.models.infinity import schedules
+  import math
   try:
     h, w = (float(x) for x in text.split(":"))
     ratio = h / w
+    if not (math.isfinite(ratio) and ratio > 0):
+      raise ValueError(text)
   except (ValueError, ZeroDivisionError):
     raise _user_error(f"--aspect {text!r}: expected height:width, e.g. "
                       "1:1 or 16:9") from None
@@ -131,18 +140,45 @@ def _prompts(args) -> list[str]:
     path = as_path(args.prompts_file)
     if not path.is_file():
       raise _user_error(f"--prompts-file {path}: no such file")
-    prompts += [ln.strip() for ln in path.read_text().splitlines()
-                if ln.strip()]
+    try:
+      lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+      raise _user_error(f"--prompts-file {path}: not UTF-8 text (byte "
+                        f"{e.start})") from None
+    found = [ln.strip() for ln in lines if ln.strip()]
+    if not found:
+      raise _user_error(f"--prompts-file {path} holds no prompts (blank "
+                        "lines are skipped)")
+    prompts += found
   if not prompts:
     raise _user_error("give --prompt (one or more) or --prompts-file")
   return prompts
 
 
-def _single_file(out: str, n: int) -> bool:
-  """True when --out names one image file (one prompt, an extension)."""
+def _single_file(out: str, n: int, overwrite: bool) -> bool:
+  """True when --out names one image file (one prompt, an extension).
+
+  Raises:
+    UserError: an image name for several prompts, an unknown extension, an
+      existing image without `overwrite`, or a path that is a folder.
+  """
+  from var_jax.io import as_path
   from var_jax.sampling import images
-  if n == 1 and os.path.splitext(out)[1]:
+  if not out:
+    raise _user_error("--out is empty: give an image file or a folder")
+  ext = os.path.splitext(out)[1].lower()
+  if n > 1 and ext in images.IMAGE_FORMATS:
+    raise _user_error(f"--out {out} names an image file, but {n} prompts "
+                      "write a folder of images; give a folder")
+  if n == 1 and ext:
     images.image_format(out)  # Raises on an unknown extension.
+    path = as_path(out)
+    if path.is_dir():
+      raise _user_error(f"--out {out} is a folder; give an image file name "
+                        "(or a folder without an extension)")
+    if path.exists() and not overwrite:
+      raise _user_error(f"--out {out} exists; pass --overwrite to replace "
+                        "it")
     return True
   images.check_output_dir(out, "--out")
   return False
@@ -152,7 +188,9 @@ def cmd_t2i(args: argparse.Namespace) -> int:
   from var_jax.sampling.infinity.sampler import InfinityOptions
   prompts = _prompts(args)
   ratio = aspect_ratio(args.aspect)
-  single = _single_file(args.out, len(prompts))
+  if args.negative_prompt is not None and not args.negative_prompt.strip():
+    raise _user_error("--negative-prompt is empty")
+  single = _single_file(args.out, len(prompts), args.overwrite)
   opts = InfinityOptions(cfg=args.cfg, tau=args.tau, top_k=args.top_k,
                          top_p=args.top_p,
                          cfg_insertion_layer=args.cfg_insertion_layer,
@@ -174,9 +212,12 @@ def cmd_t2i(args: argparse.Namespace) -> int:
     return 0
   batch = len(jax.local_devices()) if args.batch is None else args.batch
   many.check_devices(batch)
-  meta = {"ckpt": str(args.ckpt), "model": checkpoint.fingerprint(args.ckpt),
+  from var_jax.io import as_path, is_local
+  ckpt = as_path(args.ckpt)
+  meta = {"ckpt": str(ckpt.absolute() if is_local(ckpt) else ckpt),
+          "model": checkpoint.fingerprint(args.ckpt),
           "seed": args.seed, "resolution": args.resolution,
-          "aspect": args.aspect, "cfg": args.cfg, "tau": args.tau,
+          "aspect_ratio": ratio, "cfg": args.cfg, "tau": args.tau,
           "top_k": args.top_k, "top_p": args.top_p,
           "cfg_insertion_layer": args.cfg_insertion_layer,
           "dtype": args.dtype, "negative_prompt": args.negative_prompt}

@@ -59,9 +59,12 @@ class Drawer:
 
   def __init__(self, ckpt, opts: InfinityOptions):
     models = directory.load(ckpt)
-    self.tokenizer = TextTokenizer.from_path(
-        models.tokenizer_file, models.text_encoder.cfg.max_length)
-    self.limit = models.text_encoder.cfg.max_length
+    # The longest text both the encoder and the transformer's null text
+    # (for guidance) cover.
+    self.limit = min(models.text_encoder.cfg.max_length,
+                     models.transformer.cfg.text_maxlen)
+    self.tokenizer = TextTokenizer.from_path(models.tokenizer_file,
+                                             self.limit)
     self.sampler = InfinitySampler(models.transformer, models.tokenizer, opts)
     self._encode, self._t5_state = text_program(models.text_encoder,
                                                 opts.dtype)

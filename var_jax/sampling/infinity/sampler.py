@@ -16,6 +16,7 @@ the position), so a batch split changes nothing.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple, Sequence
 
 import jax
@@ -39,9 +40,10 @@ _MATRICES = ("qkv", "proj", "ca_q", "ca_kv", "ca_proj", "fc1", "fc2")
 def _per_scale(name, value, n: int) -> tuple[float, ...]:
   vals = tuple(value) if isinstance(value, Sequence) else (value,) * n
   if len(vals) != n or not all(isinstance(v, (int, float)) and
-                               not isinstance(v, bool) for v in vals):
-    raise UserError(f"{name} must be a number or {n} numbers (one per "
-                    f"scale), got {value!r}")
+                               not isinstance(v, bool) and math.isfinite(v)
+                               for v in vals):
+    raise UserError(f"{name} must be a finite number or {n} of them (one "
+                    f"per scale), got {value!r}")
   return tuple(float(v) for v in vals)
 
 
