@@ -69,7 +69,7 @@ def test_mismatched_files_write_nothing(golden_dir, tmp_path, capsys):
     (["--aspect", "7:3"], "no schedule for height/width 2.333"),
     (["--aspect", "wide"], "expected height:width"),
     (["--prompt", ""], "prompt 0 is empty"),
-    (["--prompt", "a " * 600], "prompt 0 is 601 tokens: the text encoder "
+    (["--prompt", "a " * 600], "prompt 0 is 601 tokens: the model "
      "takes at most 512"),
     (["--tau", "0"], "tau must be > 0"),
     (["--out-ext"], "is not an image format"),

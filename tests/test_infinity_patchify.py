@@ -122,6 +122,8 @@ def test_each_scale_replays_the_official_run(model, vae, ref, run):
                    name="summed_codes")
 
 
+@pytest.mark.slow  # A compiled sampler; the golden greedy run is the
+# default suite's end-to-end Infinity test.
 def test_the_sampler_draws_the_official_greedy_run(model, vae, ref):
   # The jitted sampler end to end (greedy, guidance on the logits, whose
   # smallest margin, 2.1e-4, is above the replay's logit error): every

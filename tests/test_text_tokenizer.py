@@ -37,7 +37,7 @@ def test_prompts_are_padded_with_an_end_token(tok_file):
     (["a", 3], "prompt 1 is int, not text"),
     ("a cat", "prompts must be a list of strings, got str"),
     ([], "no prompts"),
-    (["a cat on the mat a cat"], "prompt 0 is 8 tokens: the text encoder "
+    (["a cat on the mat a cat"], "prompt 0 is 8 tokens: the model "
      "takes at most 6")])
 def test_bad_prompts_are_named(tok_file, prompts, needle):
   with pytest.raises(UserError) as e:
