@@ -70,3 +70,18 @@ def padded_text(g, rows=slice(None)):
   hidden = g["text/t5_hidden"][rows]
   mask = np.arange(hidden.shape[1]) < g["text/lens"][rows, None]
   return hidden, mask.astype(np.int32)
+
+
+def patchify_pth(ref_dir, dest):
+  """Writes the patchify reference's two models (kept as arrays in
+  `weights.npz`) as the official `.pth` files: (transformer, tokenizer)."""
+  from pth_writer import write_pth
+  with np.load(ref_dir / "weights.npz") as z:
+    parts = {"infinity": {}, "vae": {}}
+    for k in z.files:
+      part, name = k.split("/", 1)
+      parts[part][name] = z[k]
+  inf, vae = dest / "infinity_tiny_patchify.pth", dest / "vae_tiny_patchify.pth"
+  write_pth(inf, parts["infinity"])
+  write_pth(vae, {"vae": parts["vae"]})
+  return inf, vae

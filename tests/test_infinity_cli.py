@@ -411,12 +411,14 @@ def test_text_longer_than_the_null_text_is_one_line(t5_dir, tmp_path,
   # The patchify reference transformer holds 64 rows of null text: a
   # longer prompt cannot be guided, and is refused as too long.
   import pathlib
-  ref = pathlib.Path(__file__).parent / "reference" / "infinity_patchify"
+  import infinity_models
+  inf, vae = infinity_models.patchify_pth(
+      pathlib.Path(__file__).parent / "reference" / "infinity_patchify",
+      tmp_path)
   model = tmp_path / "model"
-  assert cli.main(["convert-infinity", "--infinity",
-                   str(ref / "infinity_tiny_patchify.pth"), "--tokenizer",
-                   str(ref / "vae_tiny_patchify.pth"), "--text-encoder",
-                   str(t5_dir), "--out", str(model)]) == 0
+  assert cli.main(["convert-infinity", "--infinity", str(inf),
+                   "--tokenizer", str(vae), "--text-encoder", str(t5_dir),
+                   "--out", str(model)]) == 0
   capsys.readouterr()
   rc = cli.main(["t2i", "--ckpt", str(model), "--resolution", "256",
                  "--prompt", "a cat " * 40, "--out", str(tmp_path / "x.png")])

@@ -28,14 +28,18 @@ def ref():
 
 
 @pytest.fixture(scope="module")
-def model():
-  return infinity_models.transformer_from_sd(
-      read_state_dict(REF / "infinity_tiny_patchify.pth"))
+def pth_files(tmp_path_factory):
+  return infinity_models.patchify_pth(REF, tmp_path_factory.mktemp("pth"))
 
 
 @pytest.fixture(scope="module")
-def vae(model):
-  path = REF / "vae_tiny_patchify.pth"
+def model(pth_files):
+  return infinity_models.transformer_from_sd(read_state_dict(pth_files[0]))
+
+
+@pytest.fixture(scope="module")
+def vae(model, pth_files):
+  path = pth_files[1]
   return infinity_models.tokenizer_from_sd(
       bsq_convert.state_dict_of(read_weights(path), path), model.cfg)
 

@@ -340,6 +340,15 @@ def main(argv=None):
   }
   arrays["config_json"] = np.array(json.dumps(config))
   np.savez_compressed(out_dir / "reference.npz", **arrays)
+  # The weights go in as arrays, not as weight files: the tests write the
+  # official `.pth` layout back from them (tests/infinity_models.py).
+  weights = {f"infinity/{k}": v.numpy() for k, v in
+             torch.load(inf_path, map_location="cpu").items()}
+  weights.update({f"vae/{k}": v.numpy() for k, v in
+                  torch.load(vae_path, map_location="cpu")["vae"].items()})
+  np.savez_compressed(out_dir / "weights.npz", **weights)
+  inf_path.unlink()
+  vae_path.unlink()
   files = {f.name: f.stat().st_size for f in sorted(out_dir.iterdir())}
   print(json.dumps({"out": str(out_dir), "files": files,
                     "total_bytes": sum(files.values()), "seed": seed,
